@@ -1,0 +1,195 @@
+"""`consumer run | replay | peek` - the daemon, the replay tool and a look at the results."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from config import Config, load_config
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def ensure_topics(cfg: Config, topics: Sequence[str], partitions: int) -> None:
+    """Create missing topics (replication 1 locally; remote clusters usually have them already)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from consumer.sinks import kafka_common
+
+    admin = AdminClient(kafka_common(cfg.kafka))
+    existing = admin.list_topics(timeout=15).topics
+    new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+    for topic, fut in admin.create_topics(new).items() if new else ():
+        try:
+            fut.result()
+        except Exception as e:  # already created by a concurrent run
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise
+        logging.getLogger("stampstream").info("created topic %s (%d partitions)", topic, partitions)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from confluent_kafka import Consumer, Producer
+
+    from consumer.daemon import AbortRequested, StreamProcessor
+    from consumer.inference import ModelRunner
+    from consumer.metrics import Metrics, serve
+    from consumer.sinks import KafkaSink, RedisSink, consumer_settings, producer_settings, redis_client
+
+    cfg = load_config(args.config)
+    setup_logging(cfg.metrics.log_format, cfg.metrics.log_level)
+    log = logging.getLogger("stampstream.consumer")
+    if cfg.model.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.model.torch_threads)
+    runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s)
+    metrics = Metrics()
+    server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None
+    ensure_topics(cfg, [cfg.kafka.output_topic, cfg.kafka.dead_letter_topic], partitions=args.partitions)
+    consumer = Consumer(consumer_settings(cfg.kafka, cfg.batching.max_batch))
+    producer = Producer(producer_settings(cfg.kafka))
+    rsink = RedisSink(redis_client(cfg.redis), cfg.redis.key_prefix, cfg.redis.ttl_seconds)
+    proc = StreamProcessor(cfg, consumer, KafkaSink(producer), rsink, runner, metrics)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: proc.request_stop())
+    log.info(
+        "consumer starting: topics=%s group=%s model=%s:%s device=%s batch=%d/%dms metrics=%s",
+        list(cfg.kafka.input_topics), cfg.kafka.group_id, runner.name, runner.version, runner.device,
+        cfg.batching.max_batch, cfg.batching.max_wait_ms,
+        f"http://{cfg.metrics.host}:{server.server_port}/metrics" if server else "off",
+    )  # fmt: skip
+    proc.subscribe()
+    code = 0
+    try:
+        stats = proc.run(max_alerts=args.max_alerts, idle_exit_s=args.idle_exit)
+        log.info(
+            "consumer stopped: in=%d out=%d dead=%d reasons=%s elapsed=%.1fs",
+            stats.alerts_in, stats.alerts_out, stats.dead_letters, dict(stats.dead_reasons), stats.elapsed_s,
+        )  # fmt: skip
+    except AbortRequested as e:
+        log.error("aborted without committing the batch in hand: %s", e)
+        code = 1
+    finally:
+        producer.flush(10)
+        consumer.close()
+        if server:
+            server.shutdown()
+    return code
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from confluent_kafka import Producer
+    from tqdm import tqdm
+
+    from consumer.replay import iter_messages
+    from consumer.sinks import kafka_common
+
+    cfg = load_config(args.config)
+    setup_logging("text", "INFO")
+    if args.bootstrap:
+        cfg = _with_bootstrap(cfg, args.bootstrap)
+    ensure_topics(cfg, [args.topic], partitions=args.partitions)
+    producer = Producer(kafka_common(cfg.kafka) | {"linger.ms": 50, "compression.type": "lz4", "message.max.bytes": 16 * 1024 * 1024})
+    messages = iter_messages(args.paths)
+    if args.repeat > 1:
+        cached = list(messages)
+        messages = itertools.chain.from_iterable(itertools.repeat(cached, args.repeat))
+    if args.limit:
+        messages = itertools.islice(messages, args.limit)
+    failures: list[str] = []
+
+    def on_delivery(err, _msg) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    n = 0
+    for value in tqdm(messages, desc=f"replay -> {args.topic}", unit="alert", disable=args.quiet):
+        while True:
+            try:
+                producer.produce(args.topic, value, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+        n += 1
+    left = producer.flush(60)
+    if left or failures:
+        print(f"replay: {left} undelivered, {len(failures)} failed: {failures[:3]}", file=sys.stderr)
+        return 1
+    print(f"replayed {n} alerts into {args.topic}")
+    return 0
+
+
+def _with_bootstrap(cfg: Config, bootstrap: str) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka, bootstrap_servers=bootstrap))
+
+
+def cmd_peek(args: argparse.Namespace) -> int:
+    """A short table of results read back from Redis and from the output topic."""
+    from consumer.peek import peek
+
+    cfg = load_config(args.config)
+    print(peek(cfg, args.n))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="consumer", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the long-running consumer daemon")
+    r.add_argument("--config", required=True)
+    r.add_argument("--max-alerts", type=int, default=None, help="exit after this many input messages")
+    r.add_argument("--idle-exit", type=float, default=None, help="exit after SECONDS without a message")
+    r.add_argument("--partitions", type=int, default=2, help="partitions of the output topics if created")
+    r.set_defaults(func=cmd_run)
+    rp = sub.add_parser("replay", help="produce alerts from files/folders/archives into a topic")
+    rp.add_argument("paths", nargs="+")
+    rp.add_argument("--topic", required=True)
+    rp.add_argument("--config", default=None, help="for bootstrap/security settings (default: local)")
+    rp.add_argument("--bootstrap", default=None)
+    rp.add_argument("--partitions", type=int, default=2, help="partitions if the topic is created")
+    rp.add_argument("--repeat", type=int, default=1, help="replay the whole input N times")
+    rp.add_argument("--limit", type=int, default=0)
+    rp.add_argument("--quiet", action="store_true")
+    rp.set_defaults(func=cmd_replay)
+    pk = sub.add_parser("peek", help="print the latest results from Redis and the output topic")
+    pk.add_argument("--config", required=True)
+    pk.add_argument("-n", type=int, default=10)
+    pk.set_defaults(func=cmd_peek)
+    args = p.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Cutout bytes -> pixels: gunzip, FITS image, 63x63 canvas, 21x21 centre crop.
+
+Decisions (documented in README, "Cutouts"):
+* The crop is the 21x21 centre of the 63x63 stamp (pixels 21..41 on both axes, the candidate at 31).
+* A stamp smaller than 63 on an axis (CCD edge) is placed on a 63x63 canvas on the side away from
+  the CCD edge it was cut by (known from candidate xpos/ypos: the low half of the CCD means the
+  missing pixels are on the low side); without xpos/ypos it is centred. Missing pixels are NaN and
+  the alert is flagged ``padded``. A larger stamp is centre-cropped to 63.
+* NaN/inf pixels are kept as NaN here; normalisation (model/preprocess.py) turns them into 0.
+* A missing, non-gzip, non-FITS, non-2-D or too large cutout, or a crop with no finite pixel in
+  a channel, raises CutoutError: the alert is dead-lettered, since the model cannot see anything.
+
+Why a hand-written FITS reader: astropy costs ~320 us per cutout in fixed overhead; ZTF cutouts are
+one primary HDU of 32/64-bit floats, which is a header of 80-byte cards and a big-endian array.
+Anything else (integer BITPIX, BSCALE/BZERO, extensions, odd headers) goes to astropy, so the fast
+path never changes the result (tests compare both on every real alert).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from isal import isal_zlib
+
+from consumer.errors import CutoutError
+
+STAMP_SIZE = 63
+CROP_SIZE = 21
+_CROP_LO = (STAMP_SIZE - CROP_SIZE) // 2  # 21
+CCD_HALF_X = 3072 / 2  # ZTF CCD quadrants: 3072 x 3080 pixels
+CCD_HALF_Y = 3080 / 2
+MAX_PIXELS = 1024 * 1024
+_FITS_BLOCK = 2880
+_CARD = 80
+_FLOAT_DTYPES = {-32: ">f4", -64: ">f8"}
+
+
+def gunzip(data: bytes) -> bytes:
+    """gzip -> bytes with ISA-L's inflate (about 2x zlib's); raises CutoutError if not gzip."""
+    if len(data) < 18 or data[:2] != b"\x1f\x8b":
+        raise CutoutError("cutout is not gzip data", reason="cutout_not_gzip")
+    try:
+        return isal_zlib.decompress(data, wbits=31)
+    except Exception as e:
+        raise CutoutError(f"cutout gunzip failed: {e}", reason="cutout_not_gzip") from e
+
+
+def _fast_fits(raw: bytes) -> np.ndarray | None:
+    """Primary-HDU float image by direct parse, or None to fall back to astropy."""
+    cards: dict[str, str] = {}
+    pos = 0
+    end_found = False
+    while not end_found:
+        if pos + _FITS_BLOCK > len(raw):
+            return None
+        block = raw[pos : pos + _FITS_BLOCK]
+        pos += _FITS_BLOCK
+        for i in range(0, _FITS_BLOCK, _CARD):
+            key = block[i : i + 8].rstrip()
+            if key == b"END":
+                end_found = True
+                break
+            if block[i + 8 : i + 10] == b"= ":
+                value = block[i + 10 : i + _CARD].split(b"/", 1)[0].strip()
+                cards[key.decode("ascii", "replace")] = value.decode("ascii", "replace")
+        if pos > 40 * _FITS_BLOCK:
+            return None
+    try:
+        bitpix = int(cards["BITPIX"])
+        naxis = int(cards["NAXIS"])
+        if naxis != 2 or bitpix not in _FLOAT_DTYPES:
+            return None
+        nx, ny = int(cards["NAXIS1"]), int(cards["NAXIS2"])
+        if float(cards.get("BSCALE", "1")) != 1.0 or float(cards.get("BZERO", "0")) != 0.0:
+            return None
+    except (KeyError, ValueError):
+        return None
+    if nx <= 0 or ny <= 0 or nx * ny > MAX_PIXELS:
+        return None
+    dtype = np.dtype(_FLOAT_DTYPES[bitpix])
+    if pos + nx * ny * dtype.itemsize > len(raw):
+        return None
+    return np.frombuffer(raw, dtype=dtype, count=nx * ny, offset=pos).reshape(ny, nx)
+
+
+def _astropy_fits(raw: bytes) -> np.ndarray:
+    from astropy.io import fits  # imported lazily: only the fallback path pays for it
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False) as hdul:
+                data = hdul[0].data
+                if data is None and len(hdul) > 1:
+                    data = hdul[1].data
+                arr = None if data is None else np.array(data)
+    except Exception as e:
+        raise CutoutError(f"cutout is not a readable FITS image: {e}", reason="cutout_bad_fits") from e
+    if arr is None or arr.ndim != 2 or arr.size == 0:
+        raise CutoutError("cutout FITS holds no 2-D image", reason="cutout_bad_fits")
+    if arr.size > MAX_PIXELS:
+        raise CutoutError(f"cutout of {arr.shape} is too large", reason="cutout_too_large")
+    return arr
+
+
+def fits_image(raw: bytes, *, fast: bool = True) -> np.ndarray:
+    """The 2-D image of a FITS file (fast path when possible, else astropy)."""
+    img = _fast_fits(raw) if fast else None
+    return img if img is not None else _astropy_fits(raw)
+
+
+def _pad_before(size: int, pos: float | None, half: float) -> int:
+    missing = STAMP_SIZE - size
+    if pos is None or not np.isfinite(pos):
+        return missing // 2
+    return missing if pos < half else 0
+
+
+def centre_crop(img: np.ndarray, xpos: float | None, ypos: float | None) -> tuple[np.ndarray, bool]:
+    """(ny, nx) image -> (21, 21) float32 crop of the 63x63 stamp, and whether it was padded."""
+    ny, nx = img.shape
+    if ny == STAMP_SIZE and nx == STAMP_SIZE:
+        crop = img[_CROP_LO : _CROP_LO + CROP_SIZE, _CROP_LO : _CROP_LO + CROP_SIZE]
+        return crop.astype(np.float32), False
+    if ny > STAMP_SIZE:
+        lo = (ny - STAMP_SIZE) // 2
+        img, ny = img[lo : lo + STAMP_SIZE], STAMP_SIZE
+    if nx > STAMP_SIZE:
+        lo = (nx - STAMP_SIZE) // 2
+        img, nx = img[:, lo : lo + STAMP_SIZE], STAMP_SIZE
+    padded = ny < STAMP_SIZE or nx < STAMP_SIZE
+    canvas = np.full((STAMP_SIZE, STAMP_SIZE), np.nan, dtype=np.float32)
+    y0 = _pad_before(ny, ypos, CCD_HALF_Y)
+    x0 = _pad_before(nx, xpos, CCD_HALF_X)
+    canvas[y0 : y0 + ny, x0 : x0 + nx] = img
+    crop = canvas[_CROP_LO : _CROP_LO + CROP_SIZE, _CROP_LO : _CROP_LO + CROP_SIZE]
+    return crop.copy(), padded
+
+
+@dataclass(frozen=True, slots=True)
+class StampPixels:
+    """Raw (unnormalised) science and difference crops, NaN where the camera had no pixel."""
+
+    pixels: np.ndarray  # (2, 21, 21) float32
+    padded: bool
+    nan_fraction: tuple[float, float]
+
+
+def cutout_crop(gz: bytes | None, name: str, xpos: float | None, ypos: float | None, *, fast: bool = True) -> tuple[np.ndarray, bool]:
+    if gz is None:
+        raise CutoutError(f"{name} cutout is missing", reason="cutout_missing")
+    img = fits_image(gunzip(gz), fast=fast)
+    return centre_crop(img, xpos, ypos)
+
+
+def stamp_pixels(
+    science: bytes | None,
+    difference: bytes | None,
+    xpos: float | None = None,
+    ypos: float | None = None,
+    *,
+    fast: bool = True,
+) -> StampPixels:
+    """Science + difference gzipped FITS -> (2, 21, 21) raw crops. Pure."""
+    sci, pad_s = cutout_crop(science, "science", xpos, ypos, fast=fast)
+    dif, pad_d = cutout_crop(difference, "difference", xpos, ypos, fast=fast)
+    pixels = np.stack([sci, dif]).astype(np.float32, copy=False)
+    finite = np.isfinite(pixels)
+    n = CROP_SIZE * CROP_SIZE
+    counts = finite.reshape(2, -1).sum(axis=1)
+    if counts.min() == 0:
+        raise CutoutError("a cutout has no finite pixel in the 21x21 crop", reason="cutout_all_nan")
+    nan_fraction = (float(1 - counts[0] / n), float(1 - counts[1] / n))
+    return StampPixels(pixels, pad_s or pad_d, nan_fraction)

@@ -1,0 +1,118 @@
+"""Batched inference with the model bundle, on CUDA when there is one, and hot reload of the bundle.
+
+The runner checks the bundle file's (mtime, size, inode) every ``reload_check_s`` between batches;
+a changed file is loaded and checked (model/bundle.py) before it replaces the running model, so a
+broken or half-written file never stops the stream: the old model keeps running and the failure
+is logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.bundle import Bundle, BundleError, load_bundle
+from model.classifier import StampClassifier
+from model.preprocess import normalise
+
+log = logging.getLogger("stampstream.inference")
+
+
+def select_device(preference: str) -> torch.device:
+    """auto: cuda when torch sees a GPU, else cpu. 'cuda' without a GPU falls back to cpu with a warning."""
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if preference == "cuda":
+        log.warning("device: cuda requested but no CUDA device is available; running on cpu")
+    return torch.device("cpu")
+
+
+def _file_signature(path: str) -> tuple[float, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime, st.st_size, st.st_ino)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    changed: bool
+    ok: bool
+    message: str = ""
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        bundle_path: str,
+        device: str = "auto",
+        tta_override: bool | None = None,
+        reload_check_s: float = 10.0,
+    ) -> None:
+        self.bundle_path = bundle_path
+        self.device = select_device(device)
+        self.tta_override = tta_override
+        self.reload_check_s = reload_check_s
+        self._signature = _file_signature(bundle_path)
+        self.bundle = load_bundle(bundle_path)
+        self.model = self._build(self.bundle)
+        self._last_check = time.monotonic()
+        self.reload_failures = 0
+        self.last_reload_error = ""
+
+    def _build(self, bundle: Bundle) -> StampClassifier:
+        model = bundle.build(self.device)
+        if self.tta_override is not None:
+            model.tta_dihedral = self.tta_override
+        return model
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.bundle.class_names
+
+    def predict(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 2, 21, 21) raw crops -> (embeddings (N, latent), probabilities (N, classes)), float32."""
+        x = torch.from_numpy(normalise(raw))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            z, p = self.model(x)
+        return z.float().cpu().numpy(), p.float().cpu().numpy()
+
+    def maybe_reload(self, now: float | None = None) -> ReloadOutcome:
+        """Between batches: pick up a newer bundle at the same path, keep the old one if it is broken."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_check < self.reload_check_s:
+            return ReloadOutcome(False, True)
+        self._last_check = now
+        sig = _file_signature(self.bundle_path)
+        if sig == self._signature:
+            return ReloadOutcome(False, True)
+        self._signature = sig
+        try:
+            bundle = load_bundle(self.bundle_path)
+            model = self._build(bundle)
+        except BundleError as e:
+            self.reload_failures += 1
+            self.last_reload_error = str(e)
+            log.error("model reload failed, keeping %s:%s: %s", self.name, self.version, e)
+            return ReloadOutcome(True, False, str(e))
+        old = f"{self.name}:{self.version}"
+        self.bundle, self.model = bundle, model
+        self.last_reload_error = ""
+        log.info("model reloaded: %s -> %s:%s", old, bundle.name, bundle.version)
+        return ReloadOutcome(True, True, f"{bundle.name}:{bundle.version}")

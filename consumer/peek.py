@@ -1,0 +1,65 @@
+"""Read results back from both sinks and format a short table (the README's first command ends here)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from config import Config
+from consumer.results import decode_result
+from consumer.sinks import candid_key, kafka_common, redis_client
+
+
+def read_output_topic(cfg: Config, topic: str, limit: int | None = None, timeout_s: float = 10.0) -> list[bytes]:
+    """All (or the first ``limit``) message values of a topic, read without a consumer group."""
+    c = Consumer(kafka_common(cfg.kafka) | {"group.id": f"peek-{uuid.uuid4()}", "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=timeout_s).topics[topic]
+        parts = []
+        ends: dict[int, int] = {}
+        for p in md.partitions:
+            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if hi > lo:
+                parts.append(TopicPartition(topic, p, OFFSET_BEGINNING))
+                ends[p] = hi
+        c.assign(parts)
+        out: list[bytes] = []
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(ends) and (limit is None or len(out) < limit) and time.monotonic() < deadline:
+            msgs = c.consume(num_messages=1000, timeout=0.5)
+            if msgs:
+                deadline = time.monotonic() + timeout_s
+            for m in msgs:
+                if m.error() is None:
+                    out.append(m.value())
+                    if m.offset() + 1 >= ends[m.partition()]:
+                        done.add(m.partition())
+        return out if limit is None else out[:limit]
+    finally:
+        c.close()
+
+
+def peek(cfg: Config, n: int = 10) -> str:
+    values = read_output_topic(cfg, cfg.kafka.output_topic)
+    records = [decode_result(v) for v in values]
+    r = redis_client(cfg.redis)
+    lines = [
+        f"output topic {cfg.kafka.output_topic}: {len(records)} results; "
+        f"redis: {sum(1 for _ in r.scan_iter(f'{cfg.redis.key_prefix}:cand:*', count=1000))} candid hashes",
+        f"{'candid':>20} {'objectId':<13} {'fid':>3} {'class (topic)':<14} {'p':>5}  {'class (redis)':<13} {'model':<24}",
+    ]
+    for rec in records[-n:]:
+        h = r.hgetall(candid_key(cfg.redis.key_prefix, rec["candid"]))
+        rc = h.get(b"class", b"-").decode()
+        lines.append(
+            f"{rec['candid']:>20} {rec['objectId']:<13} {rec['fid']:>3} {rec['predicted_class']:<14} "
+            f"{rec['predicted_probability']:5.2f}  {rc:<13} {rec['model_name'] + ':' + rec['model_version']:<24}"
+        )
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[rec["predicted_class"]] = counts.get(rec["predicted_class"], 0) + 1
+    lines.append("predicted classes: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""What the consumer runs: the encoder, optional rotation-invariant pooling, and the linear probe."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.autoencoder import AutoencoderConfig, Encoder, dihedral_views
+
+CLASS_NAMES: tuple[str, ...] = ("AGN", "SN", "VS", "asteroid", "bogus")
+
+
+class LinearProbe(nn.Module):
+    """Logistic regression on standardised z. The z mean/std are buffers of the probe, fitted on the
+    training embeddings, so the probe learns at one learning rate whatever the latent's scale."""
+
+    def __init__(self, latent_dim: int, n_classes: int = len(CLASS_NAMES)) -> None:
+        super().__init__()
+        self.linear = nn.Linear(latent_dim, n_classes)
+        self.register_buffer("z_mean", torch.zeros(latent_dim))
+        self.register_buffer("z_std", torch.ones(latent_dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear((z - self.z_mean) / self.z_std)
+
+
+class StampClassifier(nn.Module):
+    """(N, 2, 21, 21) normalised stamps -> (embedding (N, latent), probabilities (N, classes))."""
+
+    def __init__(self, cfg: AutoencoderConfig, class_names: tuple[str, ...], tta_dihedral: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.class_names = class_names
+        self.tta_dihedral = tta_dihedral
+        self.encoder = Encoder(cfg)
+        self.probe = LinearProbe(cfg.latent_dim, len(class_names))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tta_dihedral:
+            return self.encoder(x)[0]
+        n = x.shape[0]
+        z = self.encoder(torch.cat(dihedral_views(x), dim=0))[0]
+        return z.view(8, n, -1).mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.embed(x)
+        return z, torch.softmax(self.probe(z), dim=1)
