@@ -43,7 +43,7 @@ ensure_jars() {
   command -v mvn >/dev/null || { log "mvn not found: install Maven and Java 17"; exit 1; }
   log "fetching Apache Kafka jars from Maven Central into $KAFKA_JARS"
   mkdir -p "$KAFKA_JARS"
-  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies \
+  mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
     -DoutputDirectory="$KAFKA_JARS" -DincludeScope=runtime
   touch "$KAFKA_JARS/.complete"
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job end to end on the local default: set up, start Kafka + Redis on loopback, replay
+# alerts (../shared/ztf when present, else generated ones), run the consumer until the stream is
+# idle, and print a table of results read back from Redis and from the output topic.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+deploy/local/stack.sh up
+source .venv/bin/activate
+CONFIG="${CONFIG:-config/local.yaml}"
+ALERTS="${ALERTS:-../shared/ztf/alerts}"
+if [[ ! -d "$ALERTS" ]]; then
+  ALERTS=.stack/generated-alerts
+  python -m tests.make_alerts --out "$ALERTS" --n 500
+fi
+TOPIC=$(python -c "from config import load_config; print(load_config('$CONFIG').kafka.input_topics[0])")
+consumer replay "$ALERTS" --topic "$TOPIC" --config "$CONFIG"
+consumer run --config "$CONFIG" --idle-exit 8
+consumer peek --config "$CONFIG" -n 15

@@ -1,0 +1,102 @@
+"""The whole path on the real broker and Redis: replay -> `consumer run` -> both sinks -> commit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from alertgen import make_alert
+from conftest import ROOT, Stack
+
+from config import load_config
+from consumer.alert_decoder import SchemaCache, decode_alert
+from consumer.results import embedding_from_redis
+
+from .helpers import create_topic, outcome, produce, run_consumer
+
+pytestmark = pytest.mark.integration
+
+
+def bad_messages() -> list[bytes]:
+    good = make_alert(2_400_000_000_000_009_000).message
+    return [
+        good[: len(good) // 2],  # truncated Avro
+        b"this is not avro",  # non-Avro
+        b"",  # empty
+        make_alert(2_400_000_000_000_009_001, science=None).message,  # missing cutout
+        make_alert(2_400_000_000_000_009_002, difference=b"\x00" * 100).message,  # not gzip
+    ]
+
+
+def test_replay_consume_publish_commit(stack: Stack, corpus: list[bytes], tmp_path: Path) -> None:
+    good_msgs = corpus[:: max(1, len(corpus) // 300)][:300]
+    bad = bad_messages()
+    values = good_msgs + bad
+    # interleave the bad ones among the good ones
+    values = [v for pair in zip(good_msgs[: len(bad)], bad, strict=True) for v in pair] + good_msgs[len(bad) :]
+    cache = SchemaCache()
+    good = {decode_alert(m, cache).candid for m in good_msgs}
+    cfg_path, data = stack.config(tmp_path)
+    topic = data["kafka"]["input_topics"][0]
+    create_topic(stack.bootstrap, topic, 2)
+    produce(stack.bootstrap, topic, values)
+
+    rc = run_consumer(cfg_path, "--idle-exit", "6", log_path=tmp_path / "consumer.log")
+    log = (tmp_path / "consumer.log").read_text()
+    assert rc == 0, log[-3000:]
+
+    o = outcome(cfg_path)
+    assert set(o.output_candids) == good, "output topic: one record per good alert"
+    assert all(n == 1 for n in o.output_candids.values()), "no duplicate without a fault"
+    assert o.redis_candids == good
+    assert len(o.dead_letters) == len(bad)
+    assert sorted(v for v, _ in o.dead_letters) == sorted(bad)
+    reasons = sorted(h["reason"].decode() for _, h in o.dead_letters)
+    assert reasons == sorted(["truncated", "not_avro", "empty", "cutout_missing", "cutout_not_gzip"])
+    for _, h in o.dead_letters:
+        assert h["source_topic"].decode() == topic and int(h["source_offset"]) >= 0
+    assert o.committed == o.end_offsets, "committed offsets reach the end of the input topic"
+    print("\nend-to-end:", o.summary(good, len(bad)))
+
+    # Redis layout: hash per candid with the embedding, latest-per-object entries
+    cfg = load_config(cfg_path, env={})
+    r = redis.Redis.from_url(cfg.redis.url)
+    some = next(iter(good))
+    h = r.hgetall(f"{cfg.redis.key_prefix}:cand:{some}")
+    assert int(h[b"candid"]) == some
+    assert embedding_from_redis(h[b"embedding"]).shape == (42,)
+    assert 0 < r.ttl(f"{cfg.redis.key_prefix}:cand:{some}") <= cfg.redis.ttl_seconds
+    obj = r.hgetall(f"{cfg.redis.key_prefix}:obj:{h[b'objectId'].decode()}")
+    assert obj, "latest-per-object entry exists"
+
+
+def test_replay_cli_and_peek(stack: Stack, tmp_path: Path) -> None:
+    """`consumer replay` of a folder and a .tar.gz archive, then `consumer peek` prints the table."""
+    import tarfile
+
+    folder = tmp_path / "alerts"
+    folder.mkdir()
+    alerts = [make_alert(2_400_000_000_000_008_000 + i) for i in range(6)]
+    for a in alerts[:3]:
+        (folder / f"{a.candid}.avro").write_bytes(a.message)
+    with tarfile.open(tmp_path / "night.tar.gz", "w:gz") as tar:
+        for a in alerts[3:]:
+            p = tmp_path / f"{a.candid}.avro"
+            p.write_bytes(a.message)
+            tar.add(p, arcname=p.name)
+    cfg_path, data = stack.config(tmp_path)
+    topic = data["kafka"]["input_topics"][0]
+    cmd = [sys.executable, "-m", "consumer.cli", "replay", str(folder), str(tmp_path / "night.tar.gz"),
+           "--topic", topic, "--config", str(cfg_path), "--quiet"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "replayed 6 alerts" in res.stdout
+    assert run_consumer(cfg_path, "--idle-exit", "5") == 0
+    res = subprocess.run([sys.executable, "-m", "consumer.cli", "peek", "--config", str(cfg_path), "-n", "3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "6 results" in res.stdout and "6 candid hashes" in res.stdout
+    assert str(alerts[-1].candid) in res.stdout or str(alerts[0].candid) in res.stdout

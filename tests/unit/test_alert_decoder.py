@@ -1,0 +1,222 @@
+"""bytes -> Alert on every real alert (all schema versions), every edge file, and generated cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from alertgen import make_alert
+from conftest import EDGE_DIR, HAVE_SHARED
+
+from consumer.alert_decoder import SchemaCache, decode_alert, decode_alert_reference, decode_alerts
+from consumer.cutouts import fits_image, gunzip, stamp_pixels
+from consumer.daemon import decode_message
+from consumer.errors import AlertDecodeError, CutoutError
+from model.preprocess import normalise
+
+ALL_WRITER_VERSIONS = {"1.8", "3.0", "3.1", "3.2", "3.3", "4.01", "4.02"}
+
+
+def test_every_alert_decodes_with_finite_tensors(corpus: list[bytes]) -> None:
+    cache = SchemaCache()
+    versions = set()
+    candids = set()
+    for msg in corpus:
+        alert, stamp = decode_message(msg, cache)
+        versions.add(alert.schema_version)
+        candids.add(alert.candid)
+        assert alert.object_id.startswith("ZTF")
+        assert 2458000 < alert.jd < 2470000 and alert.fid in (1, 2, 3)
+        assert stamp.pixels.shape == (2, 21, 21) and stamp.pixels.dtype == np.float32
+        x = normalise(stamp.pixels[None])
+        assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0
+    assert len(candids) == len(corpus)
+    # one parse per distinct writer schema, not per message
+    assert cache.misses == len(cache) <= 16
+    if HAVE_SHARED:
+        assert versions == ALL_WRITER_VERSIONS
+        assert len(corpus) == 2134
+
+
+def test_fast_path_equals_reference_decoder(corpus: list[bytes]) -> None:
+    cache = SchemaCache()
+    for msg in corpus:
+        assert decode_alert(msg, cache) == decode_alert_reference(msg)
+
+
+def test_fast_fits_equals_astropy_on_every_alert(corpus: list[bytes]) -> None:
+    cache = SchemaCache()
+    for msg in corpus:
+        a = decode_alert(msg, cache)
+        fast = stamp_pixels(a.science, a.difference, a.xpos, a.ypos, fast=True)
+        slow = stamp_pixels(a.science, a.difference, a.xpos, a.ypos, fast=False)
+        np.testing.assert_array_equal(fast.pixels, slow.pixels)
+        assert fast.padded == slow.padded and fast.nan_fraction == slow.nan_fraction
+
+
+# ---- the real edge cases of ../shared/ztf/edge, each with its documented treatment -------------
+
+EDGE_EXPECTED = {
+    "broken_cutouts_ZTF20abyfpze.avro": ("dead", "cutout_missing"),
+    "broken_cutouts_image_classification_example.parquet": ("dead", "not_avro"),
+    "nan_pixels_1095578116215015006.avro": ("ok", "nan"),
+    "nan_pixels_2475433850015015000.avro": ("ok", "nan"),
+    "nan_pixels_820128985115015000.avro": ("ok", "nan"),
+    "official_v3.3_472263571115115000.avro": ("ok", "plain"),
+    "small_cutout_51x63_595277915515015000.avro": ("ok", "padded"),
+    "small_cutout_63x42_2481343020115015020.avro": ("ok", "padded"),
+    "small_cutout_63x55_522193343315015001.avro": ("ok", "padded"),
+    "spark_topLevelRecord_snappy_675208700015010000.avro": ("ok", "plain"),
+}
+
+
+@pytest.mark.skipif(not HAVE_SHARED, reason="../shared/ztf/edge absent; generated equivalents below")
+@pytest.mark.parametrize("name", sorted(EDGE_EXPECTED))
+def test_edge_file_treatment(name: str) -> None:
+    data = (EDGE_DIR / name).read_bytes()
+    outcome, detail = EDGE_EXPECTED[name]
+    cache = SchemaCache()
+    if outcome == "dead":
+        with pytest.raises((AlertDecodeError, CutoutError)) as ei:
+            for alert in decode_alerts(data, cache):
+                stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
+        assert ei.value.reason == detail
+        return
+    (alert,) = decode_alerts(data, cache)
+    assert str(alert.candid) in name
+    stamp = stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
+    x = normalise(stamp.pixels[None])
+    assert np.isfinite(x).all()
+    assert stamp.padded == (detail == "padded")
+    if detail == "nan":
+        # the 63x63 stamp has NaN pixels (in the crop or not); the network input never does
+        assert np.isnan(fits_image(gunzip(alert.science))).any()
+    if detail == "padded":
+        # the stamp sits on the 63x63 canvas away from the CCD edge that cut it (51x63 at ypos~20:
+        # 12 rows missing below; 63x42 and 63x55 near the high-x edge: columns missing on the right),
+        # so the 21x21 crop is centred on the candidate as in a full stamp
+        img = fits_image(gunzip(alert.science))
+        y0 = {"51x63": 12}.get(name.split("_")[2], 0)
+        np.testing.assert_array_equal(stamp.pixels[0], img[21 - y0 : 42 - y0, 21:42].astype(np.float32))
+
+
+def test_edge_files_all_covered() -> None:
+    if HAVE_SHARED:
+        present = {p.name for p in EDGE_DIR.iterdir() if p.name != "README.txt"}
+        assert present == set(EDGE_EXPECTED)
+
+
+# ---- generated cases (run everywhere) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cut", "xpos", "ypos"),
+    [
+        ((slice(None), slice(0, 42)), 3060.0, 1500.0),  # high-x CCD edge: right columns missing
+        ((slice(12, None), slice(None)), 1500.0, 20.0),  # low-y CCD edge: bottom rows missing
+        ((slice(None), slice(0, 30)), 3070.0, 1500.0),  # so narrow that the crop itself is cut
+        ((slice(None), slice(25, None)), 5.0, 1500.0),  # low-x CCD edge: left columns missing
+    ],
+)
+def test_small_cutout_is_padded_on_the_ccd_edge_side(cut, xpos, ypos) -> None:
+    from alertgen import fits_gz, source_stamp
+
+    full = source_stamp(np.random.default_rng(1), (63, 63), "point")
+    part = full[cut]
+    msg = make_alert(2_400_000_000_000_000_001, science=fits_gz(part), difference=fits_gz(part), xpos=xpos, ypos=ypos).message
+    _, stamp = decode_message(msg, SchemaCache())
+    assert stamp.padded
+    expected = np.full((63, 63), np.nan, dtype=np.float32)
+    expected[cut] = part
+    np.testing.assert_array_equal(stamp.pixels[0], expected[21:42, 21:42])
+    np.testing.assert_array_equal(stamp.pixels[1], expected[21:42, 21:42])
+
+
+def test_small_cutout_without_position_is_centred() -> None:
+    msg = make_alert(2_400_000_000_000_000_001, shape=(63, 55), xpos=None, ypos=None).message
+    _, stamp = decode_message(msg, SchemaCache())
+    assert stamp.padded and stamp.pixels.shape == (2, 21, 21)
+
+
+def test_nan_pixels_become_zero_after_normalisation() -> None:
+    msg = make_alert(2_400_000_000_000_000_002, nan_fraction=0.3).message
+    _, stamp = decode_message(msg, SchemaCache())
+    assert 0.1 < stamp.nan_fraction[0] < 0.5
+    x = normalise(stamp.pixels[None])[0]
+    assert np.all(x[np.isnan(stamp.pixels)] == 0.0)
+
+
+@pytest.mark.parametrize(
+    ("science", "difference", "reason"),
+    [
+        (None, "make", "cutout_missing"),
+        ("make", None, "cutout_missing"),
+        (b"not gzip at all" * 4, "make", "cutout_not_gzip"),
+        ("badfits", "make", "cutout_bad_fits"),
+        ("allnan", "make", "cutout_all_nan"),
+    ],
+)
+def test_bad_cutouts_raise_named_errors(science, difference, reason) -> None:
+    import gzip
+
+    from alertgen import fits_gz
+
+    if science == "badfits":
+        science = gzip.compress(b"SIMPLE  = T" + b" " * 5000)
+    elif science == "allnan":
+        science = fits_gz(np.full((63, 63), np.nan, dtype=np.float32))
+    msg = make_alert(2_400_000_000_000_000_003, science=science, difference=difference).message
+    with pytest.raises(CutoutError) as ei:
+        decode_message(msg, SchemaCache())
+    assert ei.value.reason == reason
+    assert ei.value.candid == 2_400_000_000_000_000_003
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [(b"", "empty"), (b"{\"json\": true}", "not_avro"), (b"Obj\x01", "truncated")],
+)
+def test_non_alerts_raise_named_errors(payload: bytes, reason: str) -> None:
+    with pytest.raises(AlertDecodeError) as ei:
+        decode_alert(payload, SchemaCache())
+    assert ei.value.reason == reason
+
+
+def test_unknown_schema_is_rejected() -> None:
+    import io
+
+    import fastavro
+
+    buf = io.BytesIO()
+    schema = {"type": "record", "name": "other", "fields": [{"name": "x", "type": "int"}]}
+    fastavro.writer(buf, schema, [{"x": 1}])
+    with pytest.raises(AlertDecodeError) as ei:
+        decode_alert(buf.getvalue(), SchemaCache())
+    assert ei.value.reason == "unknown_schema"
+
+
+def test_multi_record_container_is_not_one_alert() -> None:
+    import io
+
+    import fastavro
+    from alertgen import ALERT_SCHEMA
+
+    recs = list(fastavro.reader(io.BytesIO(make_alert(2_400_000_000_000_000_004).message)))
+    buf = io.BytesIO()
+    fastavro.writer(buf, ALERT_SCHEMA, recs * 2, codec="null", sync_interval=10**9)
+    assert len(decode_alerts(buf.getvalue(), SchemaCache())) == 2
+    with pytest.raises(AlertDecodeError) as ei:
+        decode_alert(buf.getvalue(), SchemaCache())
+    assert ei.value.reason == "not_one_record"
+
+
+def test_deflate_container_goes_through_the_general_path() -> None:
+    import io
+
+    import fastavro
+    from alertgen import ALERT_SCHEMA
+
+    rec = next(iter(fastavro.reader(io.BytesIO(make_alert(2_400_000_000_000_000_005).message))))
+    buf = io.BytesIO()
+    fastavro.writer(buf, ALERT_SCHEMA, [rec], codec="deflate")
+    alert = decode_alert(buf.getvalue(), SchemaCache())
+    assert alert.candid == 2_400_000_000_000_000_005

@@ -1,0 +1,58 @@
+"""Property tests: truncated and mutated alert bytes raise the named error (BadAlertError) and
+nothing else, whatever the damage."""
+
+from __future__ import annotations
+
+import numpy as np
+from alertgen import make_alert
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.alert_decoder import SchemaCache
+from consumer.daemon import decode_message
+from consumer.errors import BadAlertError
+
+GOOD = make_alert(2_400_000_000_000_000_100, n_prv=5).message
+CACHE = SchemaCache()
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _decode_or_named_error(data: bytes) -> None:
+    try:
+        _, stamp = decode_message(data, CACHE)
+    except BadAlertError as e:
+        assert e.reason and isinstance(e.reason, str)
+        return
+    assert stamp.pixels.shape == (2, 21, 21)
+    assert np.isfinite(stamp.pixels).any()
+
+
+@SETTINGS
+@given(st.integers(min_value=0, max_value=len(GOOD) - 1))
+def test_truncated_alerts_raise_named_error(n: int) -> None:
+    try:
+        decode_message(GOOD[:n], CACHE)
+    except BadAlertError:
+        return
+    raise AssertionError(f"a message truncated to {n} of {len(GOOD)} bytes decoded")
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=len(GOOD) - 1), st.integers(0, 255)), min_size=1, max_size=20))
+def test_mutated_alerts_decode_or_raise_named_error(edits: list[tuple[int, int]]) -> None:
+    data = bytearray(GOOD)
+    for pos, value in edits:
+        data[pos] = value
+    _decode_or_named_error(bytes(data))
+
+
+@SETTINGS
+@given(st.binary(max_size=4096))
+def test_random_bytes_raise_named_error(data: bytes) -> None:
+    _decode_or_named_error(data)
+
+
+@SETTINGS
+@given(st.binary(min_size=1, max_size=64), st.integers(min_value=0, max_value=len(GOOD)))
+def test_inserted_bytes_decode_or_raise_named_error(chunk: bytes, at: int) -> None:
+    _decode_or_named_error(GOOD[:at] + chunk + GOOD[at:])

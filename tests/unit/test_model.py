@@ -1,0 +1,135 @@
+"""Shapes of the autoencoder, VAE and probe; bundle round trip, checks and hot reload."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from consumer.inference import ModelRunner, select_device
+from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
+from model.bundle import BundleError, load_bundle, save_bundle, seed_bundle
+from model.classifier import StampClassifier
+from model.preprocess import normalise
+
+
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+@pytest.mark.parametrize("latent", [10, 42, 130])
+def test_autoencoder_shapes(kind: str, latent: int) -> None:
+    m = Autoencoder(AutoencoderConfig(kind=kind, latent_dim=latent))
+    x = torch.rand(5, 2, 21, 21)
+    recon, mu, logvar = m(x)
+    assert recon.shape == x.shape and mu.shape == (5, latent)
+    assert (logvar is None) == (kind == "ae")
+    loss, mse = autoencoder_loss(x, recon, mu, logvar, 1e-3)
+    assert loss.item() >= mse.item() - 1e-9 if kind == "vae" else loss.item() == mse.item()
+    convs = [mod for mod in m.encoder.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert len(convs) == 4
+    assert len([mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.Conv2d)]) == 6
+
+
+def test_dihedral_views_are_the_eight_symmetries() -> None:
+    x = torch.arange(2 * 21 * 21, dtype=torch.float32).view(1, 2, 21, 21)
+    views = dihedral_views(x)
+    assert len(views) == 8
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+
+
+def test_tta_embedding_is_rotation_invariant() -> None:
+    torch.manual_seed(0)
+    m = StampClassifier(AutoencoderConfig(latent_dim=16), ("a", "b"), tta_dihedral=True).eval()
+    x = torch.rand(3, 2, 21, 21)
+    with torch.no_grad():
+        z1, _ = m(x)
+        z2, _ = m(torch.rot90(x, 1, dims=(2, 3)))
+    torch.testing.assert_close(z1, z2, rtol=1e-4, atol=1e-5)
+
+
+def test_normalise_range_and_nan() -> None:
+    raw = np.random.default_rng(0).normal(100, 10, (4, 2, 21, 21)).astype(np.float32)
+    raw[0, 0, :3] = np.nan
+    raw[1, 1] = 5.0  # constant channel
+    x = normalise(raw)
+    assert x.dtype == np.float32 and np.isfinite(x).all()
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert np.all(x[0, 0, :3] == 0) and np.all(x[1, 1] == 0)
+
+
+def test_bundle_round_trip(tmp_path: Path) -> None:
+    b = seed_bundle(latent_dim=21, seed=3)
+    save_bundle(b, tmp_path / "b.pt")
+    back = load_bundle(tmp_path / "b.pt")
+    assert back.model_config == b.model_config and back.class_names == b.class_names
+    assert back.normalisation["method"] == "minmax_per_channel" and back.code_version
+    x = torch.rand(4, 2, 21, 21)
+    with torch.no_grad():
+        z1, p1 = b.build()(x)
+        z2, p2 = back.build()(x)
+    torch.testing.assert_close(z1, z2)
+    torch.testing.assert_close(p1, p2)
+    assert torch.allclose(p1.sum(1), torch.ones(4))
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04 not a torch file"])
+def test_broken_bundles_are_refused(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "bad.pt").write_bytes(content)
+    with pytest.raises(BundleError):
+        load_bundle(tmp_path / "bad.pt")
+
+
+def test_bundle_with_mismatched_weights_is_refused(tmp_path: Path) -> None:
+    b = seed_bundle(latent_dim=21)
+    torch.save({"format": "stampstream-bundle/1", "name": "x", "version": "1", "model_config": {"kind": "ae", "latent_dim": 42},
+                "class_names": list(b.class_names), "tta_dihedral": False, "normalisation": b.normalisation,
+                "encoder_state": b.encoder_state, "probe_state": b.probe_state}, tmp_path / "m.pt")  # fmt: skip
+    with pytest.raises(BundleError, match="weights do not fit"):
+        load_bundle(tmp_path / "m.pt")
+
+
+def test_hot_reload_picks_up_new_bundle_and_keeps_old_on_broken(tmp_path: Path) -> None:
+    path = tmp_path / "live.pt"
+    save_bundle(seed_bundle(seed=1), path)
+    runner = ModelRunner(str(path), "cpu", reload_check_s=0.0)
+    raw = np.random.default_rng(0).normal(size=(3, 2, 21, 21)).astype(np.float32)
+    z_old, _ = runner.predict(raw)
+    assert not runner.maybe_reload().changed
+
+    newer = seed_bundle(seed=2)
+    newer = type(newer)(**{**newer.__dict__, "version": "2"})
+    save_bundle(newer, path)
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    out = runner.maybe_reload()
+    assert out.changed and out.ok and runner.version == "2"
+    z_new, _ = runner.predict(raw)
+    assert not np.allclose(z_old, z_new)
+
+    path.write_bytes(b"half-written garbage")
+    out = runner.maybe_reload()
+    assert out.changed and not out.ok and "not readable" in out.message
+    assert runner.version == "2" and runner.reload_failures == 1
+    np.testing.assert_array_equal(runner.predict(raw)[0], z_new)
+
+
+def test_device_selection_falls_back_to_cpu() -> None:
+    if torch.cuda.is_available():
+        assert select_device("auto").type == "cuda"
+    else:
+        assert select_device("auto").type == "cpu"
+        assert select_device("cuda").type == "cpu"
+    assert select_device("cpu").type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_runner_matches_cpu(tmp_path: Path) -> None:
+    path = tmp_path / "b.pt"
+    save_bundle(seed_bundle(), path)
+    raw = np.random.default_rng(0).normal(size=(64, 2, 21, 21)).astype(np.float32)
+    z_cpu, p_cpu = ModelRunner(str(path), "cpu").predict(raw)
+    z_gpu, p_gpu = ModelRunner(str(path), "cuda").predict(raw)
+    np.testing.assert_allclose(z_cpu, z_gpu, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(p_cpu, p_gpu, rtol=1e-3, atol=1e-3)
