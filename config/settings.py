@@ -114,7 +114,6 @@ class TrainerConfig:
     # two random flips/rotations of a stamp are pulled together (a cheap contrastive term).
     extra_objective: Literal["none", "invariance"] = "none"
     extra_weight: float = 0.1
-    tta_dihedral: bool = False
     probe_epochs: int = 200
     probe_lr: float = 1e-2
     probe_weight_decay: float = 1e-4

@@ -1,0 +1,1 @@
+"""Offline training: `trainer fit | report | sweep | export`."""

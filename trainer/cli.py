@@ -1,0 +1,125 @@
+"""`trainer fit | report | sweep | export` - offline training of the stamp autoencoder and probe."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from config import TrainerConfig, load_config
+
+
+def _trainer_cfg(args: argparse.Namespace) -> TrainerConfig:
+    cfg = load_config(args.config).trainer if args.config else TrainerConfig()
+    if getattr(args, "device", None):
+        cfg = dataclasses.replace(cfg, device=args.device)
+    if getattr(args, "max_epochs", None):
+        cfg = dataclasses.replace(cfg, max_epochs=args.max_epochs)
+    if getattr(args, "smoke", False):
+        cfg = dataclasses.replace(cfg, max_epochs=2, probe_epochs=20, patience=2)
+    return cfg
+
+
+def _labels_path(cfg: TrainerConfig, data: Sequence[str], explicit: str | None) -> str | None:
+    from trainer.data import find_labels_csv
+
+    if explicit:
+        return explicit
+    if cfg.labels_csv:
+        return cfg.labels_csv
+    found = find_labels_csv(data)
+    return str(found) if found else None
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from trainer.data import load_dataset, read_labels
+    from trainer.fit import run_fit
+
+    cfg = _trainer_cfg(args)
+    labels_csv = _labels_path(cfg, args.data, args.labels)
+    labels = read_labels(labels_csv) if labels_csv else {}
+    ds = load_dataset(args.data, labels, limit=200 if args.smoke else None)
+    logging.info("data: %s (labels: %s)", ds.summary(), labels_csv)
+    if not labels:
+        logging.warning("no labels: the probe and its scores need a labels CSV (--labels)")
+    metrics = run_fit(cfg, ds, Path(args.out), data_paths=list(args.data), smoke=args.smoke, baseline=not args.smoke)
+    p = metrics["probe_tta" if metrics["tta_dihedral"] else "probe"]
+    print(
+        f"fit done: macro F1 {100 * p['macro_f1']:.1f} % (8-fold pooled: {metrics['tta_dihedral']}), "
+        f"test MSE {metrics['test_mse']:.5f}, epochs {metrics['epochs_run']}; run dir {args.out}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from trainer.report import write_report
+
+    path = write_report(Path(args.run_dir))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_bundle
+
+    bundle = export_bundle(Path(args.run_dir), Path(args.out), name=args.name, version=args.version)
+    print(f"bundle {bundle.name}:{bundle.version} written to {args.out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from trainer.sweep import run_sweep
+
+    cfg = _trainer_cfg(args)
+    labels_csv = _labels_path(cfg, args.data, args.labels)
+    table = run_sweep(
+        cfg, list(args.data), labels_csv, Path(args.out), seeds=args.seeds, jobs=args.jobs,
+        max_epochs=args.max_epochs, smoke=args.smoke, limit=200 if args.smoke else None,
+    )  # fmt: skip
+    print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    p = argparse.ArgumentParser(prog="trainer", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="train the autoencoder, then the linear probe; evaluate")
+    f.add_argument("--config", default=None, help="YAML with a trainer: section (default: the study's defaults)")
+    f.add_argument("--data", nargs="+", required=True, help="Avro files or folders of alerts")
+    f.add_argument("--labels", default=None, help="CSV with candid,label (default: labels.csv beside the data)")
+    f.add_argument("--out", required=True, help="run folder (a rerun resumes from its checkpoint)")
+    f.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    f.add_argument("--max-epochs", type=int, default=None)
+    f.add_argument("--smoke", action="store_true", help="a few steps on 200 alerts (CI)")
+    f.set_defaults(func=cmd_fit)
+    r = sub.add_parser("report", help="Markdown + PNG report of a run")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
+    e = sub.add_parser("export", help="write the model bundle of a run")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True)
+    e.add_argument("--name", default="stampstream-ae")
+    e.add_argument("--version", default=None, help="default: the run folder's name")
+    e.set_defaults(func=cmd_export)
+    s = sub.add_parser("sweep", help="the study's experiments over seeds, one table")
+    s.add_argument("--config", default=None)
+    s.add_argument("--data", nargs="+", required=True)
+    s.add_argument("--labels", default=None)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--jobs", type=int, default=1, help="runs in parallel (CPU processes)")
+    s.add_argument("--max-epochs", type=int, default=None, help="cap on epochs per run (time budget)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    s.add_argument("--smoke", action="store_true")
+    s.set_defaults(func=cmd_sweep)
+    args = p.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,134 @@
+"""Training data: alerts from Avro files/folders -> normalised (N, 2, 21, 21) stamps, with labels
+from a CSV (candid -> label) and train/val/test splits by objectId.
+
+The same decode and cutout functions as the consumer are used, so the model is trained on exactly
+what it will see in the stream. Only the stamp goes into the network: no alert metadata (the
+asteroid and bogus labels were made from ``ssdistnr`` and ``drb``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from consumer.alert_decoder import SchemaCache, decode_alerts
+from consumer.cutouts import stamp_pixels
+from consumer.errors import BadAlertError
+from consumer.replay import iter_messages
+from model.classifier import CLASS_NAMES
+from model.preprocess import normalise
+
+log = logging.getLogger("stampstream.trainer")
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: np.ndarray  # (N, 2, 21, 21) float32, normalised
+    candid: np.ndarray  # (N,) int64
+    object_id: np.ndarray  # (N,) str
+    y: np.ndarray  # (N,) int64, class index or UNLABELLED
+    class_names: tuple[str, ...]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.candid)
+
+    def subset(self, idx: np.ndarray) -> Dataset:
+        return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names)
+
+    def summary(self) -> dict[str, object]:
+        counts = Counter(int(v) for v in self.y)
+        return {
+            "alerts": len(self),
+            "objects": len(set(self.object_id.tolist())),
+            "labelled": int((self.y >= 0).sum()),
+            "per_class": {name: counts.get(i, 0) for i, name in enumerate(self.class_names)},
+            "unlabelled": counts.get(UNLABELLED, 0),
+            "skipped_bad_alerts": self.skipped,
+        }
+
+
+def read_labels(path: str | Path, class_names: Sequence[str] = CLASS_NAMES) -> dict[int, int]:
+    """candid -> class index, from a CSV with columns candid, label (others ignored)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    out: dict[int, int] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            label = (row.get("label") or "").strip()
+            if label in index:
+                out[int(row["candid"])] = index[label]
+    return out
+
+
+def find_labels_csv(paths: Sequence[str | Path]) -> Path | None:
+    """labels.csv beside (or in) the first data folder, as in ../shared/ztf."""
+    for p in map(Path, paths):
+        for cand in (p / "labels.csv", p.parent / "labels.csv"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int | None = None) -> Dataset:
+    """Decode every alert of the paths; bad alerts are skipped and counted, duplicates kept once."""
+    cache = SchemaCache()
+    raws: list[np.ndarray] = []
+    candids: list[int] = []
+    objects: list[str] = []
+    seen: set[int] = set()
+    skipped = 0
+    for msg in iter_messages(paths):
+        try:
+            for alert in decode_alerts(msg, cache):
+                if alert.candid in seen:
+                    continue
+                stamp = stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
+                seen.add(alert.candid)
+                raws.append(stamp.pixels)
+                candids.append(alert.candid)
+                objects.append(alert.object_id)
+        except BadAlertError as e:
+            skipped += 1
+            log.info("skipping bad alert (%s): %s", e.reason, e)
+        if limit and len(candids) >= limit:
+            break
+    if not raws:
+        raise ValueError(f"no usable alert in {list(map(str, paths))}")
+    cand = np.array(candids, dtype=np.int64)
+    y = np.array([labels.get(int(c), UNLABELLED) for c in cand], dtype=np.int64)
+    return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, skipped)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_by_object(ds: Dataset, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Indices of alerts in train/val/test; no objectId is in two splits. Objects are stratified by
+    their label (unlabelled objects form a stratum of their own), so every class is in every split."""
+    rng = np.random.default_rng(seed)
+    obj_label: dict[str, int] = {}
+    for o, y in zip(ds.object_id.tolist(), ds.y.tolist(), strict=True):
+        obj_label[o] = max(obj_label.get(o, UNLABELLED), y)
+    by_label: dict[int, list[str]] = {}
+    for o, y in sorted(obj_label.items()):
+        by_label.setdefault(y, []).append(o)
+    part: dict[str, int] = {}
+    for objs in by_label.values():
+        order = rng.permutation(len(objs))
+        n_test = max(1, round(len(objs) * test_fraction)) if len(objs) >= 3 else 0
+        n_val = max(1, round(len(objs) * val_fraction)) if len(objs) >= 3 else 0
+        for rank, i in enumerate(order):
+            part[objs[i]] = 2 if rank < n_test else (1 if rank < n_test + n_val else 0)
+    which = np.array([part[o] for o in ds.object_id.tolist()])
+    return Splits(np.flatnonzero(which == 0), np.flatnonzero(which == 1), np.flatnonzero(which == 2))

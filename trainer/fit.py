@@ -1,0 +1,265 @@
+"""`trainer fit`: the autoencoder on all alerts of the training objects (labels not needed), early
+stopping on the validation objects, then the linear probe on the frozen encoder with the labels,
+then the evaluation on the test objects. Checkpoints every epoch; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from config import TrainerConfig
+from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
+from model.classifier import LinearProbe
+from trainer.augment import augment, random_dihedral
+from trainer.data import Dataset, Splits, split_by_object
+from trainer.evaluation import classification_metrics, knn_metrics, raw_pixel_baseline
+
+log = logging.getLogger("stampstream.trainer")
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    best_val: float = float("inf")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def _batches(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    return [perm[i : i + bs] for i in range(0, n, bs)]
+
+
+@torch.no_grad()
+def reconstruction_mse(model: Autoencoder, x: torch.Tensor, device: torch.device, bs: int = 1000) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(x), bs):
+        xb = x[i : i + bs].to(device)
+        recon, _, _ = model(xb)
+        total += float(((recon.float() - xb) ** 2).mean()) * len(xb)
+    return total / max(len(x), 1)
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device, tta: bool, bs: int = 1000) -> np.ndarray:
+    encoder.eval()
+    out = []
+    for i in range(0, len(x), bs):
+        xb = x[i : i + bs].to(device)
+        if tta:
+            z = torch.stack([encoder(v)[0] for v in dihedral_views(xb)]).mean(0)
+        else:
+            z = encoder(xb)[0]
+        out.append(z.float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def train_autoencoder(
+    cfg: TrainerConfig,
+    x_train: torch.Tensor,
+    x_val: torch.Tensor,
+    run_dir: Path,
+    device: torch.device,
+    max_steps: int | None = None,
+    show_progress: bool = True,
+) -> tuple[Autoencoder, TrainState]:
+    torch.manual_seed(cfg.seed)
+    model = Autoencoder(AutoencoderConfig(kind=cfg.model_kind, latent_dim=cfg.latent_dim)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = TrainState()
+    ckpt_path = run_dir / "checkpoint.pt"
+    best_state: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        best_state = ckpt["best_model"]
+        state = TrainState(**ckpt["state"])
+        log.info("resuming from epoch %d (best val %.5f at %d)", state.epoch, state.best_val, state.best_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + state.epoch)
+    amp = device.type == "cuda"
+    x_train_dev = x_train.to(device)
+    steps = 0
+    bar = tqdm(range(state.epoch, cfg.max_epochs), desc="autoencoder", unit="epoch", disable=not show_progress)
+    for epoch in bar:
+        if state.bad_epochs >= cfg.patience:
+            break
+        model.train()
+        t0, n_seen = time.perf_counter(), 0
+        total = total_mse = torch.zeros((), device=device)
+        for idx in _batches(len(x_train_dev), cfg.batch_size, gen):
+            xb = augment(x_train_dev[idx.to(device)], cfg.augment, cfg.tile_grid, gen)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                recon, mu, logvar = model(xb)
+            loss, mse = autoencoder_loss(xb, recon.float(), mu.float(), None if logvar is None else logvar.float(), cfg.kl_weight)
+            if cfg.extra_objective == "invariance":
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                    mu2, _ = model.encoder(random_dihedral(xb, gen))
+                loss = loss + cfg.extra_weight * torch.mean((mu.float() - mu2.float()) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+            total_mse += mse.detach() * len(idx)
+            n_seen += len(idx)
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        val_mse = reconstruction_mse(model, x_val, device)
+        row = {
+            "epoch": epoch,
+            "train_loss": float(total) / max(n_seen, 1),
+            "train_mse": float(total_mse) / max(n_seen, 1),
+            "val_mse": val_mse,
+            "seconds": time.perf_counter() - t0,
+        }
+        state.history.append(row)
+        if val_mse < state.best_val - 1e-7:
+            state.best_val, state.best_epoch, state.bad_epochs = val_mse, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            state.bad_epochs += 1
+        state.epoch = epoch + 1
+        torch.save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "best_model": best_state,
+             "state": dataclasses.asdict(state)},
+            ckpt_path,
+        )  # fmt: skip
+        bar.set_postfix(train=f"{row['train_mse']:.5f}", val=f"{val_mse:.5f}", best=state.best_epoch)
+        if max_steps is not None and steps >= max_steps:
+            break
+    model.load_state_dict(best_state)
+    return model.eval(), state
+
+
+def fit_probe(
+    z_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: TrainerConfig, device: torch.device
+) -> LinearProbe:
+    """Full-batch logistic regression on standardised z, class-balanced (macro F1 is the target)."""
+    torch.manual_seed(cfg.seed)
+    z = torch.from_numpy(z_train).float().to(device)
+    y = torch.from_numpy(y_train).long().to(device)
+    probe = LinearProbe(z.shape[1], n_classes).to(device)
+    probe.z_mean.copy_(z.mean(0))
+    probe.z_std.copy_(z.std(0).clamp_min(1e-6))
+    counts = torch.bincount(y, minlength=n_classes).float()
+    weight = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    opt = torch.optim.Adam(probe.linear.parameters(), lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    for _ in range(cfg.probe_epochs):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(probe(z), y)
+        loss.backward()
+        opt.step()
+    return probe.eval()
+
+
+def run_fit(
+    cfg: TrainerConfig,
+    ds: Dataset,
+    run_dir: Path,
+    *,
+    data_paths: list[str] | None = None,
+    smoke: bool = False,
+    show_progress: bool = True,
+    baseline: bool = True,
+) -> dict[str, Any]:
+    """Train, probe, evaluate; writes model.pt, metrics.json, history.json, embeddings.npz, split.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = pick_device(cfg.device)
+    splits: Splits = split_by_object(ds, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    (run_dir / "config.json").write_text(
+        json.dumps({"trainer": dataclasses.asdict(cfg), "data": data_paths or [], "smoke": smoke}, indent=2)
+    )
+    (run_dir / "split.json").write_text(json.dumps({k: ds.candid[getattr(splits, k)].tolist() for k in ("train", "val", "test")}))
+    x = torch.from_numpy(ds.x)
+    t0 = time.perf_counter()
+    model, state = train_autoencoder(
+        cfg, x[splits.train], x[splits.val], run_dir, device, max_steps=20 if smoke else None, show_progress=show_progress
+    )
+    train_s = time.perf_counter() - t0
+    (run_dir / "history.json").write_text(json.dumps(state.history))
+
+    lab_tr = splits.train[ds.y[splits.train] >= 0]
+    lab_va = splits.val[ds.y[splits.val] >= 0]
+    lab_te = splits.test[ds.y[splits.test] >= 0]
+    # The probe is fitted on train+val labelled alerts: early stopping only used val's reconstruction.
+    lab_fit = np.concatenate([lab_tr, lab_va])
+    n_classes = len(ds.class_names)
+    # Probe on the plain embedding (the study) and on the embedding averaged over the 8
+    # flips/rotations (rotation-invariant pooling); the bundle keeps the better of the two.
+    variants: dict[bool, dict[str, Any]] = {}
+    for tta in (False, True):
+        z_all = embed(model.encoder, x, device, tta)
+        probe = fit_probe(z_all[lab_fit], ds.y[lab_fit], n_classes, cfg, device)
+        with torch.no_grad():
+            logits = probe(torch.from_numpy(z_all[lab_te]).to(device)).float().cpu()
+        pred = logits.argmax(1).numpy()
+        variants[tta] = {
+            "z": z_all, "probe": probe, "pred": pred, "probs": torch.softmax(logits, 1).numpy(),
+            "probe_metrics": classification_metrics(ds.y[lab_te], pred, ds.class_names),
+            "knn": knn_metrics(z_all[lab_fit], ds.y[lab_fit], z_all[lab_te], ds.y[lab_te], ds.class_names),
+        }  # fmt: skip
+    use_tta = variants[True]["probe_metrics"]["macro_f1"] > variants[False]["probe_metrics"]["macro_f1"]
+    best = variants[use_tta]
+    metrics: dict[str, Any] = {
+        "probe": variants[False]["probe_metrics"],
+        "knn": variants[False]["knn"],
+        "probe_tta": variants[True]["probe_metrics"],
+        "knn_tta": variants[True]["knn"],
+        "tta_dihedral": use_tta,
+        "test_mse": reconstruction_mse(model, x[splits.test], device),
+        "val_mse": state.best_val,
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "train_seconds": train_s,
+        "device": device.type,
+        "splits": {
+            "train_alerts": len(splits.train), "val_alerts": len(splits.val), "test_alerts": len(splits.test),
+            "labelled_fit": len(lab_fit), "labelled_test": len(lab_te),
+        },
+        "data": ds.summary(),
+        "leakage_guard": "the network reads the science and difference stamps only; no alert field "
+        "(ssdistnr, drb, rb, magnitudes) enters the model",
+    }  # fmt: skip
+    if baseline:
+        metrics["raw_pixels_logreg"] = raw_pixel_baseline(ds.x[lab_fit], ds.y[lab_fit], ds.x[lab_te], ds.y[lab_te], ds.class_names, cfg.seed)
+    torch.save(
+        {"autoencoder": {k: v.cpu() for k, v in model.state_dict().items()},
+         "probe": {k: v.cpu() for k, v in best["probe"].state_dict().items()},
+         "model_config": model.cfg.to_dict(), "tta_dihedral": use_tta,
+         "class_names": list(ds.class_names)},
+        run_dir / "model.pt",
+    )  # fmt: skip
+    np.savez_compressed(
+        run_dir / "embeddings.npz",
+        z=best["z"], y=ds.y, candid=ds.candid, test_idx=lab_te, fit_idx=lab_fit, test_pred=best["pred"],
+        test_probs=best["probs"],
+        test_all_idx=splits.test,
+    )  # fmt: skip
+    # A few test stamps (one per class where possible) for the report's reconstruction figure.
+    pick = [int(lab_te[ds.y[lab_te] == c][0]) for c in range(n_classes) if (ds.y[lab_te] == c).any()]
+    pick += [int(i) for i in splits.test if int(i) not in pick][: max(0, 8 - len(pick))]
+    np.savez_compressed(run_dir / "examples.npz", x=ds.x[pick], y=ds.y[pick], candid=ds.candid[pick])
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,174 @@
+"""`trainer report RUN_DIR`: report.md with PNGs a person can look at: training curves, scores per
+class, confusion matrix, UMAP of the latent space coloured by class, reconstructions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from model.autoencoder import Autoencoder, AutoencoderConfig  # noqa: E402
+
+COLOURS = {"AGN": "tab:purple", "SN": "tab:red", "VS": "tab:green", "asteroid": "tab:orange", "bogus": "tab:gray"}
+
+
+def _curves(history: list[dict[str, float]], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ep = [h["epoch"] for h in history]
+    ax.plot(ep, [h["train_mse"] for h in history], label="train MSE (augmented)")
+    ax.plot(ep, [h["val_mse"] for h in history], label="validation MSE")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction MSE")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _confusion(cm: list[list[int]], names: list[str], out: Path) -> None:
+    a = np.asarray(cm, dtype=float)
+    norm = a / np.maximum(a.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{int(a[i, j])}", ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, label="fraction of true class")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _umap(z: np.ndarray, y: np.ndarray, names: list[str], out: Path) -> str:
+    try:
+        import umap
+
+        xy = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=0).fit_transform(z)
+        method = "UMAP"
+    except Exception:  # umap/numba missing or failing: a PCA view is better than none
+        zc = z - z.mean(0)
+        xy = zc @ np.linalg.svd(zc, full_matrices=False)[2][:2].T
+        method = "PCA (UMAP unavailable)"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    lab = y < 0
+    ax.scatter(xy[lab, 0], xy[lab, 1], s=3, c="lightgray", label="unlabelled")
+    for i, n in enumerate(names):
+        m = y == i
+        ax.scatter(xy[m, 0], xy[m, 1], s=8, c=COLOURS.get(n), label=n)
+    ax.legend(markerscale=2, fontsize=8)
+    ax.set_title(f"{method} of the latent space (all alerts)")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return method
+
+
+def _reconstructions(run_dir: Path, names: list[str], out: Path) -> None:
+    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    model = Autoencoder(AutoencoderConfig.from_dict(saved["model_config"]))
+    model.load_state_dict(saved["autoencoder"])
+    model.eval()
+    ex = np.load(run_dir / "examples.npz")
+    x = torch.from_numpy(ex["x"])
+    with torch.no_grad():
+        recon = model(x)[0].numpy()
+    n = len(x)
+    fig, axes = plt.subplots(4, n, figsize=(1.4 * n, 6))
+    rows = [("science", 0, False), ("science recon", 0, True), ("difference", 1, False), ("difference recon", 1, True)]
+    for j in range(n):
+        for i, (title, ch, rec) in enumerate(rows):
+            ax = axes[i, j] if n > 1 else axes[i]
+            ax.imshow((recon if rec else ex["x"])[j, ch], cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(title, fontsize=7)
+        label = names[int(ex["y"][j])] if ex["y"][j] >= 0 else "unlabelled"
+        (axes[0, j] if n > 1 else axes[0]).set_title(label, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _class_table(m: dict[str, Any]) -> list[str]:
+    lines = ["| class | precision % | recall % | F1 % | test alerts |", "|---|---|---|---|---|"]
+    for name, s in m["per_class"].items():
+        lines.append(f"| {name} | {100 * s['precision']:.1f} | {100 * s['recall']:.1f} | {100 * s['f1']:.1f} | {s['support']} |")
+    lines.append(f"| **macro** | **{100 * m['macro_precision']:.1f}** | **{100 * m['macro_recall']:.1f}** | **{100 * m['macro_f1']:.1f}** | |")
+    return lines
+
+
+def write_report(run_dir: Path) -> Path:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    emb = np.load(run_dir / "embeddings.npz")
+    use_tta = metrics["tta_dihedral"]
+    probe = metrics["probe_tta" if use_tta else "probe"]
+    names = probe["class_names"]
+    _curves(history, run_dir / "curves.png")
+    _confusion(probe["confusion_matrix"], names, run_dir / "confusion.png")
+    method = _umap(emb["z"], emb["y"], names, run_dir / "latent_umap.png")
+    _reconstructions(run_dir, names, run_dir / "reconstructions.png")
+    raw = metrics.get("raw_pixels_logreg")
+    t = config["trainer"]
+    lines = [
+        f"# Training report: {run_dir.name}",
+        "",
+        f"Model: {t['model_kind']} latent {t['latent_dim']}, augmentation {t['augment']}, extra objective "
+        f"{t['extra_objective']}, lr {t['lr']}, batch {t['batch_size']}, {metrics['epochs_run']} epochs "
+        f"(best {metrics['best_epoch']}), device {metrics['device']}, {metrics['train_seconds']:.0f} s.",
+        f"Embedding used by the probe: {'mean over the 8 flips/rotations' if use_tta else 'plain z'}.",
+        "",
+        f"Data: {metrics['data']['alerts']} alerts of {metrics['data']['objects']} objects, "
+        f"{metrics['data']['labelled']} labelled {metrics['data']['per_class']}. Splits by objectId: "
+        f"{metrics['splits']}.",
+        "",
+        f"Label leakage guard: {metrics['leakage_guard']}.",
+        "",
+        "## Scores on the test objects",
+        "",
+        f"Reconstruction MSE (test): **{metrics['test_mse']:.5f}** (validation best {metrics['val_mse']:.5f}).",
+        "",
+        *_class_table(probe),
+        "",
+        "| embedding | probe macro F1 % | kNN (k=5) accuracy % | kNN macro F1 % |",
+        "|---|---|---|---|",
+        f"| plain z | {100 * metrics['probe']['macro_f1']:.1f} | {100 * metrics['knn']['accuracy']:.1f} | {100 * metrics['knn']['macro_f1']:.1f} |",
+        f"| z pooled over 8 flips/rotations | {100 * metrics['probe_tta']['macro_f1']:.1f} | {100 * metrics['knn_tta']['accuracy']:.1f} | {100 * metrics['knn_tta']['macro_f1']:.1f} |",
+    ]
+    if raw:
+        lines.append(
+            f"| raw pixels (logistic regression) | {100 * raw['macro_f1']:.1f} | {100 * raw['knn']['accuracy']:.1f} | {100 * raw['knn']['macro_f1']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "Training curves: ![curves](curves.png)",
+        "",
+        "Confusion matrix (counts; colour: fraction of the true class): ![confusion](confusion.png)",
+        "",
+        f"{method} of the latent space, coloured by class: ![latent](latent_umap.png)",
+        "",
+        "Reconstructions (rows: science, its reconstruction, difference, its reconstruction): ![recon](reconstructions.png)",
+        "",
+    ]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out

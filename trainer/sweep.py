@@ -1,0 +1,157 @@
+"""`trainer sweep`: the study's three experiments (augmentation; latent dimension; learning rate)
+plus the variants that try to beat it, each over several seeds (seed = split + initialisation), with
+the raw-pixel logistic regression on the same splits as the reference. One table in the study's form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from config import TrainerConfig
+
+log = logging.getLogger("stampstream.trainer")
+
+BASELINE_NAME = "study AE z=42 (flips+rotations, lr 3.33e-5)"
+EXPERIMENTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "augmentation": [
+        ("none", {"augment": "none"}),
+        ("flips+rotations", {}),
+        ("flips+rotations+tile shuffle", {"augment": "flips_rotations_tiles"}),
+    ],
+    "latent dim": [(f"z={d}", {"latent_dim": d}) for d in (10, 21, 42, 130)],
+    "learning rate": [(f"lr={lr:g}", {"lr": lr}) for lr in (3.33e-4, 3.33e-5, 3.33e-6)],
+    "beyond the study": [
+        ("AE + invariance z=42", {"extra_objective": "invariance"}),
+        ("AE + invariance z=130", {"extra_objective": "invariance", "latent_dim": 130}),
+        ("VAE z=42", {"model_kind": "vae"}),
+    ],
+}
+
+_DATASET = None
+
+
+def _effective(overrides: dict[str, Any], base: TrainerConfig) -> dict[str, Any]:
+    """Overrides that differ from the base config (so 'z=42' and the default are one run)."""
+    return {k: v for k, v in overrides.items() if getattr(base, k) != v}
+
+
+def _key(overrides: dict[str, Any]) -> str:
+    return "default" if not overrides else "_".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
+
+
+def _init(paths: list[str], labels_csv: str | None, limit: int | None) -> None:
+    global _DATASET
+    import torch
+
+    from trainer.data import load_dataset, read_labels
+
+    torch.set_num_threads(1)
+    _DATASET = load_dataset(paths, read_labels(labels_csv) if labels_csv else {}, limit)
+
+
+def _one(cfg_dict: dict[str, Any], run_dir: str, smoke: bool) -> dict[str, Any]:
+    from trainer.fit import run_fit
+
+    done = Path(run_dir) / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    assert _DATASET is not None
+    return run_fit(TrainerConfig(**cfg_dict), _DATASET, Path(run_dir), smoke=smoke, show_progress=False)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    a = 100 * np.asarray(values, dtype=float)
+    return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
+
+
+def run_sweep(
+    base: TrainerConfig,
+    paths: list[str],
+    labels_csv: str | None,
+    out: Path,
+    seeds: int = 3,
+    jobs: int = 1,
+    max_epochs: int | None = None,
+    smoke: bool = False,
+    limit: int | None = None,
+) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    configs: dict[str, dict[str, Any]] = {}
+    for rows in EXPERIMENTS.values():
+        for _, ov in rows:
+            eff = _effective(ov, base)
+            configs[_key(eff)] = eff
+    tasks = []
+    for key, ov in configs.items():
+        for seed in range(seeds):
+            cfg = dataclasses.replace(base, seed=seed, device="cpu" if jobs > 1 else base.device, **ov)
+            if max_epochs is not None:
+                cfg = dataclasses.replace(cfg, max_epochs=max_epochs)
+            tasks.append((key, seed, dataclasses.asdict(cfg), str(out / key / f"seed{seed}")))
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_init, initargs=(paths, labels_csv, limit)) as pool:
+        futs = {pool.submit(_one, c, d, smoke): (k, s) for k, s, c, d in tasks}
+        for fut in tqdm(as_completed(futs), total=len(futs), desc="sweep", unit="run"):
+            results[futs[fut]] = fut.result()
+    table = format_table(results, seeds, base, max_epochs)
+    (out / "sweep.md").write_text(table)
+    (out / "sweep.json").write_text(json.dumps({f"{k}/seed{s}": v for (k, s), v in results.items()}, indent=1))
+    return table
+
+
+def format_table(results: dict[tuple[str, int], dict[str, Any]], seeds: int, base: TrainerConfig, max_epochs: int | None) -> str:
+    def row(model: str, runs: list[dict[str, Any]]) -> str:
+        p = [r["probe"] for r in runs]
+        t = [r["probe_tta"] for r in runs]
+        return (
+            f"| {model} | {_mean_std([m['macro_precision'] for m in p])} | {_mean_std([m['macro_recall'] for m in p])} "
+            f"| {_mean_std([m['macro_f1'] for m in p])} | {np.mean([r['test_mse'] for r in runs]):.5f} "
+            f"| {_mean_std([m['macro_f1'] for m in t])} | {_mean_std([r['knn']['accuracy'] for r in runs])} "
+            f"| {_mean_std([r['knn_tta']['accuracy'] for r in runs])} | {np.mean([r['epochs_run'] for r in runs]):.0f} |"
+        )
+
+    head = (
+        "| model | precision % | recall % | F1 % | MSE | F1 % (8-fold pooled z) | kNN acc % | kNN acc % (pooled z) | epochs |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [
+        f"Macro scores of the linear probe on the test objects, mean ± std over {seeds} seeds "
+        f"(each seed: its own split by objectId and initialisation). Defaults: {BASELINE_NAME}, batch {base.batch_size}, "
+        f"patience {base.patience}, up to {max_epochs or base.max_epochs} epochs.",
+        "",
+    ]
+    for exp, rows in EXPERIMENTS.items():
+        lines += [f"**{exp}**", "", head]
+        for name, ov in rows:
+            key = _key(_effective(ov, base))
+            runs = [results[(key, s)] for s in range(seeds) if (key, s) in results]
+            if runs:
+                lines.append(row(name, runs))
+        lines.append("")
+    base_runs = [results[("default", s)] for s in range(seeds) if ("default", s) in results]
+    if base_runs:
+        raw = [r["raw_pixels_logreg"] for r in base_runs]
+        lines += [
+            "**reference**: logistic regression on the raw 2x21x21 pixels, same splits",
+            "",
+            "| model | precision % | recall % | F1 % | kNN acc % |",
+            "|---|---|---|---|---|",
+            f"| raw pixels | {_mean_std([m['macro_precision'] for m in raw])} | {_mean_std([m['macro_recall'] for m in raw])} "
+            f"| {_mean_std([m['macro_f1'] for m in raw])} | {_mean_std([m['knn']['accuracy'] for m in raw])} |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def default_jobs() -> int:
+    return max(1, (os.cpu_count() or 1))
