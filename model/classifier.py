@@ -10,6 +10,15 @@ from model.autoencoder import AutoencoderConfig, Encoder, dihedral_views
 CLASS_NAMES: tuple[str, ...] = ("AGN", "SN", "VS", "asteroid", "bogus")
 
 
+def embed_stamps(encoder: Encoder, x: torch.Tensor, tta_dihedral: bool) -> torch.Tensor:
+    """z of a batch; with tta_dihedral, the mean z over the 8 flips/rotations (rotation-invariant)."""
+    if not tta_dihedral:
+        return encoder(x)[0]
+    n = x.shape[0]
+    z = encoder(torch.cat(dihedral_views(x), dim=0))[0]
+    return z.view(8, n, -1).mean(dim=0)
+
+
 class LinearProbe(nn.Module):
     """Logistic regression on standardised z. The z mean/std are buffers of the probe, fitted on the
     training embeddings, so the probe learns at one learning rate whatever the latent's scale."""
@@ -35,13 +44,6 @@ class StampClassifier(nn.Module):
         self.encoder = Encoder(cfg)
         self.probe = LinearProbe(cfg.latent_dim, len(class_names))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.tta_dihedral:
-            return self.encoder(x)[0]
-        n = x.shape[0]
-        z = self.encoder(torch.cat(dihedral_views(x), dim=0))[0]
-        return z.view(8, n, -1).mean(dim=0)
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.embed(x)
+        z = embed_stamps(self.encoder, x, self.tta_dihedral)
         return z, torch.softmax(self.probe(z), dim=1)

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from config import TrainerConfig
-from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
-from model.classifier import LinearProbe
+from model.autoencoder import Autoencoder, AutoencoderConfig, Encoder, autoencoder_loss
+from model.classifier import LinearProbe, embed_stamps
 from trainer.augment import augment, random_dihedral
 from trainer.data import Dataset, Splits, split_by_object
 from trainer.evaluation import classification_metrics, knn_metrics, raw_pixel_baseline
@@ -59,16 +59,9 @@ def reconstruction_mse(model: Autoencoder, x: torch.Tensor, device: torch.device
 
 
 @torch.no_grad()
-def embed(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device, tta: bool, bs: int = 1000) -> np.ndarray:
+def embed(encoder: Encoder, x: torch.Tensor, device: torch.device, tta: bool, bs: int = 1000) -> np.ndarray:
     encoder.eval()
-    out = []
-    for i in range(0, len(x), bs):
-        xb = x[i : i + bs].to(device)
-        if tta:
-            z = torch.stack([encoder(v)[0] for v in dihedral_views(xb)]).mean(0)
-        else:
-            z = encoder(xb)[0]
-        out.append(z.float().cpu())
+    out = [embed_stamps(encoder, x[i : i + bs].to(device), tta).float().cpu() for i in range(0, len(x), bs)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
