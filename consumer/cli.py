@@ -91,6 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     code = 0
     try:
         stats = proc.run(max_alerts=args.max_alerts, idle_exit_s=args.idle_exit)
+        if args.stats_json:
+            write_stats(args.stats_json, stats)
         log.info(
             "consumer stopped: in=%d out=%d dead=%d reasons=%s elapsed=%.1fs",
             stats.alerts_in, stats.alerts_out, stats.dead_letters, dict(stats.dead_reasons), stats.elapsed_s,
@@ -104,6 +106,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if server:
             server.shutdown()
     return code
+
+
+def write_stats(path: str, stats: object) -> None:
+    """Counters, per-stage seconds and peak RSS of the run, for benchmarks and backfill reports."""
+    import dataclasses
+    import resource
+
+    data = dataclasses.asdict(stats)  # type: ignore[call-overload]
+    data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -172,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--max-alerts", type=int, default=None, help="exit after this many input messages")
     r.add_argument("--idle-exit", type=float, default=None, help="exit after SECONDS without a message")
     r.add_argument("--partitions", type=int, default=2, help="partitions of the output topics if created")
+    r.add_argument("--stats-json", default=None, help="write the run's counters and stage times here at exit")
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("replay", help="produce alerts from files/folders/archives into a topic")
     rp.add_argument("paths", nargs="+")

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,18 +57,28 @@ class RunStats:
     commits: int = 0
     elapsed_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    first_message_at: float | None = None  # wall clock, for throughput measurements
+    last_batch_at: float | None = None
     dead_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 def decode_message(value: bytes | None, schemas: SchemaCache) -> tuple[Alert, StampPixels]:
     """bytes -> (alert, raw crops); raises BadAlertError (named, with a reason) on bad input."""
-    alert = decode_alert(value or b"", schemas)
+    value = value or b""
+    alert = decode_alert(value, schemas)
     try:
-        stamp = stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
+        return alert, stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
     except BadAlertError as e:
         e.candid = alert.candid
+        # The fast path found these stamps by their position; let the general path have the last word.
+        full = decode_alert(value, schemas, fast=False)
+        if full == alert:
+            raise
+    try:
+        return full, stamp_pixels(full.science, full.difference, full.xpos, full.ypos)
+    except BadAlertError as e:
+        e.candid = full.candid
         raise
-    return alert, stamp
 
 
 def dead_letter(value: bytes | None, src: Source, err: BadAlertError, max_bytes: int, topic: str) -> Outgoing:
@@ -119,6 +130,21 @@ def build_results(
     ]
 
 
+@dataclass
+class DecodedBatch:
+    size: int
+    good: list[GoodAlert] = field(default_factory=list)
+    outgoing: list[Outgoing] = field(default_factory=list)  # dead letters so far
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # last offset per partition
+
+
+@dataclass
+class InFlight:
+    decoded: DecodedBatch
+    meta: tuple[str, str, tuple[str, ...]]  # model name, version, classes at submission
+    future: Future[tuple[np.ndarray, np.ndarray]] | None
+
+
 class AbortRequested(RuntimeError):
     """A second stop signal arrived while a sink was still failing: exit without committing."""
 
@@ -150,6 +176,7 @@ class StreamProcessor:
         self._last_progress = time.monotonic()
         self._last_lag = 0.0
         self._progress_mark = (time.monotonic(), 0)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
     # -- control -------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -170,8 +197,13 @@ class StreamProcessor:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, max_alerts: int | None = None, idle_exit_s: float | None = None) -> RunStats:
+        """The loop. With ``batching.pipeline`` the inference of batch N runs on a worker thread
+        (torch releases the GIL) while batch N+1 is consumed and decoded; batch N is then published
+        and committed before batch N+1 is inferred, so commits stay in order and at most two
+        batches are in hand."""
         start = last_message = time.monotonic()
         self.metrics.model_info.labels(self.runner.name, self.runner.version, self.runner.device.type).set(1)
+        in_flight: InFlight | None = None
         while not self._stop.is_set():
             self.metrics.beat()
             remaining = None if max_alerts is None else max_alerts - self.stats.alerts_in
@@ -182,14 +214,96 @@ class StreamProcessor:
             now = time.monotonic()
             if batch:
                 last_message = now
-                self.process_batch(batch)
-            elif idle_exit_s is not None and now - last_message >= idle_exit_s:
-                log.info("idle for %.1fs: exiting", now - last_message)
-                break
+                if self.stats.first_message_at is None:
+                    self.stats.first_message_at = time.time()
+                decoded = self.decode_batch(batch)
+                if in_flight is not None:
+                    self.finish_batch(in_flight)
+                in_flight = self.start_inference(decoded)
+            else:
+                if in_flight is not None:  # never hold results back while the stream is quiet
+                    self.finish_batch(in_flight)
+                    in_flight = None
+                if idle_exit_s is not None and now - last_message >= idle_exit_s:
+                    log.info("idle for %.1fs: exiting", now - last_message)
+                    break
             self._housekeeping(now)
+        if in_flight is not None:
+            self.finish_batch(in_flight)
         self.stats.elapsed_s = time.monotonic() - start
         self._log_progress(force=True)
         return self.stats
+
+    def process_batch(self, batch: Sequence[Message]) -> None:
+        """One batch through every stage, synchronously."""
+        self.finish_batch(self.start_inference(self.decode_batch(batch), pipeline=False))
+
+    def decode_batch(self, batch: Sequence[Message]) -> DecodedBatch:
+        """consume -> decode -> cutouts; bad messages become dead letters right here."""
+        out = DecodedBatch(size=len(batch))
+        with self._timed("decode"):
+            for m in batch:
+                if m.error() is not None:
+                    log.warning("kafka message error on %s[%s]: %s", m.topic(), m.partition(), m.error())
+                    continue
+                src = Source(m.topic(), m.partition(), m.offset())
+                key = (src.topic, src.partition)
+                out.offsets[key] = max(out.offsets.get(key, -1), src.offset)
+                self.stats.alerts_in += 1
+                value = m.value()
+                try:
+                    alert, stamp = decode_message(value, self.schemas)
+                except BadAlertError as e:
+                    out.outgoing.append(self._dead(value, src, e))
+                    continue
+                except Exception as e:  # a bug on odd input must not stop the stream either
+                    err = BadAlertError(f"unexpected {type(e).__name__}: {e}", reason="unexpected")
+                    out.outgoing.append(self._dead(value, src, err))
+                    continue
+                out.good.append(GoodAlert(alert, stamp, src))
+        self.metrics.alerts_in.inc(len(batch))
+        self.metrics.batch_size.observe(len(batch))
+        return out
+
+    def start_inference(self, decoded: DecodedBatch, pipeline: bool | None = None) -> InFlight:
+        meta = (self.runner.name, self.runner.version, self.runner.class_names)
+        if not decoded.good:
+            return InFlight(decoded, meta, None)
+        pixels = np.stack([g.stamp.pixels for g in decoded.good])
+        use_worker = self.cfg.batching.pipeline if pipeline is None else pipeline
+        if use_worker:
+            return InFlight(decoded, meta, self._worker.submit(self._predict, pixels))
+        done: Future[tuple[np.ndarray, np.ndarray]] = Future()
+        done.set_result(self._predict(pixels))
+        return InFlight(decoded, meta, done)
+
+    def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._timed("infer"):
+            return self.runner.predict(pixels)
+
+    def finish_batch(self, job: InFlight) -> None:
+        """infer (wait) -> publish Kafka -> publish Redis -> commit."""
+        decoded = job.decoded
+        results: list[Result] = []
+        if job.future is not None:
+            with self._timed("infer_wait"):
+                z, probs = job.future.result()
+            results = build_results(decoded.good, z, probs, job.meta, int(time.time() * 1000))
+        cfg = self.cfg.kafka
+        outgoing = decoded.outgoing + [
+            Outgoing(cfg.output_topic, str(r.candid).encode(), self.encoder.encode(r)) for r in results
+        ]
+        with self._timed("publish_kafka"):
+            self._retry("kafka", lambda pending: self.kafka_sink.send(pending, cfg.flush_timeout_s), outgoing)
+        with self._timed("publish_redis"):
+            self._retry("redis", lambda _p: self.redis_sink.write(results), [None])
+        with self._timed("commit"):
+            self._commit(decoded.offsets)
+        self.stats.alerts_out += len(results)
+        self.stats.batches += 1
+        self.metrics.alerts_out.inc(len(results))
+        self.metrics.last_batch_time.set(time.time())
+        self.stats.last_batch_at = time.time()
 
     def _gather(self, remaining: int | None) -> list[Message]:
         """Up to max_batch messages, closing max_wait_ms after the first one arrived."""
@@ -211,53 +325,6 @@ class StreamProcessor:
             # uncommitted; their new owner reads them from the last committed offset.
             batch = [m for m in batch if (m.topic(), m.partition()) not in self._revoked]
         return batch
-
-    def process_batch(self, batch: Sequence[Message]) -> None:
-        cfg = self.cfg.kafka
-        good: list[GoodAlert] = []
-        outgoing: list[Outgoing] = []
-        offsets: dict[tuple[str, int], int] = {}
-        with self._timed("decode"):
-            for m in batch:
-                if m.error() is not None:
-                    log.warning("kafka message error on %s[%s]: %s", m.topic(), m.partition(), m.error())
-                    continue
-                src = Source(m.topic(), m.partition(), m.offset())
-                key = (src.topic, src.partition)
-                offsets[key] = max(offsets.get(key, -1), src.offset)
-                self.stats.alerts_in += 1
-                value = m.value()
-                try:
-                    alert, stamp = decode_message(value, self.schemas)
-                except BadAlertError as e:
-                    outgoing.append(self._dead(value, src, e))
-                    continue
-                except Exception as e:  # a bug on odd input must not stop the stream either
-                    err = BadAlertError(f"unexpected {type(e).__name__}: {e}", reason="unexpected")
-                    outgoing.append(self._dead(value, src, err))
-                    continue
-                good.append(GoodAlert(alert, stamp, src))
-        self.metrics.alerts_in.inc(len(batch))
-        self.metrics.batch_size.observe(len(batch))
-        results: list[Result] = []
-        if good:
-            with self._timed("infer"):
-                z, probs = self.runner.predict(np.stack([g.stamp.pixels for g in good]))
-                meta = (self.runner.name, self.runner.version, self.runner.class_names)
-                results = build_results(good, z, probs, meta, int(time.time() * 1000))
-            outgoing.extend(
-                Outgoing(cfg.output_topic, str(r.candid).encode(), self.encoder.encode(r)) for r in results
-            )
-        with self._timed("publish_kafka"):
-            self._retry("kafka", lambda pending: self.kafka_sink.send(pending, cfg.flush_timeout_s), outgoing)
-        with self._timed("publish_redis"):
-            self._retry("redis", lambda _p: self.redis_sink.write(results), [None])
-        with self._timed("commit"):
-            self._commit(offsets)
-        self.stats.alerts_out += len(results)
-        self.stats.batches += 1
-        self.metrics.alerts_out.inc(len(results))
-        self.metrics.last_batch_time.set(time.time())
 
     # -- helpers -------------------------------------------------------------------------------
     def _dead(self, value: bytes | None, src: Source, err: BadAlertError) -> Outgoing:
@@ -373,5 +440,5 @@ class _StageTimer:
 
     def __exit__(self, *_exc: object) -> None:
         dt = time.perf_counter() - self.t0
-        self.proc.stats.stage_s[self.stage] += dt
+        self.proc.stats.stage_s[self.stage] += dt  # float += under the GIL: safe from the worker
         self.proc.metrics.stage_seconds.labels(self.stage).observe(dt)

@@ -13,8 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-STAGES = ("consume", "decode", "infer", "publish_kafka", "publish_redis", "commit")
-
 
 class Metrics:
     def __init__(self) -> None:
