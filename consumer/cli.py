@@ -113,7 +113,8 @@ def write_stats(path: str, stats: object) -> None:
     import dataclasses
     import resource
 
-    data = dataclasses.asdict(stats)  # type: ignore[call-overload]
+    data = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}  # type: ignore[arg-type]
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open(path, "w") as f:
         json.dump(data, f, indent=1)

@@ -173,6 +173,7 @@ class StreamProcessor:
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
+        self._assigned_at: float | None = None
         self._last_progress = time.monotonic()
         self._last_lag = 0.0
         self._progress_mark = (time.monotonic(), 0)
@@ -191,6 +192,7 @@ class StreamProcessor:
 
         def on_assign(_c: Consumer, parts: list[TopicPartition]) -> None:
             self._revoked.difference_update((p.topic, p.partition) for p in parts)
+            self._assigned_at = time.monotonic()
             self.metrics.ready = True
 
         self.consumer.subscribe(list(self.cfg.kafka.input_topics), on_assign=on_assign, on_revoke=on_revoke)
@@ -224,8 +226,8 @@ class StreamProcessor:
                 if in_flight is not None:  # never hold results back while the stream is quiet
                     self.finish_batch(in_flight)
                     in_flight = None
-                if idle_exit_s is not None and now - last_message >= idle_exit_s:
-                    log.info("idle for %.1fs: exiting", now - last_message)
+                if idle_exit_s is not None and self._idle_for(now, last_message) >= idle_exit_s:
+                    log.info("idle for %.1fs: exiting", self._idle_for(now, last_message))
                     break
             self._housekeeping(now)
         if in_flight is not None:
@@ -304,6 +306,15 @@ class StreamProcessor:
         self.metrics.alerts_out.inc(len(results))
         self.metrics.last_batch_time.set(time.time())
         self.stats.last_batch_at = time.time()
+
+    JOIN_GRACE_S = 30.0
+
+    def _idle_for(self, now: float, last_message: float) -> float:
+        """Seconds without a message since the later of the last message and the last assignment;
+        joining the group (before any assignment) gets a grace of JOIN_GRACE_S."""
+        if self._assigned_at is None:
+            return now - last_message - self.JOIN_GRACE_S
+        return now - max(last_message, self._assigned_at)
 
     def _gather(self, remaining: int | None) -> list[Message]:
         """Up to max_batch messages, closing max_wait_ms after the first one arrived."""

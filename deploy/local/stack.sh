@@ -129,11 +129,12 @@ start_redis() {
   local pidf="$STACK_STATE/redis/pid"
   if is_running "$pidf"; then log "redis already running (pid $(cat "$pidf"))"; return; fi
   ensure_redis
+  # Append-only file on: a restarted redis (stop/start, fault tests) keeps what was acknowledged.
   mkdir -p "$STACK_STATE/redis"
   log "starting redis on 127.0.0.1:$REDIS_PORT"
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
     --pidfile "$STACK_STATE/redis/pid" --dir "$STACK_STATE/redis" \
-    --logfile "$STACK_STATE/redis/redis.log" --save "" --appendonly no >/dev/null
+    --logfile "$STACK_STATE/redis/redis.log" --save "" --appendonly yes --appendfsync everysec >/dev/null
   wait_port "$REDIS_PORT" 20 || { log "redis did not open port $REDIS_PORT"; exit 1; }
   # redis writes its pid file a moment after it opens the port
   for _ in $(seq 50); do [[ -s "$STACK_STATE/redis/pid" ]] && break; sleep 0.1; done

@@ -1,0 +1,345 @@
+"""Throughput benchmark through the real broker, all paths on the same messages in one run.
+
+    python bench/throughput.py [--n 20000] [--device cpu|cuda|auto] [--out bench/results]
+
+Replays the alerts of ../shared/ztf/alerts (generated ones without it), repeated to at least N
+messages, into a fresh topic, then times on the same broker and messages:
+  (a) floor   - consume + gunzip of the science and difference cutouts, nothing else
+  (b) naive   - fastavro.reader per message, astropy per cutout, same model, same sinks
+  (c) ours    - `consumer run` end to end, both sinks, as 1 process and as 2 processes in one group
+and the decode cost per alert with 0 and 100 prv_candidates entries. Prints a Markdown table and
+writes JSON. Ratios are taken within the run, since machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from confluent_kafka import Consumer, Producer  # noqa: E402
+from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+
+from config import parse_config  # noqa: E402
+from consumer.alert_decoder import SchemaCache, decode_alert, decode_alert_reference  # noqa: E402
+from consumer.cutouts import (  # noqa: E402
+    StampPixels,  # noqa: E402
+    centre_crop,
+    gunzip,
+)
+from consumer.daemon import GoodAlert, Source, build_results  # noqa: E402
+from consumer.inference import ModelRunner  # noqa: E402
+from consumer.results import ResultEncoder  # noqa: E402
+from consumer.sinks import KafkaSink, Outgoing, RedisSink, producer_settings, redis_client  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
+BATCH = 512
+
+
+def load_templates() -> tuple[list[bytes], str]:
+    if SHARED.is_dir():
+        from consumer.replay import iter_messages
+
+        return list(iter_messages([SHARED])), f"{SHARED.name} (real)"
+    from alertgen import make_alerts
+
+    return [a.message for a in make_alerts(500)], "generated"
+
+
+def produce_all(bootstrap: str, topic: str, templates: list[bytes], n: int, partitions: int) -> int:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)]).values():
+        f.result(30)
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50, "compression.type": "lz4", "batch.size": 1_000_000})
+    total = max(n, len(templates))
+    for i in tqdm(range(total), desc="replay", unit="alert"):
+        t = i % len(templates)
+        while True:
+            try:
+                p.produce(topic, templates[t], key=str(t).encode())
+                break
+            except BufferError:
+                p.poll(0.05)
+    assert p.flush(120) == 0
+    return total
+
+
+def _consumer(bootstrap: str, topic: str) -> Consumer:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.max.bytes": 32 * 1024 * 1024})  # fmt: skip
+    c.subscribe([topic])
+    return c
+
+
+def floor_path(bootstrap: str, topic: str, total: int, locations: list[tuple[int, int, int, int]]) -> dict[str, Any]:
+    """Consume + gunzip of both cutouts (their byte ranges known in advance), nothing else."""
+    c = _consumer(bootstrap, topic)
+    seen, t0 = 0, None
+    with tqdm(total=total, desc="(a) floor", unit="alert") as bar:
+        while seen < total:
+            msgs = c.consume(num_messages=BATCH, timeout=1.0)
+            if msgs and t0 is None:
+                t0 = time.perf_counter()
+            for m in msgs:
+                v = m.value()
+                s0, l0, s1, l1 = locations[int(m.key())]
+                gunzip(v[s0 : s0 + l0])
+                gunzip(v[s1 : s1 + l1])
+            seen += len(msgs)
+            bar.update(len(msgs))
+    elapsed = time.perf_counter() - t0
+    c.close()
+    return {"alerts": seen, "seconds": elapsed}
+
+
+def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any], device: str) -> dict[str, Any]:
+    """A straightforward pipeline: a fresh fastavro reader per message, astropy per cutout, then
+    the same model and sinks as ours, batch by batch."""
+    import fastavro
+    from astropy.io import fits
+
+    cfg = parse_config(cfg_data)
+    runner = ModelRunner(cfg.model.bundle_path, device)
+    ksink = KafkaSink(Producer(producer_settings(cfg.kafka)))
+    rsink = RedisSink(redis_client(cfg.redis), cfg.redis.key_prefix + "naive", 600)
+    enc = ResultEncoder()
+    c = _consumer(bootstrap, topic)
+    seen, t0 = 0, None
+    stage = {"decode": 0.0, "infer": 0.0, "publish": 0.0}
+    with tqdm(total=total, desc="(b) naive", unit="alert") as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while seen < total:
+            msgs = c.consume(num_messages=BATCH, timeout=1.0)
+            if not msgs:
+                continue
+            if t0 is None:
+                t0 = time.perf_counter()
+            ta = time.perf_counter()
+            good = []
+            for m in msgs:
+                rec = next(iter(fastavro.reader(io.BytesIO(m.value()))))
+                cand = rec["candidate"]
+                crops = []
+                for key in ("cutoutScience", "cutoutDifference"):
+                    with fits.open(io.BytesIO(gunzip(rec[key]["stampData"]))) as hdul:
+                        crops.append(centre_crop(np.array(hdul[0].data), cand["xpos"], cand["ypos"])[0])
+                alert = decode_alert_reference(m.value())
+                good.append(GoodAlert(alert, StampPixels(np.stack(crops), False, (0.0, 0.0)), Source(m.topic(), m.partition(), m.offset())))
+            tb = time.perf_counter()
+            z, p = runner.predict(np.stack([g.stamp.pixels for g in good]))
+            tc = time.perf_counter()
+            results = build_results(good, z, p, (runner.name, runner.version, runner.class_names), int(time.time() * 1000))
+            ksink.send([Outgoing(cfg.kafka.output_topic + "-naive", str(r.candid).encode(), enc.encode(r)) for r in results], 60)
+            rsink.write(results)
+            c.commit(asynchronous=False)
+            td = time.perf_counter()
+            stage["decode"] += tb - ta
+            stage["infer"] += tc - tb
+            stage["publish"] += td - tc
+            seen += len(msgs)
+            bar.update(len(msgs))
+    elapsed = time.perf_counter() - t0
+    c.close()
+    return {"alerts": seen, "seconds": elapsed, "stage_s": stage}
+
+
+def ours(config_path: Path, processes: int, total: int, workdir: Path) -> dict[str, Any]:
+    """`consumer run` as real processes in one group; RSS sampled from outside every 0.2 s."""
+    env = dict(os.environ) | {"PYTHONUNBUFFERED": "1"}
+    procs, stats_files = [], []
+    for i in range(processes):
+        sf = workdir / f"stats-{processes}-{i}.json"
+        args = ["--stats-json", str(sf)]
+        args += ["--max-alerts", str(total)] if processes == 1 else ["--idle-exit", "5"]
+        log = open(workdir / f"consumer-{processes}-{i}.log", "w")  # noqa: SIM115
+        procs.append(subprocess.Popen([sys.executable, "-m", "consumer.cli", "run", "--config", str(config_path), *args],
+                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        stats_files.append(sf)
+    samples: list[list[tuple[float, float]]] = [[] for _ in procs]
+
+    def sample() -> None:
+        ps = [psutil.Process(p.pid) for p in procs]
+        while any(p.poll() is None for p in procs):
+            for i, pp in enumerate(ps):
+                with contextlib.suppress(psutil.Error):
+                    samples[i].append((time.time(), pp.memory_info().rss / 2**20))
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    for p in procs:
+        if p.wait(timeout=1800) != 0:
+            raise RuntimeError(f"consumer exited {p.returncode}; see {workdir}")
+    th.join()
+    stats = [json.loads(f.read_text()) for f in stats_files]
+    t0 = min(s["first_message_at"] for s in stats if s["first_message_at"])
+    t1 = max(s["last_batch_at"] for s in stats if s["last_batch_at"])
+    n = sum(s["alerts_in"] for s in stats)
+    stage: dict[str, float] = {}
+    for s in stats:
+        for k, v in s["stage_s"].items():
+            stage[k] = stage.get(k, 0.0) + v
+    mem = []
+    for s, smp in zip(stats, samples, strict=True):
+        window = [(t, r) for t, r in smp if s["first_message_at"] and s["first_message_at"] <= t <= s["last_batch_at"]]
+        q = max(1, len(window) // 4)
+        mem.append({
+            "peak_rss_mb": s["peak_rss_mb"],
+            "first_quarter_rss_mb": float(np.mean([r for _, r in window[:q]])) if window else None,
+            "last_quarter_rss_mb": float(np.mean([r for _, r in window[-q:]])) if window else None,
+        })  # fmt: skip
+    return {"alerts": n, "seconds": t1 - t0, "stage_s": stage, "memory": mem,
+            "out": sum(s["alerts_out"] for s in stats), "dead": sum(s["dead_letters"] for s in stats)}  # fmt: skip
+
+
+def prv_cost(templates: list[bytes]) -> dict[str, Any]:
+    """decode (+cutouts) cost of one real alert re-encoded with 0 and with 100 history entries."""
+    import fastavro
+
+    from consumer.avro_framing import ContainerFramer
+    from consumer.daemon import decode_message
+
+    for msg in templates:
+        r = fastavro.reader(io.BytesIO(msg))
+        rec = next(iter(r))
+        if rec.get("prv_candidates"):
+            break
+    schema = fastavro.parse_schema(r.writer_schema)
+    framer = ContainerFramer(r.metadata["avro.schema"].encode())
+    out: dict[str, Any] = {}
+    for n in (0, 100):
+        rec2 = dict(rec, prv_candidates=(rec["prv_candidates"] * 100)[:n] if n else [])
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schema, rec2)
+        msg2 = framer.frame(buf.getvalue())
+        cache = SchemaCache()
+        for label, fn in (("ours_decode_us", lambda m, c=cache: decode_alert(m, c)),
+                          ("ours_decode_cutouts_us", lambda m, c=cache: decode_message(m, c)),
+                          ("general_path_decode_us", lambda m, c=cache: decode_alert(m, c, fast=False)),
+                          ("fastavro_reader_us", lambda m: list(fastavro.reader(io.BytesIO(m)))),):  # fmt: skip
+            fn(msg2)
+            reps = 300
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn(msg2)
+            out.setdefault(f"prv={n}", {})[label] = (time.perf_counter() - t) / reps * 1e6
+        out[f"prv={n}"]["message_bytes"] = len(msg2)
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = [("(a) floor: consume + gunzip", res["floor"]), ("(b) naive pipeline", res["naive"]),
+            ("(c) ours, 1 process", res["ours_1"]), ("(c) ours, 2 processes", res["ours_2"])]  # fmt: skip
+    lines = ["| path | alerts | alerts/s | µs/alert | peak RSS MiB |", "|---|---|---|---|---|"]
+    for name, r in rows:
+        rss = "/".join(f"{m['peak_rss_mb']:.0f}" for m in r.get("memory", [])) or "-"
+        lines.append(f"| {name} | {r['alerts']} | {r['alerts'] / r['seconds']:.0f} | {1e6 * r['seconds'] / r['alerts']:.0f} | {rss} |")
+    rt = res["ratios"]
+    lines += ["", "| ratio | value | target |", "|---|---|---|",
+              f"| (c) / (a) alerts/s | {rt['ours_over_floor']:.2f} | ≥ 0.5 |",
+              f"| (c) / (b) alerts/s | {rt['ours_over_naive']:.1f} | ≥ 8 |",
+              f"| 2 processes / 1 process | {rt['two_over_one']:.2f} | ≥ 1.7 |", ""]  # fmt: skip
+    stage = res["ours_1"]["stage_s"]
+    n = res["ours_1"]["alerts"]
+    lines += ["Stage breakdown of (c), 1 process (µs/alert; infer runs on a worker thread, overlapped):", "",
+              "| " + " | ".join(stage) + " |", "|" + "---|" * len(stage),
+              "| " + " | ".join(f"{1e6 * v / n:.0f}" for v in stage.values()) + " |", ""]  # fmt: skip
+    m = res["ours_1"]["memory"][0]
+    lines += [f"Memory of (c), 1 process: peak {m['peak_rss_mb']:.0f} MiB; mean RSS first quarter "
+              f"{m['first_quarter_rss_mb']:.0f} MiB, last quarter {m['last_quarter_rss_mb']:.0f} MiB.", ""]
+    lines += ["Cost per alert by history length (µs): decode only, and decode + both cutouts to tensors:", "",
+              "| history | ours: decode | ours: decode + cutouts | general path: decode | fastavro.reader: decode |", "|---|---|---|---|---|"]
+    for k, v in res["prv_candidates"].items():
+        lines.append(f"| {k} ({v['message_bytes']} B) | {v['ours_decode_us']:.0f} | {v['ours_decode_cutouts_us']:.0f} "
+                     f"| {v['general_path_decode_us']:.0f} | {v['fastavro_reader_us']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000, help="at least this many messages")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    ap.add_argument("--partitions", type=int, default=2)
+    ap.add_argument("--bootstrap", default=f"127.0.0.1:{os.environ.get('KAFKA_PORT', '9092')}")
+    ap.add_argument("--redis", default=f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/0")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--no-stack", action="store_true", help="do not run deploy/local/stack.sh up")
+    a = ap.parse_args()
+    if not a.no_stack:
+        subprocess.run([str(ROOT / "deploy" / "local" / "stack.sh"), "up"], check=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    templates, source = load_templates()
+    reps = -(-a.n // len(templates))
+    tag = uuid.uuid4().hex[:6]
+    topic = f"bench-in-{tag}"
+    total = produce_all(a.bootstrap, topic, templates, reps * len(templates), a.partitions)
+    cache = SchemaCache()
+    locations = []
+    for msg in templates:
+        al = decode_alert(msg, cache)
+        s0, s1 = msg.rfind(al.science), msg.rfind(al.difference)
+        locations.append((s0, len(al.science), s1, len(al.difference)))
+    cfg_data = {
+        "kafka": {"bootstrap_servers": a.bootstrap, "group_id": f"bench-ours-{tag}", "input_topics": [topic],
+                  "output_topic": f"bench-out-{tag}", "dead_letter_topic": f"bench-dlq-{tag}"},
+        "redis": {"url": a.redis, "key_prefix": f"bench{tag}", "ttl_seconds": 600},
+        "batching": {"max_batch": BATCH, "max_wait_ms": 100},
+        "model": {"device": a.device, "bundle_path": str(ROOT / "model" / "bundles" / "default.pt")},
+        "metrics": {"port": 0, "log_format": "text", "progress_interval_s": 10},
+    }  # fmt: skip
+    res: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "source": source, "messages": total,
+        "device": a.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+    }  # fmt: skip
+    res["floor"] = floor_path(a.bootstrap, topic, total, locations)
+    res["naive"] = naive_path(a.bootstrap, topic, total, cfg_data, a.device)
+    import yaml
+
+    for procs in (1, 2):
+        data = json.loads(json.dumps(cfg_data))
+        data["kafka"]["group_id"] = f"bench-ours{procs}-{tag}"
+        cfg_path = work / f"config-{procs}.yaml"
+        cfg_path.write_text(yaml.safe_dump(data))
+        print(f"(c) ours, {procs} process(es) ...", flush=True)
+        res[f"ours_{procs}"] = ours(cfg_path, procs, total, work)
+    res["prv_candidates"] = prv_cost(templates)
+    rate = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", "naive", "ours_1", "ours_2")}
+    res["ratios"] = {
+        "ours_over_floor": rate["ours_1"] / rate["floor"],
+        "ours_over_naive": rate["ours_1"] / rate["naive"],
+        "two_over_one": rate["ours_2"] / rate["ours_1"],
+    }
+    text = table(res)
+    print(text)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    (out / f"throughput-{stamp}.json").write_text(json.dumps(res, indent=1))
+    (out / f"throughput-{stamp}.md").write_text(f"{res['date']}, {res['machine']}, device {a.device}, {total} messages of {source}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
