@@ -75,8 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None
     ensure_topics(cfg, [cfg.kafka.output_topic, cfg.kafka.dead_letter_topic], partitions=args.partitions)
-    consumer = Consumer(consumer_settings(cfg.kafka, cfg.batching.max_batch))
-    producer = Producer(producer_settings(cfg.kafka))
+    kafka_log = {"logger": logging.getLogger("stampstream.kafka")}  # librdkafka's logs, structured like ours
+    consumer = Consumer(consumer_settings(cfg.kafka, cfg.batching.max_batch) | kafka_log)
+    producer = Producer(producer_settings(cfg.kafka) | kafka_log)
     rsink = RedisSink(redis_client(cfg.redis), cfg.redis.key_prefix, cfg.redis.ttl_seconds)
     proc = StreamProcessor(cfg, consumer, KafkaSink(producer), rsink, runner, metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):

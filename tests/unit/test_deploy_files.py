@@ -1,0 +1,37 @@
+"""The operator-facing files parse and agree with the code: example configs load, manifests are
+valid YAML with the probes on the metrics port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from config import load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_example_configs_load() -> None:
+    for name in ("local.yaml", "remote-example.yaml"):
+        cfg = load_config(ROOT / "config" / name, env={})
+        assert cfg.kafka.output_topic
+    cfg = load_config(ROOT / "deploy" / "compose" / "consumer.yaml", env={})
+    assert cfg.metrics.log_format == "json"
+
+
+def test_k8s_configmap_holds_a_valid_config_and_probes_use_the_metrics_port() -> None:
+    cm = yaml.safe_load((ROOT / "deploy" / "k8s" / "configmap.yaml").read_text())
+    cfg = parse_config(yaml.safe_load(cm["data"]["config.yaml"]))
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["ports"][0]["containerPort"] == cfg.metrics.port
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    envs = {e["name"] for e in c["env"]}
+    assert {"STAMPSTREAM_KAFKA_SASL_PASSWORD", "STAMPSTREAM_REDIS_PASSWORD"} <= envs
+    hpa = yaml.safe_load((ROOT / "deploy" / "k8s" / "hpa.yaml").read_text())
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    compose = yaml.safe_load((ROOT / "deploy" / "compose" / "compose.yaml").read_text())
+    assert {"kafka", "redis", "consumer"} <= set(compose["services"])
