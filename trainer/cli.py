@@ -19,7 +19,7 @@ def _trainer_cfg(args: argparse.Namespace) -> TrainerConfig:
     if getattr(args, "max_epochs", None):
         cfg = dataclasses.replace(cfg, max_epochs=args.max_epochs)
     if getattr(args, "smoke", False):
-        cfg = dataclasses.replace(cfg, max_epochs=2, probe_epochs=20, patience=2)
+        cfg = dataclasses.replace(cfg, max_epochs=2, probe_epochs=20, patience=2, probe_l2_grid=(1e-2,))
     return cfg
 
 

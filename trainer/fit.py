@@ -27,6 +27,9 @@ from trainer.evaluation import classification_metrics, knn_metrics, raw_pixel_ba
 log = logging.getLogger("stampstream.trainer")
 
 
+EVAL_VERSION = 2  # bump when the evaluation changes: the sweep re-evaluates older runs from model.pt
+
+
 def pick_device(pref: str) -> torch.device:
     if pref in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
@@ -144,25 +147,52 @@ def train_autoencoder(
 
 
 def fit_probe(
-    z_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: TrainerConfig, device: torch.device
+    z_fit: np.ndarray, y_fit: np.ndarray, n_classes: int, l2: float, iterations: int, device: torch.device
 ) -> LinearProbe:
-    """Full-batch logistic regression on standardised z, class-balanced (macro F1 is the target)."""
-    torch.manual_seed(cfg.seed)
-    z = torch.from_numpy(z_train).float().to(device)
-    y = torch.from_numpy(y_train).long().to(device)
+    """Class-balanced logistic regression on standardised z (macro F1 is the target), full batch,
+    L-BFGS to convergence: a probe measures the embedding, so it must not be under-trained."""
+    z = torch.from_numpy(z_fit).float().to(device)
+    y = torch.from_numpy(y_fit).long().to(device)
     probe = LinearProbe(z.shape[1], n_classes).to(device)
     probe.z_mean.copy_(z.mean(0))
     probe.z_std.copy_(z.std(0).clamp_min(1e-6))
+    torch.nn.init.zeros_(probe.linear.weight)
+    torch.nn.init.zeros_(probe.linear.bias)
     counts = torch.bincount(y, minlength=n_classes).float()
     weight = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp_min(1)), torch.zeros_like(counts))
-    opt = torch.optim.Adam(probe.linear.parameters(), lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
-    for _ in range(cfg.probe_epochs):
+    opt = torch.optim.LBFGS(probe.linear.parameters(), lr=1.0, max_iter=iterations, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)  # fmt: skip
+
+    def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(probe(z), y)
+        loss = loss_fn(probe(z), y) + l2 * probe.linear.weight.pow(2).sum()
         loss.backward()
-        opt.step()
+        return loss
+
+    opt.step(closure)
     return probe.eval()
+
+
+def select_and_fit_probe(
+    z: np.ndarray, y: np.ndarray, lab_tr: np.ndarray, lab_va: np.ndarray, n_classes: int, cfg: TrainerConfig,
+    device: torch.device,
+) -> tuple[LinearProbe, float]:
+    """The L2 penalty that gives the best macro F1 on the validation objects, then a refit on
+    train + validation with it."""
+    from sklearn.metrics import f1_score
+
+    best_l2, best_f1 = cfg.probe_l2_grid[0], -1.0
+    if len(lab_va) and len(cfg.probe_l2_grid) > 1:
+        for l2 in cfg.probe_l2_grid:
+            probe = fit_probe(z[lab_tr], y[lab_tr], n_classes, l2, cfg.probe_epochs, device)
+            with torch.no_grad():
+                pred = probe(torch.from_numpy(z[lab_va]).to(device)).argmax(1).cpu().numpy()
+            f1 = f1_score(y[lab_va], pred, average="macro")
+            if f1 > best_f1:
+                best_l2, best_f1 = l2, f1
+    both = np.concatenate([lab_tr, lab_va])
+    return fit_probe(z[both], y[both], n_classes, best_l2, cfg.probe_epochs, device), best_l2
 
 
 def run_fit(
@@ -192,11 +222,31 @@ def run_fit(
     )
     train_s = time.perf_counter() - t0
     (run_dir / "history.json").write_text(json.dumps(state.history))
+    return evaluate_run(run_dir, model, state, train_s, ds, splits, cfg, device, baseline)
 
+
+def reevaluate_run(run_dir: Path, ds: Dataset, cfg: TrainerConfig, baseline: bool = True) -> dict[str, Any]:
+    """Evaluate a trained run again (new evaluation code) from its model.pt, without retraining."""
+    device = pick_device(cfg.device)
+    old = json.loads((run_dir / "metrics.json").read_text())
+    saved = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
+    model = Autoencoder(AutoencoderConfig.from_dict(saved["model_config"])).to(device)
+    model.load_state_dict(saved["autoencoder"])
+    state = TrainState(epoch=old["epochs_run"], best_val=old["val_mse"], best_epoch=old["best_epoch"])
+    splits = split_by_object(ds, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    return evaluate_run(run_dir, model.eval(), state, old["train_seconds"], ds, splits, cfg, device, baseline)
+
+
+def evaluate_run(
+    run_dir: Path, model: Autoencoder, state: TrainState, train_s: float, ds: Dataset, splits: Splits,
+    cfg: TrainerConfig, device: torch.device, baseline: bool,
+) -> dict[str, Any]:
+    """Probe, kNN and reconstruction scores on the test objects; writes model.pt, embeddings, metrics."""
+    x = torch.from_numpy(ds.x)
     lab_tr = splits.train[ds.y[splits.train] >= 0]
     lab_va = splits.val[ds.y[splits.val] >= 0]
     lab_te = splits.test[ds.y[splits.test] >= 0]
-    # The probe is fitted on train+val labelled alerts: early stopping only used val's reconstruction.
+    # The probe's L2 is chosen on val's labels, then it is refitted on train+val labelled alerts.
     lab_fit = np.concatenate([lab_tr, lab_va])
     n_classes = len(ds.class_names)
     # Probe on the plain embedding (the study) and on the embedding averaged over the 8
@@ -204,12 +254,12 @@ def run_fit(
     variants: dict[bool, dict[str, Any]] = {}
     for tta in (False, True):
         z_all = embed(model.encoder, x, device, tta)
-        probe = fit_probe(z_all[lab_fit], ds.y[lab_fit], n_classes, cfg, device)
+        probe, l2 = select_and_fit_probe(z_all, ds.y, lab_tr, lab_va, n_classes, cfg, device)
         with torch.no_grad():
             logits = probe(torch.from_numpy(z_all[lab_te]).to(device)).float().cpu()
         pred = logits.argmax(1).numpy()
         variants[tta] = {
-            "z": z_all, "probe": probe, "pred": pred, "probs": torch.softmax(logits, 1).numpy(),
+            "z": z_all, "probe": probe, "pred": pred, "probs": torch.softmax(logits, 1).numpy(), "l2": l2,
             "probe_metrics": classification_metrics(ds.y[lab_te], pred, ds.class_names),
             "knn": knn_metrics(z_all[lab_fit], ds.y[lab_fit], z_all[lab_te], ds.y[lab_te], ds.class_names),
         }  # fmt: skip
@@ -221,6 +271,8 @@ def run_fit(
         "probe_tta": variants[True]["probe_metrics"],
         "knn_tta": variants[True]["knn"],
         "tta_dihedral": use_tta,
+        "probe_l2": {"plain": variants[False]["l2"], "pooled": variants[True]["l2"]},
+        "eval_version": EVAL_VERSION,
         "test_mse": reconstruction_mse(model, x[splits.test], device),
         "val_mse": state.best_val,
         "best_epoch": state.best_epoch,
@@ -236,7 +288,7 @@ def run_fit(
         "(ssdistnr, drb, rb, magnitudes) enters the model",
     }  # fmt: skip
     if baseline:
-        metrics["raw_pixels_logreg"] = raw_pixel_baseline(ds.x[lab_fit], ds.y[lab_fit], ds.x[lab_te], ds.y[lab_te], ds.class_names, cfg.seed)
+        metrics["raw_pixels_logreg"] = raw_pixel_baseline(ds.x, ds.y, lab_tr, lab_va, lab_te, ds.class_names, cfg.seed)
     torch.save(
         {"autoencoder": {k: v.cpu() for k, v in model.state_dict().items()},
          "probe": {k: v.cpu() for k, v in best["probe"].state_dict().items()},

@@ -60,13 +60,18 @@ def _init(paths: list[str], labels_csv: str | None, limit: int | None) -> None:
 
 
 def _one(cfg_dict: dict[str, Any], run_dir: str, smoke: bool) -> dict[str, Any]:
-    from trainer.fit import run_fit
+    from trainer.fit import EVAL_VERSION, reevaluate_run, run_fit
 
+    assert _DATASET is not None
+    cfg = TrainerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
     done = Path(run_dir) / "metrics.json"
     if done.exists():
-        return json.loads(done.read_text())
-    assert _DATASET is not None
-    return run_fit(TrainerConfig(**cfg_dict), _DATASET, Path(run_dir), smoke=smoke, show_progress=False)
+        metrics = json.loads(done.read_text())
+        if metrics.get("eval_version") == EVAL_VERSION:
+            return metrics
+        if (Path(run_dir) / "model.pt").exists():
+            return reevaluate_run(Path(run_dir), _DATASET, cfg)
+    return run_fit(cfg, _DATASET, Path(run_dir), smoke=smoke, show_progress=False)
 
 
 def _mean_std(values: Sequence[float]) -> str:
