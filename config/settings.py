@@ -113,9 +113,9 @@ class TrainerConfig:
     patience: int = 15
     augment: Literal["none", "flips_rotations", "flips_rotations_tiles"] = "flips_rotations"
     tile_grid: int = 3
-    # Extra objective beside reconstruction: "none" (the study) or "invariance": the embeddings of
-    # two random flips/rotations of a stamp are pulled together (a cheap contrastive term).
-    extra_objective: Literal["none", "invariance"] = "none"
+    # Extra objective beside reconstruction: "none" (the study); "invariance": the z of two views
+    # (flip/rotation + noise) of a stamp are pulled together; "contrastive": NT-Xent over the batch.
+    extra_objective: Literal["none", "invariance", "contrastive"] = "none"
     extra_weight: float = 0.1
     probe_epochs: int = 200  # full-batch L-BFGS iterations
     # L2 penalty of the probe, chosen on the validation objects among these values

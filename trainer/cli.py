@@ -65,7 +65,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_bundle
 
-    bundle = export_bundle(Path(args.run_dir), Path(args.out), name=args.name, version=args.version)
+    pooled = {"auto": None, "on": True, "off": False}[args.pooling]
+    bundle = export_bundle(Path(args.run_dir), Path(args.out), name=args.name, version=args.version, pooled=pooled)
     print(f"bundle {bundle.name}:{bundle.version} written to {args.out}")
     return 0
 
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--out", required=True)
     e.add_argument("--name", default="stampstream-ae")
     e.add_argument("--version", default=None, help="default: the run folder's name")
+    e.add_argument("--pooling", choices=["auto", "on", "off"], default="auto",
+                   help="embedding averaged over the 8 flips/rotations: auto = whichever scored better")
     e.set_defaults(func=cmd_export)
     s = sub.add_parser("sweep", help="the study's experiments over seeds, one table")
     s.add_argument("--config", default=None)

@@ -68,6 +68,18 @@ def embed(encoder: Encoder, x: torch.Tensor, device: torch.device, tta: bool, bs
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
+def view_loss(z1: torch.Tensor, z2: torch.Tensor, kind: str, temperature: float = 0.2) -> torch.Tensor:
+    """invariance: mean squared distance between the two views' z (reconstruction keeps z from
+    collapsing). contrastive: NT-Xent (SimCLR), each stamp's other view against the batch."""
+    if kind == "invariance":
+        return torch.mean((z1 - z2) ** 2)
+    a = torch.nn.functional.normalize(z1, dim=1)
+    b = torch.nn.functional.normalize(z2, dim=1)
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+
+
 def train_autoencoder(
     cfg: TrainerConfig,
     x_train: torch.Tensor,
@@ -106,10 +118,13 @@ def train_autoencoder(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 recon, mu, logvar = model(xb)
             loss, mse = autoencoder_loss(xb, recon.float(), mu.float(), None if logvar is None else logvar.float(), cfg.kl_weight)
-            if cfg.extra_objective == "invariance":
+            if cfg.extra_objective != "none":
+                # a second view of each stamp: another flip/rotation plus a little pixel noise
+                view = random_dihedral(xb, gen)
+                view = view + 0.02 * torch.randn(view.shape, generator=gen).to(device)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                    mu2, _ = model.encoder(random_dihedral(xb, gen))
-                loss = loss + cfg.extra_weight * torch.mean((mu.float() - mu2.float()) ** 2)
+                    mu2, _ = model.encoder(view)
+                loss = loss + cfg.extra_weight * view_loss(mu.float(), mu2.float(), cfg.extra_objective)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -292,6 +307,8 @@ def evaluate_run(
     torch.save(
         {"autoencoder": {k: v.cpu() for k, v in model.state_dict().items()},
          "probe": {k: v.cpu() for k, v in best["probe"].state_dict().items()},
+         "probe_plain": {k: v.cpu() for k, v in variants[False]["probe"].state_dict().items()},
+         "probe_pooled": {k: v.cpu() for k, v in variants[True]["probe"].state_dict().items()},
          "model_config": model.cfg.to_dict(), "tta_dihedral": use_tta,
          "class_names": list(ds.class_names)},
         run_dir / "model.pt",

@@ -34,6 +34,7 @@ EXPERIMENTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("AE + invariance z=42", {"extra_objective": "invariance"}),
         ("AE + invariance z=130", {"extra_objective": "invariance", "latent_dim": 130}),
         ("VAE z=42", {"model_kind": "vae"}),
+        ("AE + contrastive z=42", {"extra_objective": "contrastive", "extra_weight": 1.0}),
     ],
 }
 

@@ -124,3 +124,22 @@ def test_cli_fit_report_export_smoke(alert_dir: Path, tmp_path: Path) -> None:
     res = subprocess.run([*py, "export", str(run), "--out", str(tmp_path / "bundle.pt")], **kw)
     assert res.returncode == 0, res.stderr[-2000:]
     assert load_bundle(tmp_path / "bundle.pt").name == "stampstream-ae"
+
+
+@pytest.mark.parametrize(("kind", "objective"), [("ae", "invariance"), ("ae", "contrastive"), ("vae", "none")])
+def test_variants_train(alert_dir: Path, tmp_path: Path, kind: str, objective: str) -> None:
+    ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
+    cfg = dataclasses.replace(TrainerConfig(), max_epochs=3, lr=1e-3, batch_size=16, probe_epochs=20, device="cpu",
+                              latent_dim=8, model_kind=kind, extra_objective=objective, augment="flips_rotations_tiles")  # fmt: skip
+    run_fit(cfg, ds, tmp_path / "run", show_progress=False, baseline=False)
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert all(np.isfinite(h["train_loss"]) for h in hist)
+    assert hist[-1]["val_mse"] < hist[0]["val_mse"]
+
+
+def test_view_losses() -> None:
+    from trainer.fit import view_loss
+
+    z = torch.randn(16, 8)
+    assert view_loss(z, z, "invariance").item() == 0.0
+    assert view_loss(z, z, "contrastive").item() < view_loss(z, torch.randn(16, 8), "contrastive").item()
