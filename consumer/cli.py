@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import itertools
 import json
 import logging
@@ -82,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     proc = StreamProcessor(cfg, consumer, KafkaSink(producer), rsink, runner, metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: proc.request_stop())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks of all threads to stderr
     log.info(
         "consumer starting: topics=%s group=%s model=%s:%s device=%s batch=%d/%dms metrics=%s",
         list(cfg.kafka.input_topics), cfg.kafka.group_id, runner.name, runner.version, runner.device,

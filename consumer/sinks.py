@@ -185,7 +185,7 @@ class RedisSink:
                 self._sha = sha if isinstance(sha, bytes) else sha.encode()
             payload = b"".join(self._pack(r) for r in results)
             errors = self._round_trip(payload, 3 * len(results))
-            if not _reloaded and any("NOSCRIPT" in str(e) for e in errors):
+            if not _reloaded and any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
                 self._sha = b""  # the server lost its scripts (restart): load again and redo the batch
                 self.write(results, _reloaded=True)
                 return

@@ -100,3 +100,23 @@ def test_replay_cli_and_peek(stack: Stack, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "6 results" in res.stdout and "6 candid hashes" in res.stdout
     assert str(alerts[-1].candid) in res.stdout or str(alerts[0].candid) in res.stdout
+
+
+def test_redis_sink_reloads_its_script_after_a_flush(stack: Stack) -> None:
+    """A restarted Redis has no scripts: the sink loads its compare-and-set script again."""
+    import numpy as np
+
+    from consumer.results import Result
+    from consumer.sinks import RedisSink
+
+    r = redis.Redis.from_url(stack.redis_url)
+    sink = RedisSink(r, "scripttest", 60)
+    res = Result(candid=1, object_id="ZTF25aaaaaaa", jd=2460000.5, fid=1, ra=1.0, dec=2.0,
+                 embedding=np.zeros(4, np.float32), probabilities=np.full(5, 0.2, np.float32),
+                 class_names=("AGN", "SN", "VS", "asteroid", "bogus"), model_name="m", model_version="1",
+                 cutout_padded=False, nan_fraction=(0.0, 0.0), alert_schema_version="4.02", processed_at_ms=1,
+                 source_topic="t", source_partition=0, source_offset=0)  # fmt: skip
+    sink.write([res])
+    r.script_flush()
+    sink.write([res])
+    assert r.hget("scripttest:obj:ZTF25aaaaaaa", "candid") == b"1"
