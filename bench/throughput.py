@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from confluent_kafka import Consumer, Producer  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
-from config import parse_config  # noqa: E402
+from config import KafkaConfig, parse_config  # noqa: E402
 from consumer.alert_decoder import SchemaCache, decode_alert, decode_alert_reference  # noqa: E402
 from consumer.cutouts import (  # noqa: E402
     StampPixels,  # noqa: E402
@@ -50,7 +50,14 @@ from consumer.cutouts import (  # noqa: E402
 from consumer.daemon import GoodAlert, Source, build_results  # noqa: E402
 from consumer.inference import ModelRunner  # noqa: E402
 from consumer.results import ResultEncoder  # noqa: E402
-from consumer.sinks import KafkaSink, Outgoing, RedisSink, producer_settings, redis_client  # noqa: E402
+from consumer.sinks import (  # noqa: E402
+    KafkaSink,
+    Outgoing,
+    RedisSink,
+    consumer_settings,
+    producer_settings,
+    redis_client,
+)
 
 SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
 BATCH = 512
@@ -85,9 +92,9 @@ def produce_all(bootstrap: str, topic: str, templates: list[bytes], n: int, part
 
 
 def _consumer(bootstrap: str, topic: str) -> Consumer:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                  "max.partition.fetch.bytes": 8 * 1024 * 1024, "fetch.max.bytes": 32 * 1024 * 1024})  # fmt: skip
+    """The same client settings as `consumer run`, in a fresh group: every path gets the same client."""
+    kafka = KafkaConfig(bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex[:8]}")
+    c = Consumer(consumer_settings(kafka, BATCH))
     c.subscribe([topic])
     return c
 
@@ -152,7 +159,10 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
             results = build_results(good, z, p, (runner.name, runner.version, runner.class_names), int(time.time() * 1000))
             ksink.send([Outgoing(cfg.kafka.output_topic + "-naive", str(r.candid).encode(), enc.encode(r)) for r in results], 60)
             rsink.write(results)
-            c.commit(asynchronous=False)
+            last: dict[tuple[str, int], int] = {}
+            for m in msgs:
+                last[(m.topic(), m.partition())] = max(last.get((m.topic(), m.partition()), -1), m.offset())
+            c.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=False)
             td = time.perf_counter()
             stage["decode"] += tb - ta
             stage["infer"] += tc - tb

@@ -244,7 +244,10 @@ class SchemaCache:
             writer_json = json.loads(schema_json)
         except (ValueError, UnicodeDecodeError) as e:
             raise AlertDecodeError(f"writer schema is not JSON: {e}", reason="not_avro") from e
-        _check_alert_schema(writer_json)
+        try:
+            _check_alert_schema(writer_json)
+        except (KeyError, TypeError, AttributeError) as e:  # a JSON that is no Avro schema at all
+            raise AlertDecodeError(f"writer schema is malformed: {e!r}", reason="unknown_schema") from e
         try:
             writer = parse_schema(writer_json)
         except Exception as e:  # fastavro raises several types for invalid schemas

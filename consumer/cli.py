@@ -118,7 +118,14 @@ def write_stats(path: str, stats: object) -> None:
 
     data = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}  # type: ignore[arg-type]
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: on Linux ru_maxrss survives exec, so a child of a big process reports
+    # its parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        data["peak_rss_mb"] = int(hwm.split()[1]) / 1024
+    except (OSError, StopIteration):
+        data["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
 

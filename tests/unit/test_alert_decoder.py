@@ -220,3 +220,21 @@ def test_deflate_container_goes_through_the_general_path() -> None:
     fastavro.writer(buf, ALERT_SCHEMA, [rec], codec="deflate")
     alert = decode_alert(buf.getvalue(), SchemaCache())
     assert alert.candid == 2_400_000_000_000_000_005
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        b'{"type": "record", "name": "a", "fields": [{"name": "objectId"}, {"name": "candidate"}]}',
+        b'{"type": "record", "name": "a", "fields": "nope"}',
+        b'["not", "a", "record"]',
+        b"{not json",
+    ],
+)
+def test_malformed_writer_schemas_are_named_errors(schema: bytes) -> None:
+    """Found by the property tests: a schema JSON that is no valid Avro schema."""
+    from consumer.avro_framing import ContainerFramer
+
+    with pytest.raises(AlertDecodeError) as ei:
+        decode_alert(ContainerFramer(schema).frame(b"\x00"), SchemaCache())
+    assert ei.value.reason in ("unknown_schema", "not_avro")
