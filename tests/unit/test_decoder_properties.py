@@ -4,6 +4,7 @@ nothing else, whatever the damage."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from alertgen import make_alert
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -56,3 +57,34 @@ def test_random_bytes_raise_named_error(data: bytes) -> None:
 @given(st.binary(min_size=1, max_size=64), st.integers(min_value=0, max_value=len(GOOD)))
 def test_inserted_bytes_decode_or_raise_named_error(chunk: bytes, at: int) -> None:
     _decode_or_named_error(GOOD[:at] + chunk + GOOD[at:])
+
+
+def _one_real_alert_per_writer_schema() -> list[bytes]:
+    from conftest import HAVE_SHARED, real_messages
+
+    if not HAVE_SHARED:
+        return []
+    seen: dict[bytes, bytes] = {}
+    from consumer.alert_decoder import read_container_header
+
+    for msg in real_messages():
+        seen.setdefault(read_container_header(msg).schema_json, msg)
+    return list(seen.values())
+
+
+REAL = _one_real_alert_per_writer_schema()
+
+
+@pytest.mark.skipif(not REAL, reason="../shared/ztf absent: the generated alert above covers the decoder")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_real_alerts_of_every_schema_decode_or_raise_named_error(data: st.DataObject) -> None:
+    msg = data.draw(st.sampled_from(REAL))
+    edits = data.draw(st.lists(st.tuples(st.integers(0, len(msg) - 1), st.integers(0, 255)), min_size=1, max_size=8))
+    buf = bytearray(msg)
+    for pos, value in edits:
+        buf[pos] = value
+    _decode_or_named_error(bytes(buf))
+    cut = data.draw(st.integers(0, len(msg) - 1))
+    with pytest.raises(BadAlertError):
+        decode_message(msg[:cut], CACHE)
