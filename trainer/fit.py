@@ -112,7 +112,8 @@ def train_autoencoder(
             break
         model.train()
         t0, n_seen = time.perf_counter(), 0
-        total = total_mse = torch.zeros((), device=device)
+        total = torch.zeros((), device=device)
+        total_mse = torch.zeros((), device=device)  # two tensors: += below is in place
         for idx in _batches(len(x_train_dev), cfg.batch_size, gen):
             xb = augment(x_train_dev[idx.to(device)], cfg.augment, cfg.tile_grid, gen)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):

@@ -35,6 +35,9 @@ EXPERIMENTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("AE + invariance z=130", {"extra_objective": "invariance", "latent_dim": 130}),
         ("VAE z=42", {"model_kind": "vae"}),
         ("AE + contrastive z=42", {"extra_objective": "contrastive", "extra_weight": 1.0}),
+        ("AE + contrastive z=42, up to 300 epochs", {"extra_objective": "contrastive", "extra_weight": 1.0, "max_epochs": 300}),
+        ("AE + contrastive z=130, up to 300 epochs",
+         {"extra_objective": "contrastive", "extra_weight": 1.0, "max_epochs": 300, "latent_dim": 130}),
     ],
 }
 
@@ -101,7 +104,7 @@ def run_sweep(
     for key, ov in configs.items():
         for seed in range(seeds):
             cfg = dataclasses.replace(base, seed=seed, device="cpu" if jobs > 1 else base.device, **ov)
-            if max_epochs is not None:
+            if max_epochs is not None and "max_epochs" not in ov:  # a row may set its own
                 cfg = dataclasses.replace(cfg, max_epochs=max_epochs)
             tasks.append((key, seed, dataclasses.asdict(cfg), str(out / key / f"seed{seed}")))
     results: dict[tuple[str, int], dict[str, Any]] = {}

@@ -143,3 +143,12 @@ def test_view_losses() -> None:
     z = torch.randn(16, 8)
     assert view_loss(z, z, "invariance").item() == 0.0
     assert view_loss(z, z, "contrastive").item() < view_loss(z, torch.randn(16, 8), "contrastive").item()
+
+
+def test_history_separates_loss_and_reconstruction_mse(alert_dir: Path, tmp_path: Path) -> None:
+    ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
+    cfg = dataclasses.replace(TrainerConfig(), max_epochs=1, lr=1e-3, batch_size=16, probe_epochs=5, device="cpu",
+                              latent_dim=8, extra_objective="contrastive")  # fmt: skip
+    run_fit(cfg, ds, tmp_path / "run", show_progress=False, baseline=False)
+    (h,) = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert 0 < h["train_mse"] < h["train_loss"]  # the total adds the (positive) contrastive term
