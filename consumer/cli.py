@@ -75,7 +75,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s)
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None
-    ensure_topics(cfg, [cfg.kafka.output_topic, cfg.kafka.dead_letter_topic], partitions=args.partitions)
+    try:
+        ensure_topics(cfg, [cfg.kafka.output_topic, cfg.kafka.dead_letter_topic], partitions=args.partitions)
+    except Exception as e:  # e.g. no CREATE ACL on a shared cluster: the topics must then exist already
+        log.warning("could not check/create the output topics (%s); assuming they exist", e)
     kafka_log = {"logger": logging.getLogger("stampstream.kafka")}  # librdkafka's logs, structured like ours
     consumer = Consumer(consumer_settings(cfg.kafka, cfg.batching.max_batch) | kafka_log)
     producer = Producer(producer_settings(cfg.kafka) | kafka_log)
