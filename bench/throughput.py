@@ -41,7 +41,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from config import KafkaConfig, parse_config  # noqa: E402
-from consumer.alert_decoder import SchemaCache, decode_alert, decode_alert_reference  # noqa: E402
+from consumer.alert_decoder import SchemaCache, alert_from_record, decode_alert  # noqa: E402
 from consumer.cutouts import (  # noqa: E402
     StampPixels,  # noqa: E402
     centre_crop,
@@ -94,7 +94,7 @@ def produce_all(bootstrap: str, topic: str, templates: list[bytes], n: int, part
 def _consumer(bootstrap: str, topic: str) -> Consumer:
     """The same client settings as `consumer run`, in a fresh group: every path gets the same client."""
     kafka = KafkaConfig(bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex[:8]}")
-    c = Consumer(consumer_settings(kafka, BATCH))
+    c = Consumer(consumer_settings(kafka))
     c.subscribe([topic])
     return c
 
@@ -145,13 +145,14 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
             ta = time.perf_counter()
             good = []
             for m in msgs:
-                rec = next(iter(fastavro.reader(io.BytesIO(m.value()))))
+                reader = fastavro.reader(io.BytesIO(m.value()))
+                rec = next(iter(reader))
                 cand = rec["candidate"]
                 crops = []
                 for key in ("cutoutScience", "cutoutDifference"):
                     with fits.open(io.BytesIO(gunzip(rec[key]["stampData"]))) as hdul:
                         crops.append(centre_crop(np.array(hdul[0].data), cand["xpos"], cand["ypos"])[0])
-                alert = decode_alert_reference(m.value())
+                alert = alert_from_record(rec, str(reader.writer_schema.get("version", "")))
                 good.append(GoodAlert(alert, StampPixels(np.stack(crops), False, (0.0, 0.0)), Source(m.topic(), m.partition(), m.offset())))
             tb = time.perf_counter()
             z, p = runner.predict(np.stack([g.stamp.pixels for g in good]))

@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as e:  # e.g. no CREATE ACL on a shared cluster: the topics must then exist already
         log.warning("could not check/create the output topics (%s); assuming they exist", e)
     kafka_log = {"logger": logging.getLogger("stampstream.kafka")}  # librdkafka's logs, structured like ours
-    consumer = Consumer(consumer_settings(cfg.kafka, cfg.batching.max_batch) | kafka_log)
+    consumer = Consumer(consumer_settings(cfg.kafka) | kafka_log)
     producer = Producer(producer_settings(cfg.kafka) | kafka_log)
     rsink = RedisSink(redis_client(cfg.redis), cfg.redis.key_prefix, cfg.redis.ttl_seconds)
     proc = StreamProcessor(cfg, consumer, KafkaSink(producer), rsink, runner, metrics)

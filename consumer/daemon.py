@@ -236,10 +236,6 @@ class StreamProcessor:
         self._log_progress(force=True)
         return self.stats
 
-    def process_batch(self, batch: Sequence[Message]) -> None:
-        """One batch through every stage, synchronously."""
-        self.finish_batch(self.start_inference(self.decode_batch(batch), pipeline=False))
-
     def decode_batch(self, batch: Sequence[Message]) -> DecodedBatch:
         """consume -> decode -> cutouts; bad messages become dead letters right here."""
         out = DecodedBatch(size=len(batch))
@@ -267,13 +263,12 @@ class StreamProcessor:
         self.metrics.batch_size.observe(len(batch))
         return out
 
-    def start_inference(self, decoded: DecodedBatch, pipeline: bool | None = None) -> InFlight:
+    def start_inference(self, decoded: DecodedBatch) -> InFlight:
         meta = (self.runner.name, self.runner.version, self.runner.class_names)
         if not decoded.good:
             return InFlight(decoded, meta, None)
         pixels = np.stack([g.stamp.pixels for g in decoded.good])
-        use_worker = self.cfg.batching.pipeline if pipeline is None else pipeline
-        if use_worker:
+        if self.cfg.batching.pipeline:
             return InFlight(decoded, meta, self._worker.submit(self._predict, pixels))
         done: Future[tuple[np.ndarray, np.ndarray]] = Future()
         done.set_result(self._predict(pixels))

@@ -39,7 +39,7 @@ def kafka_common(cfg: KafkaConfig) -> dict[str, Any]:
     return out
 
 
-def consumer_settings(cfg: KafkaConfig, max_batch: int) -> dict[str, Any]:
+def consumer_settings(cfg: KafkaConfig) -> dict[str, Any]:
     return kafka_common(cfg) | {
         "group.id": cfg.group_id,
         "enable.auto.commit": False,
