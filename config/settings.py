@@ -89,7 +89,11 @@ class ModelConfig:
     # Average the embedding over the 8 flips/rotations of the stamp (rotation-invariant pooling).
     # None: use what the bundle was trained with.
     tta_dihedral: bool | None = None
-    torch_threads: int = 0  # 0: leave torch's default
+    # Threads of torch's CPU inference. 0: the CPUs this process may use minus one (at least 1),
+    # since the main thread needs a core of its own for decoding; torch's default (all of them)
+    # made the consumer 20 % slower on 2 cores (docs/benchmarks.md). Set it to the container's CPU
+    # limit minus one in Kubernetes, where the process sees the node's CPUs.
+    torch_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ class MetricsConfig:
 class TrainerConfig:
     model_kind: Literal["ae", "vae"] = "ae"
     latent_dim: int = 42
+    # Conv channels of the encoder's two stages (the decoder mirrors them). The inference cost
+    # grows with their square: (16, 32) costs a quarter of (32, 64) (docs/model.md, docs/benchmarks.md).
+    channels: tuple[int, int] = (32, 64)
     kl_weight: float = 1e-3
     batch_size: int = 100
     lr: float = 3.33e-5
@@ -208,6 +215,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("kafka.input_topics: at least one topic")
     if cfg.trainer.latent_dim < 1:
         raise ConfigError("trainer.latent_dim must be >= 1")
+    if len(cfg.trainer.channels) != 2 or min(cfg.trainer.channels) < 1:
+        raise ConfigError("trainer.channels must be two positive integers")
 
 
 def _apply_env(cfg: Config, env: Mapping[str, str]) -> Config:

@@ -327,6 +327,7 @@ def _decode_full(message: bytes) -> list[Alert]:
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _MAX_TAIL_TRIES = 16
+_VLEN_ORDER = {1: (1, 2, 3), 2: (2, 1, 3), 3: (3, 1, 2)}
 
 
 def _cutout_at(buf: bytes, pos: int, end: int, layout: tuple[int | None, int | None]) -> tuple[bytes | None, int]:
@@ -379,7 +380,13 @@ def _find_tail(buf: bytes, lo: int, end: int, tail: tuple[Any, ...]) -> tuple[by
     tries = 0
     while h != -1 and tries < _MAX_TAIL_TRIES:
         tries += 1
-        for vlen in (1, 2, 3):  # varint of the stamp length (stamps are < 2 MB)
+        # The varint of the stamp length (stamps are < 2 MB) ends at h: its last byte is < 0x80
+        # and the bytes before it with the high bit set continue it; since the fileName before it
+        # is ASCII, that length is tried first (the others stay, for a non-ASCII fileName).
+        natural = 1
+        while natural < 3 and h - natural - 1 >= lo and buf[h - natural - 1] >= 0x80:
+            natural += 1
+        for vlen in _VLEN_ORDER[natural]:
             q = h - vlen
             if q <= lo:
                 break

@@ -61,17 +61,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from confluent_kafka import Consumer, Producer
 
     from consumer.daemon import AbortRequested, StreamProcessor
-    from consumer.inference import ModelRunner
+    from consumer.inference import ModelRunner, inference_threads
     from consumer.metrics import Metrics, serve
     from consumer.sinks import KafkaSink, RedisSink, consumer_settings, producer_settings, redis_client
 
     cfg = load_config(args.config)
     setup_logging(cfg.metrics.log_format, cfg.metrics.log_level)
     log = logging.getLogger("stampstream.consumer")
-    if cfg.model.torch_threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(cfg.model.torch_threads)
+    torch.set_num_threads(inference_threads(cfg.model.torch_threads))
     runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s)
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None

@@ -32,6 +32,18 @@ def select_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
+def inference_threads(configured: int) -> int:
+    """torch's CPU threads: the configured number, or (0) the usable CPUs minus one for the main
+    thread, at least 1."""
+    if configured > 0:
+        return configured
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
 def _file_signature(path: str) -> tuple[float, int, int] | None:
     try:
         st = os.stat(path)

@@ -115,18 +115,43 @@ class KafkaSink:
             raise exc
 
 
-# Update the per-object entry only if this alert is not older than what is stored (by jd, then
-# candid), so that a replay of old alerts, or partitions processed out of order, never move
-# "latest" backwards. Idempotent: the same alert twice leaves the same hash.
-_LATEST_LUA = """
-local cur_jd = redis.call('HGET', KEYS[1], 'jd')
-local cur_candid = redis.call('HGET', KEYS[1], 'candid')
-local jd = tonumber(ARGV[1])
-if (not cur_jd) or tonumber(cur_jd) < jd or (tonumber(cur_jd) == jd and tonumber(cur_candid) <= tonumber(ARGV[2])) then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+# One call per batch. For each alert: the per-candid hash (HSET + EXPIRE), then the per-object
+# entry, updated only if this alert is not older than what is stored (by jd, then candid), so that
+# a replay of old alerts, or partitions processed out of order, never move "latest" backwards.
+# Idempotent: the same batch twice leaves the same hashes.
+# KEYS: the N candid keys, then the N object keys. ARGV: ttl, k, the k field names, then the k
+# field values of each alert in turn; ARGV[4 + k...] for alert i starts at 3 + k + (i - 1) * k.
+# The field names go once per batch and every reply is folded into one: this is what makes the
+# Redis sink cost ~10 us per alert instead of ~60 (docs/benchmarks.md).
+_BATCH_LUA = """
+local ttl = tonumber(ARGV[1])
+local k = tonumber(ARGV[2])
+local n = #KEYS / 2
+local jd_at, candid_at
+for j = 1, k do
+  if ARGV[2 + j] == 'jd' then jd_at = j end
+  if ARGV[2 + j] == 'candid' then candid_at = j end
 end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
+local args = {}
+for i = 1, n do
+  local off = 2 + k + (i - 1) * k
+  for j = 1, k do
+    args[2 * j - 1] = ARGV[2 + j]
+    args[2 * j] = ARGV[off + j]
+  end
+  redis.call('HSET', KEYS[i], unpack(args))
+  redis.call('EXPIRE', KEYS[i], ttl)
+  local okey = KEYS[n + i]
+  local jd = tonumber(ARGV[off + jd_at])
+  local candid = tonumber(ARGV[off + candid_at])
+  local cur = redis.call('HMGET', okey, 'jd', 'candid')
+  local cur_jd = tonumber(cur[1])
+  if (not cur_jd) or cur_jd < jd or (cur_jd == jd and tonumber(cur[2]) <= candid) then
+    redis.call('HSET', okey, unpack(args))
+  end
+  redis.call('EXPIRE', okey, ttl)
+end
+return n
 """
 
 
@@ -153,41 +178,42 @@ def resp_command(*args: bytes) -> bytes:
 
 
 class RedisSink:
-    """One round trip per batch: HSET + EXPIRE per candid, the compare-and-set per objectId.
+    """One round trip and one script call per batch: per alert, the per-candid hash and the
+    compare-and-set of the per-object entry (see _BATCH_LUA).
 
-    The commands are packed by hand into one buffer: redis-py's pipeline spends ~90 us per alert
-    packing its ~60 arguments one by one, more than all the other work of a result; this costs
-    ~15 us. Every reply is read, so an error reply anywhere fails the whole batch (which is then
-    retried whole: every write is idempotent)."""
+    The command is packed by hand into one buffer: redis-py's pipeline spends ~90 us per alert
+    packing its ~60 arguments one by one, more than all the other work of a result. An error
+    reply fails the whole batch (which is then retried whole: every write is idempotent). The
+    script runs atomically, so Redis serves no other client for its ~10-20 ms per 512 alerts."""
 
     def __init__(self, client: redis.Redis, prefix: str, ttl_seconds: int) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl = ttl_seconds
         self._ttl = str(ttl_seconds).encode()
-        self._sha = b""  # of the compare-and-set script, loaded on first use
+        self._sha = b""  # of the batch script, loaded on first use
 
-    def _pack(self, r: Result) -> bytes:
-        fields = redis_fields(r)
-        flat = [b for k, v in fields.items() for b in (k.encode(), v if isinstance(v, bytes) else v.encode())]
-        key = candid_key(self.prefix, r.candid).encode()
-        obj = object_key(self.prefix, r.object_id).encode()
-        return b"".join((
-            resp_command(b"HSET", key, *flat),
-            resp_command(b"EXPIRE", key, self._ttl),
-            resp_command(b"EVALSHA", self._sha, b"1", obj, fields["jd"].encode(), fields["candid"].encode(),  # type: ignore[union-attr]
-                         self._ttl, *flat),
-        ))  # fmt: skip
+    def _pack(self, results: Sequence[Result]) -> bytes:
+        rows = [redis_fields(r) for r in results]
+        names = list(rows[0])
+        if any(list(f) != names for f in rows):
+            raise ValueError("results of one batch must have the same fields (same model classes)")
+        args: list[bytes] = [b"EVALSHA", self._sha, b"%d" % (2 * len(results))]
+        args += [candid_key(self.prefix, r.candid).encode() for r in results]
+        args += [object_key(self.prefix, r.object_id).encode() for r in results]
+        args += [self._ttl, b"%d" % len(names), *(n.encode() for n in names)]
+        for f in rows:
+            args += [v if isinstance(v, bytes) else v.encode() for v in f.values()]
+        return resp_command(*args)
 
     def write(self, results: Sequence[Result], _reloaded: bool = False) -> None:
         if not results:
             return
         try:
             if not self._sha:
-                sha = self.client.script_load(_LATEST_LUA)
+                sha = self.client.script_load(_BATCH_LUA)
                 self._sha = sha if isinstance(sha, bytes) else sha.encode()
-            payload = b"".join(self._pack(r) for r in results)
-            errors = self._round_trip(payload, 3 * len(results))
+            errors = self._round_trip(self._pack(results), 1)
             if not _reloaded and any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
                 self._sha = b""  # the server lost its scripts (restart): load again and redo the batch
                 self.write(results, _reloaded=True)

@@ -119,6 +119,7 @@ def make_alert(
     difference: bytes | None | str = "make",
     xpos: float | None = 1500.0,
     ypos: float | None = 1500.0,
+    file_suffix: str = ".fits.gz",
 ) -> GeneratedAlert:
     """One valid alert message (unless cutouts are overridden with bad bytes or None)."""
     rng = np.random.default_rng(candid if seed is None else seed)
@@ -129,7 +130,7 @@ def make_alert(
         mask = rng.random(shape) < nan_fraction
         sci_img[mask] = np.nan
         dif_img[mask] = np.nan
-    cut = lambda b, name: None if b is None else {"fileName": f"candid{candid}_{name}.fits.gz", "stampData": b}  # noqa: E731
+    cut = lambda b, name: None if b is None else {"fileName": f"candid{candid}_{name}{file_suffix}", "stampData": b}  # noqa: E731
     sci = fits_gz(sci_img) if science == "make" else science
     dif = fits_gz(dif_img) if difference == "make" else difference
     jd = 2460000.5 + (candid % 100000) / 1000

@@ -90,7 +90,7 @@ def train_autoencoder(
     show_progress: bool = True,
 ) -> tuple[Autoencoder, TrainState]:
     torch.manual_seed(cfg.seed)
-    model = Autoencoder(AutoencoderConfig(kind=cfg.model_kind, latent_dim=cfg.latent_dim)).to(device)
+    model = Autoencoder(AutoencoderConfig(kind=cfg.model_kind, latent_dim=cfg.latent_dim, channels=tuple(cfg.channels))).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = TrainState()
     ckpt_path = run_dir / "checkpoint.pt"

@@ -38,6 +38,11 @@ EXPERIMENTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("AE + contrastive z=42, up to 300 epochs", {"extra_objective": "contrastive", "extra_weight": 1.0, "max_epochs": 300}),
         ("AE + contrastive z=130, up to 300 epochs",
          {"extra_objective": "contrastive", "extra_weight": 1.0, "max_epochs": 300, "latent_dim": 130}),
+        # Narrower convolutions: the consumer's inference cost scales with channels squared.
+        ("AE + contrastive z=42, 16-32 channels, up to 300 epochs",
+         {"extra_objective": "contrastive", "extra_weight": 1.0, "max_epochs": 300, "channels": (16, 32)}),
+        ("AE + contrastive z=42, 8-16 channels, up to 300 epochs",
+         {"extra_objective": "contrastive", "extra_weight": 1.0, "max_epochs": 300, "channels": (8, 16)}),
     ],
 }
 
@@ -50,7 +55,10 @@ def _effective(overrides: dict[str, Any], base: TrainerConfig) -> dict[str, Any]
 
 
 def _key(overrides: dict[str, Any]) -> str:
-    return "default" if not overrides else "_".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
+    def text(v: Any) -> str:
+        return "x".join(map(str, v)) if isinstance(v, tuple | list) else str(v)
+
+    return "default" if not overrides else "_".join(f"{k}-{text(v)}" for k, v in sorted(overrides.items()))
 
 
 def _init(paths: list[str], labels_csv: str | None, limit: int | None) -> None:

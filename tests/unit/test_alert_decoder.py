@@ -238,3 +238,15 @@ def test_malformed_writer_schemas_are_named_errors(schema: bytes) -> None:
     with pytest.raises(AlertDecodeError) as ei:
         decode_alert(ContainerFramer(schema).frame(b"\x00"), SchemaCache())
     assert ei.value.reason in ("unknown_schema", "not_avro")
+
+
+@pytest.mark.parametrize("suffix", [".fits.gz", "_é", "_\u00e9\u00e9\u00e9.fits"])
+@pytest.mark.parametrize("shape", [(63, 63), (12, 12)])
+def test_fast_path_finds_stamps_whatever_the_file_name(suffix: str, shape: tuple[int, int]) -> None:
+    """The tail search guesses the stamp length's varint from the bytes before the gzip magic;
+    a non-ASCII end of fileName fools that guess (its UTF-8 bytes look like varint bytes), and a
+    small stamp has a 1- or 2-byte varint: the other lengths must still be tried."""
+    msg = make_alert(2_400_000_000_000_007_000, shape=shape, file_suffix=suffix).message
+    cache = SchemaCache()
+    assert decode_alert(msg, cache) == decode_alert_reference(msg)
+    assert cache.fast_hits == 1 and cache.fast_misses == 0

@@ -1,0 +1,67 @@
+"""The Redis sink's batch script on the real Redis: per-candid hashes, latest-per-object by (jd,
+candid) whatever the order of arrival, TTLs, idempotence."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import redis
+from conftest import Stack
+
+from consumer.results import Result, embedding_from_redis
+from consumer.sinks import RedisSink
+
+pytestmark = pytest.mark.integration
+
+CLASSES = ("AGN", "SN", "VS", "asteroid", "bogus")
+
+
+def result(candid: int, object_id: str, jd: float, seed: int = 0) -> Result:
+    rng = np.random.default_rng(seed)
+    p = rng.random(5).astype(np.float32)
+    return Result(candid=candid, object_id=object_id, jd=jd, fid=1, ra=10.0 + seed, dec=-5.0,
+                  embedding=rng.normal(size=42).astype(np.float32), probabilities=p / p.sum(),
+                  class_names=CLASSES, model_name="m", model_version="1", cutout_padded=False,
+                  nan_fraction=(0.0, 0.0), alert_schema_version="4.02", processed_at_ms=1,
+                  source_topic="t", source_partition=0, source_offset=candid)  # fmt: skip
+
+
+def test_latest_per_object_never_moves_back(stack: Stack) -> None:
+    r = redis.Redis.from_url(stack.redis_url)
+    prefix = f"sinktest{uuid.uuid4().hex[:6]}"
+    sink = RedisSink(r, prefix, 120)
+    a_new, a_old = result(11, "ZTF25aaaaaab", 2460001.5, 1), result(10, "ZTF25aaaaaab", 2460000.5, 2)
+    b_tie_lo, b_tie_hi = result(20, "ZTF25aaaaaac", 2460002.5, 3), result(21, "ZTF25aaaaaac", 2460002.5, 4)
+    c_only = result(30, "ZTF25aaaaaad", 2460003.5, 5)
+    # One batch with the newer alert first, then the older one; a tie on jd broken by candid.
+    sink.write([a_new, a_old, b_tie_hi, b_tie_lo, c_only])
+    # A later batch replays an old alert: "latest" must not move back.
+    sink.write([a_old])
+
+    def obj(oid: str) -> dict[bytes, bytes]:
+        return r.hgetall(f"{prefix}:obj:{oid}")
+
+    assert obj("ZTF25aaaaaab")[b"candid"] == b"11"
+    assert obj("ZTF25aaaaaac")[b"candid"] == b"21"
+    assert obj("ZTF25aaaaaad")[b"candid"] == b"30"
+    # The object entry is a full copy of its latest alert's hash.
+    assert obj("ZTF25aaaaaab") == r.hgetall(f"{prefix}:cand:11")
+    # Every alert has its own hash, with its own embedding and probabilities, and a TTL.
+    for res in (a_new, a_old, b_tie_lo, b_tie_hi, c_only):
+        h = r.hgetall(f"{prefix}:cand:{res.candid}")
+        assert h[b"objectId"] == res.object_id.encode()
+        assert np.array_equal(embedding_from_redis(h[b"embedding"]), res.embedding)
+        assert float(h[b"p_SN"]) == pytest.approx(float(res.probabilities[1]), abs=1e-6)
+        assert h[b"jd"] == repr(res.jd).encode()
+        assert 0 < r.ttl(f"{prefix}:cand:{res.candid}") <= 120
+    assert 0 < r.ttl(f"{prefix}:obj:ZTF25aaaaaab") <= 120
+    # A newer alert moves it forward; writing the same batch again changes nothing.
+    newest = result(12, "ZTF25aaaaaab", 2460009.5, 6)
+    sink.write([newest])
+    before = {k: r.hgetall(k) for k in r.scan_iter(f"{prefix}:*")}
+    sink.write([newest])
+    assert {k: r.hgetall(k) for k in r.scan_iter(f"{prefix}:*")} == before
+    assert obj("ZTF25aaaaaab")[b"candid"] == b"12"
+    assert len(before) == 6 + 3
