@@ -6,7 +6,7 @@ Replays the alerts of ../shared/ztf/alerts (generated ones without it), repeated
 messages, into a fresh topic, then times on the same broker and messages:
   (a) floor   - consume + gunzip of the science and difference cutouts, nothing else
   (b) naive   - fastavro.reader per message, gzip + astropy per cutout (as in ZTF's example code),
-                the same model and sinks
+                the same model and sinks, results written with fastavro
   (c) ours    - `consumer run` end to end, both sinks, as 1 process and as 2 processes in one group
 and the decode cost per alert with 0 and 100 prv_candidates entries. Prints a Markdown table and
 writes JSON. Ratios are taken within the run, since machines are noisy.
@@ -93,6 +93,42 @@ def produce_all(bootstrap: str, topic: str, templates: list[bytes], n: int, part
     return total
 
 
+def _listener(port: int) -> psutil.Process | None:
+    """The local process listening on a TCP port (the broker, Redis), if it can be seen."""
+    with contextlib.suppress(psutil.Error):
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+                return psutil.Process(c.pid)
+    return None
+
+
+class CpuMeter:
+    """CPU seconds of the broker and of Redis over one phase, and of this process: on a small
+    machine the broker and Redis share the cores with the consumer, and these figures show where
+    the cores went (a path that uses less CPU per alert leaves more to the others)."""
+
+    def __init__(self, ports: dict[str, int]) -> None:
+        self.procs = {name: _listener(port) for name, port in ports.items()}
+        self.seconds: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(p: psutil.Process | None) -> float:
+        if p is None:
+            return float("nan")
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            return t.user + t.system + t.children_user + t.children_system
+        return float("nan")
+
+    def __enter__(self) -> CpuMeter:
+        self._t0 = {n: self._cpu(p) for n, p in self.procs.items()} | {"bench": time.process_time()}
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.seconds = {n: self._cpu(p) - self._t0[n] for n, p in self.procs.items()}
+        self.seconds["bench"] = time.process_time() - self._t0["bench"]
+
+
 def _consumer(bootstrap: str, topic: str) -> Consumer:
     """The same client settings as `consumer run`, in a fresh group: every path gets the same client."""
     kafka = KafkaConfig(bootstrap_servers=bootstrap, group_id=f"bench-{uuid.uuid4().hex[:8]}")
@@ -125,7 +161,7 @@ def floor_path(bootstrap: str, topic: str, total: int, locations: list[tuple[int
 def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any], device: str) -> dict[str, Any]:
     """A straightforward pipeline: a fresh fastavro reader per message, Python's gzip and astropy
     per cutout (the way ZTF's alert-reading example opens a stamp), then the same model and sinks
-    as ours, batch by batch."""
+    as ours, batch by batch, each result encoded by fastavro's schemaless_writer."""
     import fastavro
     from astropy.io import fits
 
@@ -162,7 +198,7 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
             z, p = runner.predict(np.stack([g.stamp.pixels for g in good]))
             tc = time.perf_counter()
             results = build_results(good, z, p, (runner.name, runner.version, runner.class_names), int(time.time() * 1000))
-            ksink.send([Outgoing(cfg.kafka.output_topic + "-naive", str(r.candid).encode(), enc.encode(r)) for r in results], 60)
+            ksink.send([Outgoing(cfg.kafka.output_topic + "-naive", str(r.candid).encode(), enc.encode_with_fastavro(r)) for r in results], 60)
             rsink.write(results)
             last: dict[tuple[str, int], int] = {}
             for m in msgs:
@@ -224,7 +260,8 @@ def ours(config_path: Path, processes: int, total: int, workdir: Path) -> dict[s
             "first_quarter_rss_mb": float(np.mean([r for _, r in window[:q]])) if window else None,
             "last_quarter_rss_mb": float(np.mean([r for _, r in window[-q:]])) if window else None,
         })  # fmt: skip
-    return {"alerts": n, "seconds": t1 - t0, "stage_s": stage, "memory": mem,
+    cpu = {"path": sum(s["cpu_s"] for s in stats)}  # the consumers' own, first message to last batch
+    return {"alerts": n, "seconds": t1 - t0, "stage_s": stage, "memory": mem, "cpu_s": cpu,
             "out": sum(s["alerts_out"] for s in stats), "dead": sum(s["dead_letters"] for s in stats)}  # fmt: skip
 
 
@@ -266,10 +303,11 @@ def prv_cost(templates: list[bytes]) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     rows = [("(a) floor: consume + gunzip", res["floor"]), ("(b) naive pipeline", res["naive"]),
             ("(c) ours, 1 process", res["ours_1"]), ("(c) ours, 2 processes", res["ours_2"])]  # fmt: skip
-    lines = ["| path | alerts | alerts/s | µs/alert | peak RSS MiB |", "|---|---|---|---|---|"]
+    lines = ["| path | alerts | alerts/s | µs/alert | CPU µs/alert: path / broker / Redis | peak RSS MiB |", "|---|---|---|---|---|---|"]
     for name, r in rows:
         rss = "/".join(f"{m['peak_rss_mb']:.0f}" for m in r.get("memory", [])) or "-"
-        lines.append(f"| {name} | {r['alerts']} | {r['alerts'] / r['seconds']:.0f} | {1e6 * r['seconds'] / r['alerts']:.0f} | {rss} |")
+        cpu = " / ".join(f"{1e6 * r['cpu_s'][k] / r['alerts']:.0f}" for k in ("path", "broker", "redis"))
+        lines.append(f"| {name} | {r['alerts']} | {r['alerts'] / r['seconds']:.0f} | {1e6 * r['seconds'] / r['alerts']:.0f} | {cpu} | {rss} |")
     rt = res["ratios"]
     lines += ["", "| ratio | value | target |", "|---|---|---|",
               f"| (c) / (a) alerts/s | {rt['ours_over_floor']:.2f} | ≥ 0.5 |",
@@ -333,9 +371,14 @@ def main() -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "source": source, "messages": total,
         "device": a.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
     }  # fmt: skip
-    res["floor"] = floor_path(a.bootstrap, topic, total, locations)
+    ports = {"broker": int(a.bootstrap.rsplit(":", 1)[1]), "redis": int(a.redis.split(":")[2].split("/")[0])}
+    with CpuMeter(ports) as meter:
+        res["floor"] = floor_path(a.bootstrap, topic, total, locations)
+    res["floor"]["cpu_s"] = {"path": meter.seconds["bench"], "broker": meter.seconds["broker"], "redis": meter.seconds["redis"]}
     if not a.quick:
-        res["naive"] = naive_path(a.bootstrap, topic, total, cfg_data, a.device)
+        with CpuMeter(ports) as meter:
+            res["naive"] = naive_path(a.bootstrap, topic, total, cfg_data, a.device)
+        res["naive"]["cpu_s"] = {"path": meter.seconds["bench"], "broker": meter.seconds["broker"], "redis": meter.seconds["redis"]}
     import yaml
 
     for procs in (1,) if a.quick else (1, 2):
@@ -344,10 +387,14 @@ def main() -> int:
         cfg_path = work / f"config-{procs}.yaml"
         cfg_path.write_text(yaml.safe_dump(data))
         print(f"(c) ours, {procs} process(es) ...", flush=True)
-        res[f"ours_{procs}"] = ours(cfg_path, procs, total, work)
+        with CpuMeter(ports) as meter:
+            res[f"ours_{procs}"] = ours(cfg_path, procs, total, work)
+        res[f"ours_{procs}"]["cpu_s"]["broker"] = meter.seconds["broker"]
+        res[f"ours_{procs}"]["cpu_s"]["redis"] = meter.seconds["redis"]
     if a.quick:
         r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", "ours_1")}
         print(json.dumps({k: round(v) for k, v in r.items()} | {"ours_over_floor": r["ours_1"] / r["floor"],
+                          "cpu_us": {k: {c: round(v / res[k]["alerts"] * 1e6) for c, v in res[k]["cpu_s"].items()} for k in ("floor", "ours_1")},
                           "ours_stage_us": {k: round(v / res["ours_1"]["alerts"] * 1e6) for k, v in res["ours_1"]["stage_s"].items()}}))  # fmt: skip
         return 0
     res["prv_candidates"] = prv_cost(templates)

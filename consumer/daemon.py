@@ -295,7 +295,9 @@ class StreamProcessor:
             return self.runner.predict(pixels)
 
     def finish_batch(self, job: InFlight) -> None:
-        """(wait for infer) -> publish Kafka -> publish Redis -> commit."""
+        """(wait for infer) -> publish Kafka and Redis -> commit, once both have acknowledged. The
+        Redis batch is sent before the Kafka flush and its reply read after it, so the two sinks
+        work at the same time; a failure of either is retried as before (both are idempotent)."""
         decoded = job.decoded
         results: list[Result] = []
         if job.future is not None:
@@ -303,11 +305,26 @@ class StreamProcessor:
                 z, probs = job.future.result()
             results = build_results(decoded.good, z, probs, job.meta, int(time.time() * 1000))
         cfg = self.cfg.kafka
-        outgoing = decoded.outgoing + [Outgoing(cfg.output_topic, str(r.candid).encode(), self.encoder.encode(r)) for r in results]
-        with self._timed("publish_kafka"):
-            self._retry("kafka", lambda pending: self.kafka_sink.send(pending, cfg.flush_timeout_s), outgoing)
+        with self._timed("encode"):
+            outgoing = decoded.outgoing + [Outgoing(cfg.output_topic, str(r.candid).encode(), self.encoder.encode(r)) for r in results]
         with self._timed("publish_redis"):
-            self._retry("redis", lambda _p: self.redis_sink.write(results), [None])
+            request = self.redis_sink.send(results)  # Redis stores the batch while Kafka is flushed
+        try:
+            with self._timed("publish_kafka"):
+                self._retry("kafka", lambda pending: self.kafka_sink.send(pending, cfg.flush_timeout_s), outgoing)
+        except BaseException:
+            self.redis_sink.abandon(request)
+            raise
+        sent = [request]
+
+        def write_redis(_pending: list[None]) -> None:  # the sent request first, then a fresh write
+            if sent:
+                self.redis_sink.wait(sent.pop())
+            else:
+                self.redis_sink.write(results)
+
+        with self._timed("publish_redis"):
+            self._retry("redis", write_redis, [None])
         with self._timed("commit"):
             self._commit(decoded.offsets)
         self.stats.alerts_out += len(results)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,29 @@ def inference_threads(configured: int) -> int:
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return max(1, cpus - 1)
+
+
+def frozen_for_cpu(model: StampClassifier) -> torch.nn.Module:
+    """The model traced and frozen for CPU inference, or the model itself if that fails.
+
+    Freezing folds the weights into the graph and lets oneDNN fuse each convolution with its ReLU
+    (torch.jit.optimize_for_inference): about 15 % less CPU per alert on the benchmark machine,
+    results equal up to float rounding. The frozen graph is checked against the eager model on a
+    few stamps of two batch sizes before it is used, so a torch release that traces differently
+    costs speed, never correctness."""
+    probes = [torch.rand(n, 2, 21, 21).contiguous(memory_format=torch.channels_last) for n in (5, 3)]
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python values: checked below
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), probes[0])))
+            for x in probes:
+                for a, b in zip(model(x), frozen(x), strict=True):
+                    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+                        raise ValueError("frozen model's outputs differ from the eager model's")
+    except Exception as e:  # any tracing failure: keep the eager model, which is always correct
+        log.warning("CPU inference runs the eager model (freezing failed: %s)", e)
+        return model
+    return frozen
 
 
 def _file_signature(path: str) -> tuple[float, int, int] | None:
@@ -78,13 +102,13 @@ class ModelRunner:
         self.reload_failures = 0
         self.last_reload_error = ""
 
-    def _build(self, bundle: Bundle) -> StampClassifier:
+    def _build(self, bundle: Bundle) -> torch.nn.Module:
         # channels_last: oneDNN's (CPU) and cuDNN's fast layout for these small convolutions
         # (1.5x on the CPU benchmark); results are the same up to float rounding.
         model = bundle.build(self.device).to(memory_format=torch.channels_last)
         if self.tta_override is not None:
             model.tta_dihedral = self.tta_override
-        return model
+        return frozen_for_cpu(model) if self.device.type == "cpu" else model
 
     @property
     def name(self) -> str:

@@ -177,6 +177,15 @@ def resp_command(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
 
 
+@dataclass
+class RedisRequest:
+    """A batch sent to Redis whose reply has not been read yet (RedisSink.send / wait)."""
+
+    results: Sequence[Result]
+    conn: Any = None  # the connection that owes the reply
+    error: Exception | None = None  # why it could not be sent
+
+
 class RedisSink:
     """One round trip and one script call per batch: per alert, the per-candid hash and the
     compare-and-set of the per-object entry (see _BATCH_LUA).
@@ -206,37 +215,63 @@ class RedisSink:
             args += [v if isinstance(v, bytes) else v.encode() for v in f.values()]
         return resp_command(*args)
 
-    def write(self, results: Sequence[Result], _reloaded: bool = False) -> None:
+    def send(self, results: Sequence[Result]) -> RedisRequest:
+        """Send the batch's script call and return without waiting for the reply, so that Redis
+        runs the batch while the caller flushes Kafka; ``wait`` reads the reply. Never raises: a
+        failure to send is kept in the request and raised by ``wait``."""
         if not results:
-            return
+            return RedisRequest(results)
+        conn = None
         try:
             if not self._sha:
                 sha = self.client.script_load(_BATCH_LUA)
                 self._sha = sha if isinstance(sha, bytes) else sha.encode()
-            errors = self._round_trip(self._pack(results), 1)
-            if not _reloaded and any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
-                self._sha = b""  # the server lost its scripts (restart): load again and redo the batch
-                self.write(results, _reloaded=True)
-                return
-            if errors:
-                raise SinkError(f"redis: {len(errors)} error replies, first: {errors[0]}")
-        except redis.RedisError as e:
-            raise SinkError(f"redis: {type(e).__name__}: {e}") from e
-
-    def _round_trip(self, payload: bytes, n_replies: int) -> list[Exception]:
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-        errors: list[Exception] = []
-        try:
+            payload = self._pack(results)
+            conn = self.client.connection_pool.get_connection()
             conn.send_packed_command([payload])
-            for _ in range(n_replies):
-                try:
-                    conn.read_response()
-                except redis.ResponseError as e:
-                    errors.append(e)
-        except BaseException:
-            conn.disconnect()  # the reply stream is out of step: never reuse this connection
+        except redis.RedisError as e:
+            if conn is not None:
+                self._drop(conn)
+            return RedisRequest(results, error=e)
+        return RedisRequest(results, conn=conn)
+
+    def wait(self, request: RedisRequest, _reloaded: bool = False) -> None:
+        """The reply of ``send``; raises SinkError if the batch is not stored (the caller retries)."""
+        if not request.results:
+            return
+        conn = request.conn
+        if conn is None:
+            raise SinkError(f"redis: {type(request.error).__name__}: {request.error}") from request.error
+        request.conn = None
+        try:
+            conn.read_response()
+        except redis.exceptions.NoScriptError:
+            self.client.connection_pool.release(conn)
+            if _reloaded:
+                raise SinkError("redis: the batch script vanished again after reloading it") from None
+            self._sha = b""  # the server lost its scripts (restart): load again and redo the batch
+            self.wait(self.send(request.results), _reloaded=True)
+            return
+        except redis.ResponseError as e:  # an error reply: the connection is still in step
+            self.client.connection_pool.release(conn)
+            raise SinkError(f"redis: error reply: {e}") from e
+        except BaseException as e:
+            self._drop(conn)
+            if isinstance(e, redis.RedisError):
+                raise SinkError(f"redis: {type(e).__name__}: {e}") from e
             raise
-        finally:
-            pool.release(conn)
-        return errors
+        self.client.connection_pool.release(conn)
+
+    def abandon(self, request: RedisRequest) -> None:
+        """Forget a sent request whose reply will not be read (shutdown): its connection is closed."""
+        if request.conn is not None:
+            self._drop(request.conn)
+            request.conn = None
+
+    def write(self, results: Sequence[Result]) -> None:
+        """Store a batch and wait for Redis to acknowledge it; raises SinkError."""
+        self.wait(self.send(results))
+
+    def _drop(self, conn: Any) -> None:
+        conn.disconnect()  # the reply stream may be out of step: never reuse this connection
+        self.client.connection_pool.release(conn)

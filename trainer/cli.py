@@ -78,7 +78,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     labels_csv = _labels_path(cfg, args.data, args.labels)
     table = run_sweep(
         cfg, list(args.data), labels_csv, Path(args.out), seeds=args.seeds, jobs=args.jobs,
-        max_epochs=args.max_epochs, smoke=args.smoke, limit=200 if args.smoke else None,
+        max_epochs=args.max_epochs, smoke=args.smoke, limit=200 if args.smoke else None, only=args.only,
     )  # fmt: skip
     print(table)
     return 0
@@ -118,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--max-epochs", type=int, default=None, help="cap on epochs per run (time budget)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     s.add_argument("--smoke", action="store_true")
+    s.add_argument("--only", default=None, help="run only the rows whose name contains this text")
     s.set_defaults(func=cmd_sweep)
     args = p.parse_args(argv)
     return int(args.func(args))

@@ -101,11 +101,16 @@ def run_sweep(
     max_epochs: int | None = None,
     smoke: bool = False,
     limit: int | None = None,
+    only: str | None = None,
 ) -> str:
+    """Every row of EXPERIMENTS (or, with ``only``, the rows whose name contains it) over seeds;
+    finished runs in ``out`` are reused, so a sweep can be resumed or extended row by row."""
     out.mkdir(parents=True, exist_ok=True)
     configs: dict[str, dict[str, Any]] = {}
     for rows in EXPERIMENTS.values():
-        for _, ov in rows:
+        for name, ov in rows:
+            if only is not None and only not in name:
+                continue
             eff = _effective(ov, base)
             configs[_key(eff)] = eff
     tasks = []
@@ -148,13 +153,14 @@ def format_table(results: dict[tuple[str, int], dict[str, Any]], seeds: int, bas
         "",
     ]
     for exp, rows in EXPERIMENTS.items():
-        lines += [f"**{exp}**", "", head]
+        section = []
         for name, ov in rows:
             key = _key(_effective(ov, base))
             runs = [results[(key, s)] for s in range(seeds) if (key, s) in results]
             if runs:
-                lines.append(row(name, runs))
-        lines.append("")
+                section.append(row(name, runs))
+        if section:  # a sweep with --only has rows in some sections only
+            lines += [f"**{exp}**", "", head, *section, ""]
     base_runs = [results[("default", s)] for s in range(seeds) if ("default", s) in results]
     if base_runs:
         raw = [r["raw_pixels_logreg"] for r in base_runs]

@@ -3,6 +3,7 @@ candid) whatever the order of arrival, TTLs, idempotence."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 
 import numpy as np
@@ -16,6 +17,13 @@ from consumer.sinks import RedisSink
 pytestmark = pytest.mark.integration
 
 CLASSES = ("AGN", "SN", "VS", "asteroid", "bogus")
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def result(candid: int, object_id: str, jd: float, seed: int = 0) -> Result:
@@ -65,3 +73,44 @@ def test_latest_per_object_never_moves_back(stack: Stack) -> None:
     assert {k: r.hgetall(k) for k in r.scan_iter(f"{prefix}:*")} == before
     assert obj("ZTF25aaaaaab")[b"candid"] == b"12"
     assert len(before) == 6 + 3
+
+
+def test_send_then_wait_stores_the_batch_and_keeps_the_connection_in_step(stack: Stack) -> None:
+    """send() returns before Redis answers; other commands may run meanwhile on other connections;
+    wait() reads the reply and hands a clean connection back to the pool."""
+    r = redis.Redis.from_url(stack.redis_url)
+    prefix = f"sendtest{uuid.uuid4().hex[:6]}"
+    sink = RedisSink(r, prefix, 120)
+    batch = [result(100 + i, f"ZTF25aaaab{i:03d}"[:12], 2460000.5 + i, i) for i in range(300)]
+    request = sink.send(batch)
+    assert r.ping()  # another connection of the same pool, while the reply is still owed
+    sink.wait(request)
+    assert r.hget(f"{prefix}:cand:399", "objectId") == batch[-1].object_id.encode()
+    assert sum(1 for _ in r.scan_iter(f"{prefix}:cand:*")) == 300
+    # The connection went back in step: the next command on the pool gets its own reply.
+    assert r.set(f"{prefix}:probe", "x") and r.get(f"{prefix}:probe") == b"x"
+    sink.write(batch[:1])
+
+
+def test_wait_raises_a_sink_error_when_redis_is_unreachable(stack: Stack) -> None:
+    from consumer.sinks import SinkError
+
+    dead = redis.Redis(host="127.0.0.1", port=unused_port(), socket_connect_timeout=1)
+    sink = RedisSink(dead, "deadtest", 60)
+    request = sink.send([result(1, "ZTF25aaaaaaa", 2460000.5)])
+    assert request.conn is None and request.error is not None
+    with pytest.raises(SinkError, match="redis"):
+        sink.wait(request)
+    with pytest.raises(SinkError, match="redis"):
+        sink.write([result(1, "ZTF25aaaaaaa", 2460000.5)])
+
+
+def test_an_abandoned_request_closes_its_connection(stack: Stack) -> None:
+    r = redis.Redis.from_url(stack.redis_url)
+    sink = RedisSink(r, f"abandon{uuid.uuid4().hex[:6]}", 60)
+    request = sink.send([result(1, "ZTF25aaaaaaa", 2460000.5)])
+    conn = request.conn
+    assert conn is not None
+    sink.abandon(request)
+    assert request.conn is None and conn._sock is None  # closed, its unread reply dropped with it
+    assert r.ping()

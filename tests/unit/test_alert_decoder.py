@@ -43,6 +43,30 @@ def test_fast_path_equals_reference_decoder(corpus: list[bytes]) -> None:
         assert decode_alert(msg, cache) == decode_alert_reference(msg)
 
 
+def test_one_cache_serves_interleaved_schemas() -> None:
+    """The cache's shortcut for the previous message's schema must not leak into the next one."""
+    import json
+
+    from alertgen import ALERT_SCHEMA, SCHEMA_JSON
+
+    from consumer.avro_framing import ContainerFramer, zigzag
+
+    other = ContainerFramer(json.dumps(ALERT_SCHEMA | {"version": "3.3"}).encode())
+    header_len = len(ContainerFramer(SCHEMA_JSON).header)
+    msgs = []
+    for i in range(6):
+        m = make_alert(2_500_000_000_000_000_000 + i).message
+        if i % 2:  # the same record under a writer schema that differs only in its version
+            body = m[header_len + 1 : -16]  # block count 1 (one byte), then size varint + record
+            record = next(body[k:] for k in (1, 2, 3) if zigzag(len(body) - k) == body[:k])
+            m = other.frame(record)
+        msgs.append(m)
+    cache = SchemaCache()
+    got = [decode_alert(m, cache).schema_version for m in msgs + msgs[::-1]]
+    assert got == ["4.02", "3.3"] * 3 + ["3.3", "4.02"] * 3
+    assert cache.misses == 2
+
+
 def test_fast_fits_equals_astropy_on_every_alert(corpus: list[bytes]) -> None:
     cache = SchemaCache()
     for msg in corpus:

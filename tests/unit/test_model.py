@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from consumer.inference import ModelRunner, select_device
+from consumer.inference import ModelRunner, frozen_for_cpu, select_device
 from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
 from model.bundle import BundleError, load_bundle, save_bundle, seed_bundle
 from model.classifier import StampClassifier
@@ -112,6 +112,40 @@ def test_hot_reload_picks_up_new_bundle_and_keeps_old_on_broken(tmp_path: Path) 
     assert out.changed and not out.ok and "not readable" in out.message
     assert runner.version == "2" and runner.reload_failures == 1
     np.testing.assert_array_equal(runner.predict(raw)[0], z_new)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_frozen_cpu_model_gives_the_eager_results(tta: bool) -> None:
+    model = seed_bundle(seed=4).build(torch.device("cpu")).to(memory_format=torch.channels_last)
+    model.tta_dihedral = tta
+    frozen = frozen_for_cpu(model)
+    assert frozen is not model  # it was frozen, not left eager
+    for n in (1, 17, 256):  # other batch sizes than the ones it was traced with
+        x = torch.rand(n, 2, 21, 21).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            (z1, p1), (z2, p2) = model(x), frozen(x)
+        torch.testing.assert_close(z2, z1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+
+
+class _BatchSizeDependent(StampClassifier):
+    """A model the tracer gets wrong: a Python branch on the batch size is baked into the trace."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, p = super().forward(x)
+        return (z, p * 0) if x.shape[0] == 5 else (z, p)
+
+
+def test_freezing_falls_back_to_the_eager_model_when_the_trace_is_wrong_or_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _BatchSizeDependent(AutoencoderConfig(), ("a", "b"), tta_dihedral=False)
+    assert frozen_for_cpu(model) is model
+    plain = StampClassifier(AutoencoderConfig(), ("a", "b"), tta_dihedral=False)
+
+    def broken_trace(*_a: object, **_k: object) -> None:
+        raise RuntimeError("tracer broke")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    assert frozen_for_cpu(plain) is plain
 
 
 def test_device_selection_falls_back_to_cpu() -> None:

@@ -4,6 +4,8 @@ import io
 
 import fastavro
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer.results import (
     Result,
@@ -47,3 +49,39 @@ def test_redis_fields_round_trip_embedding() -> None:
     f = redis_fields(_result())
     assert f["class"] == "VS" and f["p_VS"] == "0.400000" and f["padded"] == "1"
     np.testing.assert_array_equal(embedding_from_redis(f["embedding"]), np.arange(42, dtype=np.float32) / 7)
+
+
+_I64 = st.integers(-(2**63), 2**63 - 1)
+_I32 = st.integers(-(2**31), 2**31 - 1)
+_F32 = st.floats(width=32, allow_nan=False)
+
+
+@st.composite
+def _results(draw: st.DrawFn) -> Result:
+    names = tuple(draw(st.lists(st.text(max_size=12), min_size=1, max_size=6)))
+    arrays = lambda n: st.lists(_F32, min_size=n, max_size=n).map(lambda v: np.array(v, np.float32))  # noqa: E731
+    return Result(
+        candid=draw(_I64), object_id=draw(st.text(max_size=20)), jd=draw(st.floats()), fid=draw(_I32),
+        ra=draw(st.floats()), dec=draw(st.floats()), embedding=draw(st.integers(0, 130).flatmap(arrays)),
+        probabilities=draw(arrays(len(names))), class_names=names, model_name=draw(st.text(max_size=30)),
+        model_version=draw(st.text(max_size=30)), cutout_padded=draw(st.booleans()),
+        nan_fraction=(draw(st.floats(0, 1)), draw(st.floats(0, 1))), alert_schema_version=draw(st.text(max_size=8)),
+        processed_at_ms=draw(_I64), source_topic=draw(st.text(max_size=40)), source_partition=draw(_I32),
+        source_offset=draw(_I64),
+    )  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(_results())
+def test_hand_encoding_is_byte_for_byte_fastavros(r: Result) -> None:
+    enc = ResultEncoder()
+    assert enc.encode(r) == enc.encode_with_fastavro(r)
+
+
+def test_encoder_follows_a_change_of_model() -> None:
+    enc = ResultEncoder()
+    a = _result()
+    b = Result(**{**{f: getattr(a, f) for f in Result.__slots__}, "model_version": "4", "class_names": ("x", "y", "z", "u", "v")})
+    for r in (a, b, a):
+        assert enc.encode(r) == enc.encode_with_fastavro(r)
+        assert decode_result(enc.encode(r))["model_version"] == r.model_version

@@ -152,3 +152,16 @@ def test_history_separates_loss_and_reconstruction_mse(alert_dir: Path, tmp_path
     run_fit(cfg, ds, tmp_path / "run", show_progress=False, baseline=False)
     (h,) = json.loads((tmp_path / "run" / "history.json").read_text())
     assert 0 < h["train_mse"] < h["train_loss"]  # the total adds the (positive) contrastive term
+
+
+def test_sweep_only_runs_the_chosen_rows(alert_dir: Path, tmp_path: Path) -> None:
+    from trainer.sweep import run_sweep
+
+    out = tmp_path / "sweep"
+    table = run_sweep(TrainerConfig(device="cpu"), [str(alert_dir / "alerts")], str(alert_dir / "labels.csv"), out,
+                      seeds=1, jobs=1, smoke=True, limit=200, only="8-16 channels")  # fmt: skip
+    (run,) = [p.name for p in out.iterdir() if p.is_dir()]
+    assert run.startswith("channels-8x16_extra_objective-contrastive")
+    rows = [line for line in table.splitlines() if line.startswith("| AE") or line.startswith("| z=")]
+    assert len(rows) == 1 and "8-16 channels" in rows[0]
+    assert "**beyond the study**" in table and "**latent dim**" not in table  # no empty sections
