@@ -394,6 +394,7 @@ def main() -> int:
     if a.quick:
         r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", "ours_1")}
         print(json.dumps({k: round(v) for k, v in r.items()} | {"ours_over_floor": r["ours_1"] / r["floor"],
+                          "peak_rss_mb": round(res["ours_1"]["memory"][0]["peak_rss_mb"]),
                           "cpu_us": {k: {c: round(v / res[k]["alerts"] * 1e6) for c, v in res[k]["cpu_s"].items()} for k in ("floor", "ours_1")},
                           "ours_stage_us": {k: round(v / res["ours_1"]["alerts"] * 1e6) for k, v in res["ours_1"]["stage_s"].items()}}))  # fmt: skip
         return 0

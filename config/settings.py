@@ -72,8 +72,9 @@ class RedisConfig:
 class BatchingConfig:
     max_batch: int = 512
     max_wait_ms: int = 200
-    # Overlap: infer batch N on a worker thread while batch N+1 is consumed and decoded (two
-    # batches in hand at most). Off: one batch at a time, strictly sequential.
+    # Overlap: infer batch N on a worker thread while batch N+1 is consumed and decoded, and read
+    # Redis' answer to batch N-1 after that (three batches in hand at most). Off: one batch at a
+    # time, strictly sequential.
     pipeline: bool = True
     # Sink retries: exponential backoff between these bounds, forever (the partitions are paused
     # meanwhile), because giving up would mean either losing results or committing unprocessed offsets.

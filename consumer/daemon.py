@@ -3,13 +3,15 @@
     consume -> decode -> cutouts -> batch -> infer -> publish (Kafka, Redis) -> flush -> commit
 
 The model runs on a worker thread (torch releases the GIL): while it infers batch N+1, the main
-thread publishes and commits batch N, then consumes and decodes batch N+2; at most two batches are
-in hand. Python-level work stays on the main thread: split across threads, it only queues for the
-GIL (measured: cutouts on the worker cost 1.6x their CPU time in waiting).
+thread publishes batch N, then consumes and decodes batch N+2. Python-level work stays on the main
+thread: split across threads, it only queues for the GIL (measured: cutouts on the worker cost
+1.6x their CPU time in waiting).
 
-Offsets of a batch are committed only after the producer has
-flushed (output and dead-letter messages acknowledged by the broker) and Redis has acknowledged the
-pipeline; while a sink fails, the partitions are paused and the write is retried with backoff, so
+Offsets of a batch are committed only after the producer has flushed (output and dead-letter
+messages acknowledged by the broker) and Redis has acknowledged the batch. Redis' answer is read
+one iteration later, after the next batch is decoded, so the main thread never idles while Redis
+runs the batch; at most three batches are in hand (one decoding, one inferring, one awaiting
+Redis). While a sink fails, the partitions are paused and the write is retried with backoff, so
 nothing is committed that is not in both sinks, and nothing piles up in memory.
 """
 
@@ -34,7 +36,7 @@ from consumer.errors import BadAlertError
 from consumer.inference import ModelRunner
 from consumer.metrics import Metrics
 from consumer.results import Result, ResultEncoder
-from consumer.sinks import KafkaSink, Outgoing, RedisSink, SinkError
+from consumer.sinks import KafkaSink, Outgoing, RedisRequest, RedisSink, SinkError
 
 log = logging.getLogger("stampstream.consumer")
 
@@ -156,6 +158,16 @@ class InFlight:
     future: Future[tuple[np.ndarray, np.ndarray]] | None  # (embeddings, probabilities) of good
 
 
+@dataclass
+class Published:
+    """A batch acknowledged by Kafka whose Redis write is sent but not yet acknowledged; its
+    offsets are committed by ``confirm``. Holds only the results, not the messages."""
+
+    results: list[Result]
+    request: RedisRequest
+    offsets: dict[tuple[str, int], int]
+
+
 class AbortRequested(RuntimeError):
     """A second stop signal arrived while a sink was still failing: exit without committing."""
 
@@ -211,12 +223,14 @@ class StreamProcessor:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, max_alerts: int | None = None, idle_exit_s: float | None = None) -> RunStats:
-        """The loop. With ``batching.pipeline`` the inference of a batch runs on a worker thread;
-        batch N+1 is queued to the worker before batch N is published and committed, so the worker
-        never waits for the sinks, commits stay in order, and at most two batches are in hand."""
+        """The loop. With ``batching.pipeline`` the inference of a batch runs on a worker thread:
+        batch N+1 is queued to the worker before batch N is published, so the worker never waits
+        for the sinks; the batch before (N-1) is confirmed (Redis' answer read, offsets
+        committed) before N is published, so commits stay in order."""
         start = last_message = time.monotonic()
         self.metrics.model_info.labels(self.runner.name, self.runner.version, self.runner.device.type).set(1)
         in_flight: InFlight | None = None
+        unconfirmed: Published | None = None
         while not self._stop.is_set():
             self.metrics.beat()
             remaining = None if max_alerts is None else max_alerts - self.stats.alerts_in
@@ -231,25 +245,32 @@ class StreamProcessor:
                     self.stats.first_message_at = time.time()
                     self._cpu_at_first = time.process_time()
                 job = self.start_inference(self.decode_batch(batch))  # queued behind in_flight
+                if unconfirmed is not None:
+                    self.confirm(unconfirmed)
+                    unconfirmed = None
                 if in_flight is not None:
-                    self.finish_batch(in_flight)
+                    unconfirmed = self.publish(in_flight)
                 in_flight = job
                 if not self.cfg.batching.pipeline:
                     self.finish_batch(in_flight)
                     in_flight = None
-            else:
-                if in_flight is not None:  # never hold results back while the stream is quiet
-                    self.finish_batch(in_flight)
-                    in_flight = None
+            else:  # never hold results back while the stream is quiet
+                self._finish_all(in_flight, unconfirmed)
+                in_flight = unconfirmed = None
                 if idle_exit_s is not None and self._idle_for(now, last_message) >= idle_exit_s:
                     log.info("idle for %.1fs: exiting", self._idle_for(now, last_message))
                     break
             self._housekeeping(now)
-        if in_flight is not None:
-            self.finish_batch(in_flight)
+        self._finish_all(in_flight, unconfirmed)
         self.stats.elapsed_s = time.monotonic() - start
         self._log_progress(force=True)
         return self.stats
+
+    def _finish_all(self, in_flight: InFlight | None, unconfirmed: Published | None) -> None:
+        if unconfirmed is not None:
+            self.confirm(unconfirmed)
+        if in_flight is not None:
+            self.finish_batch(in_flight)
 
     def decode_batch(self, batch: Sequence[Message]) -> DecodedBatch:
         """consume -> decode -> cutouts; bad messages become dead letters right here."""
@@ -295,9 +316,13 @@ class StreamProcessor:
             return self.runner.predict(pixels)
 
     def finish_batch(self, job: InFlight) -> None:
-        """(wait for infer) -> publish Kafka and Redis -> commit, once both have acknowledged. The
-        Redis batch is sent before the Kafka flush and its reply read after it, so the two sinks
-        work at the same time; a failure of either is retried as before (both are idempotent)."""
+        """(wait for infer) -> publish Kafka and Redis -> commit, once both have acknowledged."""
+        self.confirm(self.publish(job))
+
+    def publish(self, job: InFlight) -> Published:
+        """(wait for infer) -> send the Redis batch -> produce to Kafka and flush. The Redis batch
+        is sent first so that Redis stores it while Kafka is flushed; its answer is read by
+        ``confirm``. A Kafka failure is retried here, with the partitions paused."""
         decoded = job.decoded
         results: list[Result] = []
         if job.future is not None:
@@ -308,28 +333,32 @@ class StreamProcessor:
         with self._timed("encode"):
             outgoing = decoded.outgoing + [Outgoing(cfg.output_topic, str(r.candid).encode(), self.encoder.encode(r)) for r in results]
         with self._timed("publish_redis"):
-            request = self.redis_sink.send(results)  # Redis stores the batch while Kafka is flushed
+            request = self.redis_sink.send(results)
         try:
             with self._timed("publish_kafka"):
                 self._retry("kafka", lambda pending: self.kafka_sink.send(pending, cfg.flush_timeout_s), outgoing)
         except BaseException:
             self.redis_sink.abandon(request)
             raise
-        sent = [request]
+        return Published(results, request, decoded.offsets)
 
-        def write_redis(_pending: list[None]) -> None:  # the sent request first, then a fresh write
+    def confirm(self, pub: Published) -> None:
+        """Read Redis' answer (retrying the write while it fails), then commit the offsets."""
+        sent = [pub.request]
+
+        def write_redis(_pending: list[None]) -> None:  # the sent request first, then fresh writes
             if sent:
                 self.redis_sink.wait(sent.pop())
             else:
-                self.redis_sink.write(results)
+                self.redis_sink.write(pub.results)
 
         with self._timed("publish_redis"):
             self._retry("redis", write_redis, [None])
         with self._timed("commit"):
-            self._commit(decoded.offsets)
-        self.stats.alerts_out += len(results)
+            self._commit(pub.offsets)
+        self.stats.alerts_out += len(pub.results)
         self.stats.batches += 1
-        self.metrics.alerts_out.inc(len(results))
+        self.metrics.alerts_out.inc(len(pub.results))
         self.metrics.last_batch_time.set(time.time())
         self.stats.last_batch_at = time.time()
         self.stats.cpu_s = time.process_time() - self._cpu_at_first

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,10 @@ from model.classifier import StampClassifier
 from model.preprocess import normalise
 
 log = logging.getLogger("stampstream.inference")
+
+
+# Rows per forward pass on the CPU, and the unit batches are padded to (see ModelRunner.predict).
+CHUNK = 64
 
 
 def select_device(preference: str) -> torch.device:
@@ -43,29 +46,6 @@ def inference_threads(configured: int) -> int:
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return max(1, cpus - 1)
-
-
-def frozen_for_cpu(model: StampClassifier) -> torch.nn.Module:
-    """The model traced and frozen for CPU inference, or the model itself if that fails.
-
-    Freezing folds the weights into the graph and lets oneDNN fuse each convolution with its ReLU
-    (torch.jit.optimize_for_inference): about 15 % less CPU per alert on the benchmark machine,
-    results equal up to float rounding. The frozen graph is checked against the eager model on a
-    few stamps of two batch sizes before it is used, so a torch release that traces differently
-    costs speed, never correctness."""
-    probes = [torch.rand(n, 2, 21, 21).contiguous(memory_format=torch.channels_last) for n in (5, 3)]
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python values: checked below
-            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model.eval(), probes[0])))
-            for x in probes:
-                for a, b in zip(model(x), frozen(x), strict=True):
-                    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-                        raise ValueError("frozen model's outputs differ from the eager model's")
-    except Exception as e:  # any tracing failure: keep the eager model, which is always correct
-        log.warning("CPU inference runs the eager model (freezing failed: %s)", e)
-        return model
-    return frozen
 
 
 def _file_signature(path: str) -> tuple[float, int, int] | None:
@@ -102,13 +82,13 @@ class ModelRunner:
         self.reload_failures = 0
         self.last_reload_error = ""
 
-    def _build(self, bundle: Bundle) -> torch.nn.Module:
+    def _build(self, bundle: Bundle) -> StampClassifier:
         # channels_last: oneDNN's (CPU) and cuDNN's fast layout for these small convolutions
         # (1.5x on the CPU benchmark); results are the same up to float rounding.
         model = bundle.build(self.device).to(memory_format=torch.channels_last)
         if self.tta_override is not None:
             model.tta_dihedral = self.tta_override
-        return frozen_for_cpu(model) if self.device.type == "cpu" else model
+        return model
 
     @property
     def name(self) -> str:
@@ -123,13 +103,27 @@ class ModelRunner:
         return self.bundle.class_names
 
     def predict(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 2, 21, 21) raw crops -> (embeddings (N, latent), probabilities (N, classes)), float32."""
-        x = torch.from_numpy(normalise(raw)).contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        """(N, 2, 21, 21) raw crops -> (embeddings (N, latent), probabilities (N, classes)), float32.
+
+        The model only ever sees batches of a multiple of CHUNK rows (the last one padded with
+        zeros), and on the CPU exactly CHUNK rows at a time: oneDNN builds and keeps kernels per
+        input shape, so batches of every size from 1 to max_batch (a quiet stream closes batches
+        by time) grew the consumer's memory by ~4 MiB per new size, past 1 GiB in a replay
+        (docs/benchmarks.md). And on the CPU, 64 rows at a time cost ~25 % less per alert than
+        512 (the activations stay in cache)."""
+        n = len(raw)
+        x = normalise(raw)
+        rows = -(-n // CHUNK) * CHUNK
+        if rows != n:
+            x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), dtype=np.float32)])
+        t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            z, p = self.model(x)
-        return z.float().cpu().numpy(), p.float().cpu().numpy()
+            if self.device.type == "cuda":
+                z, p = self.model(t.pin_memory().to(self.device, non_blocking=True))
+            else:
+                outs = [self.model(t[i : i + CHUNK]) for i in range(0, rows, CHUNK)]
+                z, p = (torch.cat([o[k] for o in outs]) for k in (0, 1))
+        return z[:n].float().cpu().numpy(), p[:n].float().cpu().numpy()
 
     def maybe_reload(self, now: float | None = None) -> ReloadOutcome:
         """Between batches: pick up a newer bundle at the same path, keep the old one if it is broken."""

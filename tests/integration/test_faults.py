@@ -294,7 +294,8 @@ def _processed(log: Path) -> int:
 
 def test_slow_redis_applies_back_pressure(stack: Stack, corpus: list[bytes], tmp_path: Path) -> None:
     """Redis paused (CLIENT PAUSE) while a fast stream arrives: the consumer pauses its partitions
-    instead of buffering; alerts read but not yet published never exceed the two batches in hand."""
+    instead of buffering; alerts read but not yet acknowledged by both sinks never exceed the three
+    batches in hand (one decoding, one inferring, one awaiting Redis)."""
     import redis
 
     port = _free_port()
@@ -320,5 +321,5 @@ def test_slow_redis_applies_back_pressure(stack: Stack, corpus: list[bytes], tmp
     finish(proc, cfg_path, stack, data, candids, feeder)
     figures = check(cfg_path, candids, bad)
     assert paused_seen, "partitions were paused while Redis was slow"
-    assert in_flight_max <= 2 * max_batch, f"{in_flight_max} alerts in hand > two batches"
+    assert in_flight_max <= 3 * max_batch, f"{in_flight_max} alerts in hand > three batches"
     report("Redis slowed (CLIENT PAUSE 5 s, twice)", figures | {"max_alerts_in_hand": in_flight_max})

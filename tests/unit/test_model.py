@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from consumer.inference import ModelRunner, frozen_for_cpu, select_device
+from consumer.inference import CHUNK, ModelRunner, select_device
 from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
 from model.bundle import BundleError, load_bundle, save_bundle, seed_bundle
 from model.classifier import StampClassifier
@@ -114,38 +114,29 @@ def test_hot_reload_picks_up_new_bundle_and_keeps_old_on_broken(tmp_path: Path) 
     np.testing.assert_array_equal(runner.predict(raw)[0], z_new)
 
 
-@pytest.mark.parametrize("tta", [False, True])
-def test_frozen_cpu_model_gives_the_eager_results(tta: bool) -> None:
-    model = seed_bundle(seed=4).build(torch.device("cpu")).to(memory_format=torch.channels_last)
-    model.tta_dihedral = tta
-    frozen = frozen_for_cpu(model)
-    assert frozen is not model  # it was frozen, not left eager
-    for n in (1, 17, 256):  # other batch sizes than the ones it was traced with
-        x = torch.rand(n, 2, 21, 21).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            (z1, p1), (z2, p2) = model(x), frozen(x)
-        torch.testing.assert_close(z2, z1, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("n", [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
+def test_predict_runs_fixed_shape_chunks_and_returns_exactly_the_rows_given(tmp_path: Path, n: int) -> None:
+    """The model only ever sees CHUNK rows on the CPU (one shape: flat memory), the padding rows
+    never reach the caller, and each row's result is the one it gets alone."""
+    path = tmp_path / "b.pt"
+    save_bundle(seed_bundle(seed=5), path)
+    runner = ModelRunner(str(path), "cpu")
+    eager = runner.model
+    shapes: list[tuple[int, ...]] = []
 
+    def recording(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shapes.append(tuple(x.shape))
+        return eager(x)
 
-class _BatchSizeDependent(StampClassifier):
-    """A model the tracer gets wrong: a Python branch on the batch size is baked into the trace."""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, p = super().forward(x)
-        return (z, p * 0) if x.shape[0] == 5 else (z, p)
-
-
-def test_freezing_falls_back_to_the_eager_model_when_the_trace_is_wrong_or_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _BatchSizeDependent(AutoencoderConfig(), ("a", "b"), tta_dihedral=False)
-    assert frozen_for_cpu(model) is model
-    plain = StampClassifier(AutoencoderConfig(), ("a", "b"), tta_dihedral=False)
-
-    def broken_trace(*_a: object, **_k: object) -> None:
-        raise RuntimeError("tracer broke")
-
-    monkeypatch.setattr(torch.jit, "trace", broken_trace)
-    assert frozen_for_cpu(plain) is plain
+    runner.model = recording  # type: ignore[assignment]
+    raw = np.random.default_rng(n).normal(size=(n, 2, 21, 21)).astype(np.float32)
+    z, p = runner.predict(raw)
+    assert z.shape == (n, eager.cfg.latent_dim) and p.shape == (n, 5)
+    assert set(shapes) == {(CHUNK, 2, 21, 21)} and len(shapes) == -(-n // CHUNK)
+    with torch.inference_mode():
+        z_ref, p_ref = eager(torch.from_numpy(normalise(raw)))
+    np.testing.assert_allclose(z, z_ref.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p, p_ref.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_device_selection_falls_back_to_cpu() -> None:
