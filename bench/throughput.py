@@ -279,24 +279,34 @@ def prv_cost(templates: list[bytes]) -> dict[str, Any]:
             break
     schema = fastavro.parse_schema(r.writer_schema)
     framer = ContainerFramer(r.metadata["avro.schema"].encode())
-    out: dict[str, Any] = {}
+    messages = {}
     for n in (0, 100):
         rec2 = dict(rec, prv_candidates=(rec["prv_candidates"] * 100)[:n] if n else [])
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, schema, rec2)
-        msg2 = framer.frame(buf.getvalue())
-        cache = SchemaCache()
-        for label, fn in (("ours_decode_us", lambda m, c=cache: decode_alert(m, c)),
-                          ("ours_decode_cutouts_us", lambda m, c=cache: decode_message(m, c)),
-                          ("general_path_decode_us", lambda m, c=cache: decode_alert(m, c, fast=False)),
-                          ("fastavro_reader_us", lambda m: list(fastavro.reader(io.BytesIO(m)))),):  # fmt: skip
-            fn(msg2)
-            reps = 300
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn(msg2)
-            out.setdefault(f"prv={n}", {})[label] = (time.perf_counter() - t) / reps * 1e6
-        out[f"prv={n}"]["message_bytes"] = len(msg2)
+        messages[n] = framer.frame(buf.getvalue())
+    cache = SchemaCache()
+    paths = {"ours_decode_us": lambda m: decode_alert(m, cache),
+             "ours_decode_cutouts_us": lambda m: decode_message(m, cache),
+             "general_path_decode_us": lambda m: decode_alert(m, cache, fast=False),
+             "fastavro_reader_us": lambda m: list(fastavro.reader(io.BytesIO(m)))}  # fmt: skip
+    # Best of 7 rounds of 100 calls, the two history lengths interleaved: the machine's noise
+    # (other tenants, the broker's GC) only ever adds time.
+    best: dict[tuple[int, str], float] = {}
+    for _ in range(7):
+        for n, msg in messages.items():
+            for label, fn in paths.items():
+                fn(msg)
+                t = time.perf_counter()
+                for _ in range(100):
+                    fn(msg)
+                us = (time.perf_counter() - t) / 100 * 1e6
+                best[(n, label)] = min(best.get((n, label), us), us)
+    out: dict[str, Any] = {}
+    for (n, label), us in best.items():
+        out.setdefault(f"prv={n}", {})[label] = us
+    for n, msg in messages.items():
+        out[f"prv={n}"]["message_bytes"] = len(msg)
     return out
 
 
