@@ -30,6 +30,7 @@ import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import psutil
@@ -383,7 +384,8 @@ def main() -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "source": source, "messages": total,
         "device": a.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
     }  # fmt: skip
-    ports = {"broker": int(a.bootstrap.rsplit(":", 1)[1]), "redis": int(a.redis.split(":")[2].split("/")[0])}
+    # the local broker and Redis, if they run here (remote ones show as nan)
+    ports = {"broker": int(a.bootstrap.split(",")[0].rsplit(":", 1)[-1]), "redis": urlparse(a.redis).port or 6379}
     with CpuMeter(ports) as meter:
         res["floor"] = floor_path(a.bootstrap, topic, total, locations)
     res["floor"]["cpu_s"] = {"path": meter.seconds["bench"], "broker": meter.seconds["broker"], "redis": meter.seconds["redis"]}
