@@ -129,6 +129,11 @@ class CpuMeter:
         self.seconds = {n: self._cpu(p) - self._t0[n] for n, p in self.procs.items()}
         self.seconds["bench"] = time.process_time() - self._t0["bench"]
 
+    def shares(self, path_s: float | None = None) -> dict[str, float]:
+        """CPU seconds of the path (this process unless given), the broker and Redis."""
+        path = self.seconds["bench"] if path_s is None else path_s
+        return {"path": path, "broker": self.seconds["broker"], "redis": self.seconds["redis"]}
+
 
 def _consumer(bootstrap: str, topic: str) -> Consumer:
     """The same client settings as `consumer run`, in a fresh group: every path gets the same client."""
@@ -263,7 +268,7 @@ def ours(config_path: Path, processes: int, total: int, workdir: Path) -> dict[s
             "first_quarter_rss_mb": float(np.mean([r for _, r in window[:q]])) if window else None,
             "last_quarter_rss_mb": float(np.mean([r for _, r in window[-q:]])) if window else None,
         })  # fmt: skip
-    cpu = {"path": sum(s["cpu_s"] for s in stats)}  # the consumers' own, first message to last batch
+    cpu = sum(s["cpu_s"] for s in stats)  # the consumers' own, first message to last batch
     return {"alerts": n, "seconds": t1 - t0, "stage_s": stage, "memory": mem, "cpu_s": cpu,
             "out": sum(s["alerts_out"] for s in stats), "dead": sum(s["dead_letters"] for s in stats)}  # fmt: skip
 
@@ -352,7 +357,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-stack", action="store_true", help="do not run deploy/local/stack.sh up")
     ap.add_argument("--bundle", default=str(ROOT / "model" / "bundles" / "default.pt"), help="model bundle of (b) and (c)")
-    ap.add_argument("--torch-threads", type=int, default=0, help="model.torch_threads of (c); 0: torch's default")
+    ap.add_argument("--torch-threads", type=int, default=0, help="model.torch_threads of (c); 0: the CPUs minus one")
     ap.add_argument("--quick", action="store_true", help="only (a) and (c) with 1 process: for development, not for the docs")
     a = ap.parse_args()
     if not a.no_stack:
@@ -388,11 +393,11 @@ def main() -> int:
     ports = {"broker": int(a.bootstrap.split(",")[0].rsplit(":", 1)[-1]), "redis": urlparse(a.redis).port or 6379}
     with CpuMeter(ports) as meter:
         res["floor"] = floor_path(a.bootstrap, topic, total, locations)
-    res["floor"]["cpu_s"] = {"path": meter.seconds["bench"], "broker": meter.seconds["broker"], "redis": meter.seconds["redis"]}
+    res["floor"]["cpu_s"] = meter.shares()
     if not a.quick:
         with CpuMeter(ports) as meter:
             res["naive"] = naive_path(a.bootstrap, topic, total, cfg_data, a.device)
-        res["naive"]["cpu_s"] = {"path": meter.seconds["bench"], "broker": meter.seconds["broker"], "redis": meter.seconds["redis"]}
+        res["naive"]["cpu_s"] = meter.shares()
     import yaml
 
     for procs in (1,) if a.quick else (1, 2):
@@ -403,8 +408,7 @@ def main() -> int:
         print(f"(c) ours, {procs} process(es) ...", flush=True)
         with CpuMeter(ports) as meter:
             res[f"ours_{procs}"] = ours(cfg_path, procs, total, work)
-        res[f"ours_{procs}"]["cpu_s"]["broker"] = meter.seconds["broker"]
-        res[f"ours_{procs}"]["cpu_s"]["redis"] = meter.seconds["redis"]
+        res[f"ours_{procs}"]["cpu_s"] = meter.shares(res[f"ours_{procs}"]["cpu_s"])
     if a.quick:
         r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", "ours_1")}
         print(json.dumps({k: round(v) for k, v in r.items()} | {"ours_over_floor": r["ours_1"] / r["floor"],

@@ -71,13 +71,15 @@ class RunStats:
     dead_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-def alert_pixels(alert: Alert, value: bytes, schemas: SchemaCache) -> tuple[Alert, StampPixels]:
-    """A decoded alert -> (alert, raw crops); raises BadAlertError (named, with a reason) on bad
-    cutouts. When the stamps the fast path found fail, the general decoding path has the last word."""
+def decode_message(value: bytes | None, schemas: SchemaCache) -> tuple[Alert, StampPixels]:
+    """bytes -> (alert, raw crops); raises BadAlertError (named, with a reason) on bad input."""
+    value = value or b""
+    alert = decode_alert(value, schemas)
     try:
         return alert, stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
     except BadAlertError as e:
         e.candid = alert.candid
+        # The fast path found these stamps by their position; let the general path have the last word.
         full = decode_alert(value, schemas, fast=False)
         if full == alert:
             raise
@@ -86,12 +88,6 @@ def alert_pixels(alert: Alert, value: bytes, schemas: SchemaCache) -> tuple[Aler
     except BadAlertError as e:
         e.candid = full.candid
         raise
-
-
-def decode_message(value: bytes | None, schemas: SchemaCache) -> tuple[Alert, StampPixels]:
-    """bytes -> (alert, raw crops); raises BadAlertError (named, with a reason) on bad input."""
-    value = value or b""
-    return alert_pixels(decode_alert(value, schemas), value, schemas)
 
 
 def dead_letter(value: bytes | None, src: Source, err: BadAlertError, max_bytes: int, topic: str) -> Outgoing:

@@ -125,20 +125,18 @@ class ResultEncoder:
         schema = json.dumps(output_schema_json(), separators=(",", ":")).encode()
         self._framer = ContainerFramer(schema)
         self._schemavsn = _avro_string(output_schema_version())
-        # per (class names, model name, model version): the class_names array, each class name as
-        # an Avro string (predicted_class), and the model_name + model_version strings
-        self._consts: dict[tuple[tuple[str, ...], str, str], tuple[bytes, list[bytes], bytes]] = {}
+        # for the current (class names, model name, model version): the class_names array, each
+        # class name as an Avro string (predicted_class), and the model_name + model_version strings
+        self._consts: tuple[tuple[tuple[str, ...], str, str], tuple[bytes, list[bytes], bytes]] | None = None
         self._buf = io.BytesIO()
 
     def _constants(self, r: Result) -> tuple[bytes, list[bytes], bytes]:
         key = (r.class_names, r.model_name, r.model_version)
-        c = self._consts.get(key)
-        if c is None:
+        if self._consts is None or self._consts[0] != key:  # one model at a time: a reload replaces it
             names = [_avro_string(n) for n in r.class_names]
             array = zigzag(len(names)) + b"".join(names) + b"\x00" if names else b"\x00"
-            c = (array, names, _avro_string(r.model_name) + _avro_string(r.model_version))
-            self._consts = {key: c}  # one model at a time (a hot reload replaces it)
-        return c
+            self._consts = (key, (array, names, _avro_string(r.model_name) + _avro_string(r.model_version)))
+        return self._consts[1]
 
     def encode(self, r: Result) -> bytes:
         names_array, names, model = self._constants(r)

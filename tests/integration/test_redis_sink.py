@@ -3,13 +3,12 @@ candid) whatever the order of arrival, TTLs, idempotence."""
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import numpy as np
 import pytest
 import redis
-from conftest import Stack
+from conftest import Stack, _free_port
 
 from consumer.results import Result, embedding_from_redis
 from consumer.sinks import RedisSink
@@ -17,13 +16,6 @@ from consumer.sinks import RedisSink
 pytestmark = pytest.mark.integration
 
 CLASSES = ("AGN", "SN", "VS", "asteroid", "bogus")
-
-
-def unused_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def result(candid: int, object_id: str, jd: float, seed: int = 0) -> Result:
@@ -95,7 +87,7 @@ def test_send_then_wait_stores_the_batch_and_keeps_the_connection_in_step(stack:
 def test_wait_raises_a_sink_error_when_redis_is_unreachable(stack: Stack) -> None:
     from consumer.sinks import SinkError
 
-    dead = redis.Redis(host="127.0.0.1", port=unused_port(), socket_connect_timeout=1)
+    dead = redis.Redis(host="127.0.0.1", port=_free_port(), socket_connect_timeout=1)
     sink = RedisSink(dead, "deadtest", 60)
     request = sink.send([result(1, "ZTF25aaaaaaa", 2460000.5)])
     assert request.conn is None and request.error is not None
