@@ -34,33 +34,25 @@ from urllib.parse import urlparse
 
 import numpy as np
 import psutil
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
-from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
-
-from config import KafkaConfig, parse_config  # noqa: E402
-from consumer.alert_decoder import SchemaCache, alert_from_record, decode_alert  # noqa: E402
-from consumer.cutouts import (  # noqa: E402
+from alerts.cutouts import (  # noqa: E402
     StampPixels,  # noqa: E402
     centre_crop,
     gunzip,
 )
-from consumer.daemon import GoodAlert, Source, build_results  # noqa: E402
+from alerts.decoder import SchemaCache, alert_from_record, decode_alert  # noqa: E402
+from config import KafkaConfig, parse_consumer_config  # noqa: E402
+from consumer.batches import GoodAlert, ModelMeta, Source, build_results  # noqa: E402
+from consumer.clients import consumer_settings, produce, producer_settings, redis_client  # noqa: E402
 from consumer.inference import ModelRunner  # noqa: E402
+from consumer.kafka_sink import KafkaSink, Outgoing  # noqa: E402
+from consumer.redis_sink import RedisSink  # noqa: E402
 from consumer.results import ResultEncoder  # noqa: E402
-from consumer.sinks import (  # noqa: E402
-    KafkaSink,
-    Outgoing,
-    RedisSink,
-    consumer_settings,
-    producer_settings,
-    redis_client,
-)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
 BATCH = 512
@@ -68,10 +60,10 @@ BATCH = 512
 
 def load_templates() -> tuple[list[bytes], str]:
     if SHARED.is_dir():
-        from consumer.replay import iter_messages
+        from alerts.files import iter_messages
 
         return list(iter_messages([SHARED])), f"{SHARED.name} (real)"
-    from alertgen import make_alerts
+    from alerts.synthetic import make_alerts
 
     return [a.message for a in make_alerts(500)], "generated"
 
@@ -84,12 +76,7 @@ def produce_all(bootstrap: str, topic: str, templates: list[bytes], n: int, part
     total = max(n, len(templates))
     for i in tqdm(range(total), desc="replay", unit="alert"):
         t = i % len(templates)
-        while True:
-            try:
-                p.produce(topic, templates[t], key=str(t).encode())
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce(p, topic, templates[t], key=str(t).encode())
     assert p.flush(120) == 0
     return total
 
@@ -172,7 +159,7 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
     import fastavro
     from astropy.io import fits
 
-    cfg = parse_config(cfg_data)
+    cfg = parse_consumer_config(cfg_data)
     runner = ModelRunner(cfg.model.bundle_path, device)
     ksink = KafkaSink(Producer(producer_settings(cfg.kafka)))
     rsink = RedisSink(redis_client(cfg.redis), cfg.redis.key_prefix + "naive", 600)
@@ -205,7 +192,7 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
             tb = time.perf_counter()
             z, p = runner.predict(np.stack([g.stamp.pixels for g in good]))
             tc = time.perf_counter()
-            results = build_results(good, z, p, (runner.name, runner.version, runner.class_names), int(time.time() * 1000))
+            results = build_results(good, z, p, ModelMeta(runner.name, runner.version, runner.class_names), int(time.time() * 1000))
             ksink.send([Outgoing(cfg.kafka.output_topic + "-naive", str(r.candid).encode(), enc.encode_with_fastavro(r)) for r in results], 60)
             rsink.write(results)
             last: dict[tuple[str, int], int] = {}
@@ -277,8 +264,8 @@ def prv_cost(templates: list[bytes]) -> dict[str, Any]:
     """decode (+cutouts) cost of one real alert re-encoded with 0 and with 100 history entries."""
     import fastavro
 
-    from consumer.avro_framing import ContainerFramer
-    from consumer.daemon import decode_message
+    from alerts.framing import ContainerFramer
+    from alerts.message import decode_message
 
     for msg in templates:
         r = fastavro.reader(io.BytesIO(msg))

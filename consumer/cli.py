@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from config import Config, load_config
+from config import ConsumerConfig, load_consumer_config
 
 
 class _JsonFormatter(logging.Formatter):
@@ -39,11 +39,11 @@ def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
     root.setLevel(level)
 
 
-def ensure_topics(cfg: Config, topics: Sequence[str], partitions: int) -> None:
+def ensure_topics(cfg: ConsumerConfig, topics: Sequence[str], partitions: int) -> None:
     """Create missing topics (replication 1 locally; remote clusters usually have them already)."""
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-    from consumer.sinks import kafka_common
+    from consumer.clients import kafka_common
 
     admin = AdminClient(kafka_common(cfg.kafka))
     existing = admin.list_topics(timeout=15).topics
@@ -60,12 +60,14 @@ def ensure_topics(cfg: Config, topics: Sequence[str], partitions: int) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from confluent_kafka import Consumer, Producer
 
+    from consumer.clients import consumer_settings, producer_settings, redis_client
     from consumer.daemon import AbortRequested, StreamProcessor
     from consumer.inference import ModelRunner, inference_threads
+    from consumer.kafka_sink import KafkaSink
     from consumer.metrics import Metrics, serve
-    from consumer.sinks import KafkaSink, RedisSink, consumer_settings, producer_settings, redis_client
+    from consumer.redis_sink import RedisSink
 
-    cfg = load_config(args.config)
+    cfg = load_consumer_config(args.config)
     setup_logging(cfg.metrics.log_format, cfg.metrics.log_level)
     log = logging.getLogger("stampstream.consumer")
     import torch
@@ -136,15 +138,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
     from tqdm import tqdm
 
-    from consumer.replay import iter_messages
-    from consumer.sinks import kafka_common
+    from alerts.files import iter_messages
+    from consumer.clients import produce, replay_producer_settings
 
-    cfg = load_config(args.config)
+    cfg = load_consumer_config(args.config)
     setup_logging("text", "INFO")
     if args.bootstrap:
         cfg = _with_bootstrap(cfg, args.bootstrap)
     ensure_topics(cfg, [args.topic], partitions=args.partitions)
-    producer = Producer(kafka_common(cfg.kafka) | {"linger.ms": 50, "compression.type": "lz4", "message.max.bytes": 16 * 1024 * 1024})
+    producer = Producer(replay_producer_settings(cfg.kafka))
     messages = iter_messages(args.paths)
     if args.repeat > 1:
         cached = list(messages)
@@ -153,18 +155,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         messages = itertools.islice(messages, args.limit)
     failures: list[str] = []
 
-    def on_delivery(err, _msg) -> None:
+    def on_delivery(err: object, _msg: object) -> None:
         if err is not None:
             failures.append(str(err))
 
     n = 0
     for value in tqdm(messages, desc=f"replay -> {args.topic}", unit="alert", disable=args.quiet):
-        while True:
-            try:
-                producer.produce(args.topic, value, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce(producer, args.topic, value, on_delivery=on_delivery)
         producer.poll(0)
         n += 1
     left = producer.flush(60)
@@ -175,7 +172,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_bootstrap(cfg: Config, bootstrap: str) -> Config:
+def _with_bootstrap(cfg: ConsumerConfig, bootstrap: str) -> ConsumerConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka, bootstrap_servers=bootstrap))
@@ -185,7 +182,7 @@ def cmd_peek(args: argparse.Namespace) -> int:
     """A short table of results read back from Redis and from the output topic."""
     from consumer.peek import peek
 
-    cfg = load_config(args.config)
+    cfg = load_consumer_config(args.config)
     print(peek(cfg, args.n))
     return 0
 

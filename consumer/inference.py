@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from consumer.batches import ModelMeta
 from model.bundle import Bundle, BundleError, load_bundle
 from model.classifier import StampClassifier
+from model.device import select_device
 from model.preprocess import normalise
 
 log = logging.getLogger("stampstream.inference")
@@ -25,15 +27,6 @@ log = logging.getLogger("stampstream.inference")
 
 # Rows per forward pass on the CPU, and the unit batches are padded to (see ModelRunner.predict).
 CHUNK = 64
-
-
-def select_device(preference: str) -> torch.device:
-    """auto: cuda when torch sees a GPU, else cpu. 'cuda' without a GPU falls back to cpu with a warning."""
-    if preference in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if preference == "cuda":
-        log.warning("device: cuda requested but no CUDA device is available; running on cpu")
-    return torch.device("cpu")
 
 
 def inference_threads(configured: int) -> int:
@@ -76,11 +69,15 @@ class ModelRunner:
         self.tta_override = tta_override
         self.reload_check_s = reload_check_s
         self._signature = _file_signature(bundle_path)
-        self.bundle = load_bundle(bundle_path)
-        self.model = self._build(self.bundle)
+        self._install(load_bundle(bundle_path))
         self._last_check = time.monotonic()
         self.reload_failures = 0
         self.last_reload_error = ""
+
+    def _install(self, bundle: Bundle, model: StampClassifier | None = None) -> None:
+        self.bundle = bundle
+        self.model = self._build(bundle) if model is None else model
+        self._current = (self.model, ModelMeta(bundle.name, bundle.version, bundle.class_names))
 
     def _build(self, bundle: Bundle) -> StampClassifier:
         # channels_last: oneDNN's (CPU) and cuDNN's fast layout for these small convolutions
@@ -102,8 +99,13 @@ class ModelRunner:
     def class_names(self) -> tuple[str, ...]:
         return self.bundle.class_names
 
-    def predict(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 2, 21, 21) raw crops -> (embeddings (N, latent), probabilities (N, classes)), float32.
+    def snapshot(self) -> tuple[StampClassifier, ModelMeta]:
+        """The running model and its description, taken together (a reload swaps both at once)."""
+        return self._current
+
+    def predict(self, raw: np.ndarray, model: StampClassifier | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 2, 21, 21) raw crops -> (embeddings (N, latent), probabilities (N, classes)), float32,
+        by ``model`` (a ``snapshot``; default: the running model).
 
         The model only ever sees batches of a multiple of CHUNK rows (the last one padded with
         zeros), and on the CPU exactly CHUNK rows at a time: oneDNN builds and keeps kernels per
@@ -111,6 +113,7 @@ class ModelRunner:
         by time) grew the consumer's memory by ~4 MiB per new size, past 1 GiB in a replay
         (docs/benchmarks.md). And on the CPU, 64 rows at a time cost ~25 % less per alert than
         512 (the activations stay in cache)."""
+        model = self.model if model is None else model
         n = len(raw)
         x = normalise(raw)
         rows = -(-n // CHUNK) * CHUNK
@@ -119,9 +122,9 @@ class ModelRunner:
         t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self.device.type == "cuda":
-                z, p = self.model(t.pin_memory().to(self.device, non_blocking=True))
+                z, p = model(t.pin_memory().to(self.device, non_blocking=True))
             else:
-                outs = [self.model(t[i : i + CHUNK]) for i in range(0, rows, CHUNK)]
+                outs = [model(t[i : i + CHUNK]) for i in range(0, rows, CHUNK)]
                 z, p = (torch.cat([o[k] for o in outs]) for k in (0, 1))
         return z[:n].float().cpu().numpy(), p[:n].float().cpu().numpy()
 
@@ -144,7 +147,7 @@ class ModelRunner:
             log.error("model reload failed, keeping %s:%s: %s", self.name, self.version, e)
             return ReloadOutcome(True, False, str(e))
         old = f"{self.name}:{self.version}"
-        self.bundle, self.model = bundle, model
+        self._install(bundle, model)
         self.last_reload_error = ""
         log.info("model reloaded: %s -> %s:%s", old, bundle.name, bundle.version)
         return ReloadOutcome(True, True, f"{bundle.name}:{bundle.version}")

@@ -18,6 +18,9 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.alerts_in = Counter("stampstream_alerts_in", "Messages read from the input topics", registry=r)
+        self.kafka_errors = Counter(
+            "stampstream_kafka_errors", "Kafka error events delivered instead of messages", registry=r
+        )
         self.alerts_out = Counter("stampstream_alerts_out", "Results published to both sinks", registry=r)
         self.dead_letters = Counter(
             "stampstream_dead_letters", "Messages sent to the dead-letter topic", ["reason"], registry=r

@@ -7,12 +7,13 @@ import uuid
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from config import Config
+from config import ConsumerConfig
+from consumer.clients import kafka_common, redis_client
+from consumer.redis_sink import candid_key
 from consumer.results import decode_result
-from consumer.sinks import candid_key, kafka_common, redis_client
 
 
-def read_output_topic(cfg: Config, topic: str, limit: int | None = None, timeout_s: float = 10.0) -> list[bytes]:
+def read_output_topic(cfg: ConsumerConfig, topic: str, limit: int | None = None, timeout_s: float = 10.0) -> list[bytes]:
     """All (or the first ``limit``) message values of a topic, read without a consumer group."""
     c = Consumer(kafka_common(cfg.kafka) | {"group.id": f"peek-{uuid.uuid4()}", "enable.auto.commit": False})
     try:
@@ -33,16 +34,17 @@ def read_output_topic(cfg: Config, topic: str, limit: int | None = None, timeout
             if msgs:
                 deadline = time.monotonic() + timeout_s
             for m in msgs:
-                if m.error() is None:
-                    out.append(m.value())
-                    if m.offset() + 1 >= ends[m.partition()]:
-                        done.add(m.partition())
+                value, offset, partition = m.value(), m.offset(), m.partition()
+                if m.error() is None and value is not None and offset is not None and partition is not None:
+                    out.append(value)
+                    if offset + 1 >= ends[partition]:
+                        done.add(partition)
         return out if limit is None else out[:limit]
     finally:
         c.close()
 
 
-def peek(cfg: Config, n: int = 10) -> str:
+def peek(cfg: ConsumerConfig, n: int = 10) -> str:
     values = read_output_topic(cfg, cfg.kafka.output_topic)
     records = [decode_result(v) for v in values]
     r = redis_client(cfg.redis)
@@ -52,7 +54,7 @@ def peek(cfg: Config, n: int = 10) -> str:
         f"{'candid':>20} {'objectId':<13} {'fid':>3} {'class (topic)':<14} {'p':>5}  {'class (redis)':<13} {'model':<24}",
     ]
     for rec in records[-n:]:
-        h = r.hgetall(candid_key(cfg.redis.key_prefix, rec["candid"]))
+        h: dict[bytes, bytes] = r.hgetall(candid_key(cfg.redis.key_prefix, rec["candid"]))  # type: ignore[assignment]
         rc = h.get(b"class", b"-").decode()
         lines.append(
             f"{rec['candid']:>20} {rec['objectId']:<13} {rec['fid']:>3} {rec['predicted_class']:<14} "

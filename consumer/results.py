@@ -1,4 +1,5 @@
-"""Results: what is published per alert, their Avro wire form (output topic) and Redis form.
+"""The result record (what is published per alert) and its Avro wire form on the output topic.
+Its Redis form is in ``consumer/redis_sink.py``.
 
 The output topic carries one Avro object container file per message with the schema of
 ``output_schema.avsc`` in its header, like ZTF's own stream, so any Avro reader can read a message
@@ -20,14 +21,15 @@ import fastavro
 import numpy as np
 from fastavro import parse_schema, schemaless_writer
 
-from consumer.avro_framing import ContainerFramer, zigzag
+from alerts.framing import ContainerFramer, zigzag
 
 SCHEMA_PATH = Path(__file__).with_name("output_schema.avsc")
 
 
 @cache
 def output_schema_json() -> dict[str, Any]:
-    return json.loads(SCHEMA_PATH.read_text())
+    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text())
+    return schema
 
 
 @cache
@@ -177,35 +179,6 @@ class ResultEncoder:
 def decode_result(message: bytes) -> dict[str, Any]:
     """One output message -> its record (for readers, tests and the demo)."""
     records = list(fastavro.reader(io.BytesIO(message)))
-    if len(records) != 1:
+    if len(records) != 1 or not isinstance(records[0], dict):
         raise ValueError(f"expected one record, got {len(records)}")
     return records[0]
-
-
-def redis_fields(r: Result) -> dict[str, str | bytes]:
-    """Hash fields written to Redis for one result (documented in README, "Redis keys").
-
-    ``embedding`` is little-endian float32 bytes, the layout Redis vector search (FT.CREATE ...
-    VECTOR FLOAT32) reads directly."""
-    fields: dict[str, str | bytes] = {
-        "candid": str(r.candid),
-        "objectId": r.object_id,
-        "jd": repr(r.jd),
-        "fid": str(r.fid),
-        "ra": repr(r.ra),
-        "dec": repr(r.dec),
-        "class": r.predicted_class,
-        "probability": f"{float(r.probabilities[r.predicted_index]):.6f}",
-        "embedding": np.asarray(r.embedding, dtype="<f4").tobytes(),
-        "model": f"{r.model_name}:{r.model_version}",
-        "padded": "1" if r.cutout_padded else "0",
-        "processed_at": str(r.processed_at_ms),
-    }
-    for name, p in zip(r.class_names, r.probabilities, strict=True):
-        fields[f"p_{name}"] = f"{float(p):.6f}"
-    return fields
-
-
-def embedding_from_redis(raw: bytes) -> np.ndarray:
-    return np.frombuffer(raw, dtype="<f4")
-

@@ -7,33 +7,14 @@ since inputs are min-max scaled to [0, 1]. Loss: MSE (+ KL for the VAE).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
+from model.spec import AutoencoderConfig
+
+__all__ = ["STAMP_SHAPE", "Autoencoder", "AutoencoderConfig", "Decoder", "Encoder", "autoencoder_loss", "dihedral_views"]
+
 STAMP_SHAPE = (2, 21, 21)
-
-
-@dataclass(frozen=True)
-class AutoencoderConfig:
-    kind: Literal["ae", "vae"] = "ae"
-    latent_dim: int = 42
-    channels: tuple[int, int] = (32, 64)
-
-    def to_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, object]) -> AutoencoderConfig:
-        return AutoencoderConfig(
-            kind=str(d["kind"]),  # type: ignore[arg-type]
-            latent_dim=int(d["latent_dim"]),  # type: ignore[arg-type]
-            channels=tuple(d.get("channels", (32, 64))),  # type: ignore[arg-type]
-        )
 
 
 class Encoder(nn.Module):
@@ -80,7 +61,8 @@ class Decoder(nn.Module):
         )  # fmt: skip
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(self.fc(z).view(-1, self.c2, 5, 5))
+        out: torch.Tensor = self.body(self.fc(z).view(-1, self.c2, 5, 5))
+        return out
 
 
 class Autoencoder(nn.Module):

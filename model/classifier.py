@@ -13,7 +13,8 @@ CLASS_NAMES: tuple[str, ...] = ("AGN", "SN", "VS", "asteroid", "bogus")
 def embed_stamps(encoder: Encoder, x: torch.Tensor, tta_dihedral: bool) -> torch.Tensor:
     """z of a batch; with tta_dihedral, the mean z over the 8 flips/rotations (rotation-invariant)."""
     if not tta_dihedral:
-        return encoder(x)[0]
+        z: torch.Tensor = encoder(x)[0]
+        return z
     n = x.shape[0]
     z = encoder(torch.cat(dihedral_views(x), dim=0))[0]
     return z.view(8, n, -1).mean(dim=0)
@@ -26,11 +27,14 @@ class LinearProbe(nn.Module):
     def __init__(self, latent_dim: int, n_classes: int = len(CLASS_NAMES)) -> None:
         super().__init__()
         self.linear = nn.Linear(latent_dim, n_classes)
+        self.z_mean: torch.Tensor
+        self.z_std: torch.Tensor
         self.register_buffer("z_mean", torch.zeros(latent_dim))
         self.register_buffer("z_std", torch.ones(latent_dim))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.linear((z - self.z_mean) / self.z_std)
+        out: torch.Tensor = self.linear((z - self.z_mean) / self.z_std)
+        return out
 
 
 class StampClassifier(nn.Module):

@@ -34,4 +34,5 @@ def normalise(raw: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         out = (x - lo) * scale
     out[~finite] = 0.0
-    return out.astype(np.float32, copy=False)
+    result: np.ndarray = out.astype(np.float32, copy=False)
+    return result

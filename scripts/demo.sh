@@ -11,9 +11,9 @@ CONFIG="${CONFIG:-config/local.yaml}"
 ALERTS="${ALERTS:-../shared/ztf/alerts}"
 if [[ ! -d "$ALERTS" ]]; then
   ALERTS=.stack/generated-alerts
-  python -m tests.make_alerts --out "$ALERTS" --n 500
+  python -m alerts.synthetic --out "$ALERTS" --n 500
 fi
-TOPIC=$(python -c "from config import load_config; print(load_config('$CONFIG').kafka.input_topics[0])")
+TOPIC=$(python -c "from config import load_consumer_config; print(load_consumer_config('$CONFIG').kafka.input_topics[0])")
 consumer replay "$ALERTS" --topic "$TOPIC" --config "$CONFIG"
 consumer run --config "$CONFIG" --idle-exit 8
 consumer peek --config "$CONFIG" -n 15

@@ -20,7 +20,7 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, confluent_kafka, fastavro, redis, consumer.cli" 2>/dev/null \
+if ! .venv/bin/python -c "import torch, confluent_kafka, fastavro, redis, consumer.cli, alerts.decoder" 2>/dev/null \
    || ! cmp -s requirements.txt .venv/.requirements.installed; then
   echo "[setup] installing Python packages (torch is a large download the first time)"
   .venv/bin/python -m pip install -q --upgrade pip

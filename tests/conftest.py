@@ -1,5 +1,9 @@
 """Shared fixtures: the alert corpus (real from ../shared/ztf when present, generated otherwise) and
-the real Kafka broker + Redis, started once per session through deploy/local/stack.sh on free ports."""
+the real Kafka broker + Redis, started once per session through deploy/local/stack.sh on free ports.
+
+Tiers: every test outside tests/integration is marked ``unit`` here; plain ``pytest`` runs the unit
+tier only (pyproject's addopts), ``pytest -m integration`` the real-service tier, ``-m faults``
+its slow fault-injection part, and ``scripts/test.sh`` all of them."""
 
 from __future__ import annotations
 
@@ -26,8 +30,14 @@ STACK = ROOT / "deploy" / "local" / "stack.sh"
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" not in item.keywords:
+            item.add_marker(pytest.mark.unit)
+
+
 def real_messages() -> list[bytes]:
-    from consumer.replay import iter_messages
+    from alerts.files import iter_messages
 
     return list(iter_messages([ALERTS_DIR]))
 
@@ -37,7 +47,7 @@ def corpus() -> list[bytes]:
     """Every real alert of ../shared/ztf/alerts as a wire message, or 64 generated ones without it."""
     if HAVE_SHARED:
         return real_messages()
-    from alertgen import make_alerts
+    from alerts.synthetic import make_alerts
 
     return [a.message for a in make_alerts(64)]
 

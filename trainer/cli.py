@@ -9,11 +9,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from config import TrainerConfig, load_config
+from config import TrainerConfig, load_trainer_config
 
 
 def _trainer_cfg(args: argparse.Namespace) -> TrainerConfig:
-    cfg = load_config(args.config).trainer if args.config else TrainerConfig()
+    cfg = load_trainer_config(args.config)
     if getattr(args, "device", None):
         cfg = dataclasses.replace(cfg, device=args.device)
     if getattr(args, "max_epochs", None):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from consumer.alert_decoder import SchemaCache, decode_alerts
-from consumer.cutouts import stamp_pixels
-from consumer.errors import BadAlertError
-from consumer.replay import iter_messages
+from alerts.cutouts import stamp_pixels
+from alerts.decoder import SchemaCache, decode_alerts
+from alerts.errors import BadAlertError
+from alerts.files import iter_messages
 from model.classifier import CLASS_NAMES
 from model.preprocess import normalise
 

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from model.autoencoder import AutoencoderConfig
 from model.bundle import Bundle, bundle_from_model, save_bundle
 from model.classifier import StampClassifier
+from trainer import run_folder as rf
 
 
 def classifier_from_run(run_dir: Path, pooled: bool | None = None) -> StampClassifier:
     """The encoder and a probe of a run: the better one (pooled None), or the one asked for."""
-    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    cfg = AutoencoderConfig.from_dict(saved["model_config"])
-    use_pooled = bool(saved["tta_dihedral"]) if pooled is None else pooled
-    model = StampClassifier(cfg, tuple(saved["class_names"]), use_pooled)
-    enc = {k[len("encoder."):]: v for k, v in saved["autoencoder"].items() if k.startswith("encoder.")}
+    w = rf.load_weights(run_dir)
+    use_pooled = w.tta_dihedral if pooled is None else pooled
+    model = StampClassifier(w.model_config, w.class_names, use_pooled)
+    enc = {k[len("encoder."):]: v for k, v in w.autoencoder.items() if k.startswith("encoder.")}
     model.encoder.load_state_dict(enc)
-    key = "probe" if pooled is None else ("probe_pooled" if pooled else "probe_plain")
-    model.probe.load_state_dict(saved[key])
+    model.probe.load_state_dict(w.probe if pooled is None else (w.probe_pooled if pooled else w.probe_plain))
     return model.eval()
 
 
@@ -30,8 +25,8 @@ def export_bundle(
 ) -> Bundle:
     """pooled: None keeps the run's better embedding; True/False forces the 8-fold pooled z (8x the
     inference cost) or the plain z."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
+    metrics = rf.load_metrics(run_dir)
+    config = rf.load_config(run_dir)
     use_pooled = metrics["tta_dihedral"] if pooled is None else pooled
     probe = metrics["probe_tta" if use_pooled else "probe"]
     summary = {
@@ -41,7 +36,7 @@ def export_bundle(
         "raw_pixels_logreg_macro_f1": metrics.get("raw_pixels_logreg", {}).get("macro_f1"),
         "per_class": probe["per_class"],
     }  # fmt: skip
-    training = metrics["data"] | {"splits": metrics["splits"], "paths": config["data"], "trainer": config["trainer"],
+    training = metrics["data"] | {"splits": metrics["splits"], "paths": config.data, "trainer": config.trainer.to_dict(),
                                    "leakage_guard": metrics["leakage_guard"]}  # fmt: skip
     bundle = bundle_from_model(
         classifier_from_run(run_dir, pooled), name=name, version=version or run_dir.name, training_data=training, metrics=summary

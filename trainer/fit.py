@@ -6,7 +6,6 @@ then the evaluation on the test objects. Checkpoints every epoch; a rerun resume
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,8 +17,10 @@ import torch
 from tqdm import tqdm
 
 from config import TrainerConfig
-from model.autoencoder import Autoencoder, AutoencoderConfig, Encoder, autoencoder_loss
+from model.autoencoder import Autoencoder, Encoder, autoencoder_loss
 from model.classifier import LinearProbe, embed_stamps
+from model.device import select_device
+from trainer import run_folder as rf
 from trainer.augment import augment, random_dihedral
 from trainer.data import Dataset, Splits, split_by_object
 from trainer.evaluation import classification_metrics, knn_metrics, raw_pixel_baseline
@@ -28,12 +29,6 @@ log = logging.getLogger("stampstream.trainer")
 
 
 EVAL_VERSION = 2  # bump when the evaluation changes: the sweep re-evaluates older runs from model.pt
-
-
-def pick_device(pref: str) -> torch.device:
-    if pref in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 @dataclass
@@ -90,13 +85,15 @@ def train_autoencoder(
     show_progress: bool = True,
 ) -> tuple[Autoencoder, TrainState]:
     torch.manual_seed(cfg.seed)
-    model = Autoencoder(AutoencoderConfig(kind=cfg.model_kind, latent_dim=cfg.latent_dim, channels=tuple(cfg.channels))).to(device)
+    model = Autoencoder(cfg.autoencoder).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = TrainState()
-    ckpt_path = run_dir / "checkpoint.pt"
+    ckpt_path = rf.checkpoint_path(run_dir)
     best_state: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain values, so loading one never runs
+        # code from the file (a run folder may come from elsewhere).
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         best_state = ckpt["best_model"]
@@ -127,7 +124,7 @@ def train_autoencoder(
                     mu2, _ = model.encoder(view)
                 loss = loss + cfg.extra_weight * view_loss(mu.float(), mu2.float(), cfg.extra_objective)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += loss.detach() * len(idx)
             total_mse += mse.detach() * len(idx)
@@ -182,11 +179,11 @@ def fit_probe(
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(probe(z), y) + l2 * probe.linear.weight.pow(2).sum()
-        loss.backward()
+        loss: torch.Tensor = loss_fn(probe(z), y) + l2 * probe.linear.weight.pow(2).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
-    opt.step(closure)
+    opt.step(closure)  # type: ignore[no-untyped-call]
     return probe.eval()
 
 
@@ -225,29 +222,27 @@ def run_fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
+    device = select_device(cfg.device)
     splits: Splits = split_by_object(ds, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    (run_dir / "config.json").write_text(
-        json.dumps({"trainer": dataclasses.asdict(cfg), "data": data_paths or [], "smoke": smoke}, indent=2)
-    )
-    (run_dir / "split.json").write_text(json.dumps({k: ds.candid[getattr(splits, k)].tolist() for k in ("train", "val", "test")}))
+    rf.save_config(run_dir, rf.RunConfig(cfg, list(data_paths or []), smoke))
+    rf.save_split(run_dir, {k: ds.candid[getattr(splits, k)].tolist() for k in ("train", "val", "test")})
     x = torch.from_numpy(ds.x)
     t0 = time.perf_counter()
     model, state = train_autoencoder(
         cfg, x[splits.train], x[splits.val], run_dir, device, max_steps=20 if smoke else None, show_progress=show_progress
     )
     train_s = time.perf_counter() - t0
-    (run_dir / "history.json").write_text(json.dumps(state.history))
+    rf.save_history(run_dir, state.history)
     return evaluate_run(run_dir, model, state, train_s, ds, splits, cfg, device, baseline)
 
 
 def reevaluate_run(run_dir: Path, ds: Dataset, cfg: TrainerConfig, baseline: bool = True) -> dict[str, Any]:
-    """Evaluate a trained run again (new evaluation code) from its model.pt, without retraining."""
-    device = pick_device(cfg.device)
-    old = json.loads((run_dir / "metrics.json").read_text())
-    saved = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
-    model = Autoencoder(AutoencoderConfig.from_dict(saved["model_config"])).to(device)
-    model.load_state_dict(saved["autoencoder"])
+    """Evaluate a trained run again (new evaluation code) from its weights, without retraining."""
+    device = select_device(cfg.device)
+    old = rf.load_metrics(run_dir)
+    saved = rf.load_weights(run_dir, device)
+    model = Autoencoder(saved.model_config).to(device)
+    model.load_state_dict(saved.autoencoder)
     state = TrainState(epoch=old["epochs_run"], best_val=old["val_mse"], best_epoch=old["best_epoch"])
     splits = split_by_object(ds, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     return evaluate_run(run_dir, model.eval(), state, old["train_seconds"], ds, splits, cfg, device, baseline)
@@ -305,24 +300,17 @@ def evaluate_run(
     }  # fmt: skip
     if baseline:
         metrics["raw_pixels_logreg"] = raw_pixel_baseline(ds.x, ds.y, lab_tr, lab_va, lab_te, ds.class_names, cfg.seed)
-    torch.save(
-        {"autoencoder": {k: v.cpu() for k, v in model.state_dict().items()},
-         "probe": {k: v.cpu() for k, v in best["probe"].state_dict().items()},
-         "probe_plain": {k: v.cpu() for k, v in variants[False]["probe"].state_dict().items()},
-         "probe_pooled": {k: v.cpu() for k, v in variants[True]["probe"].state_dict().items()},
-         "model_config": model.cfg.to_dict(), "tta_dihedral": use_tta,
-         "class_names": list(ds.class_names)},
-        run_dir / "model.pt",
-    )  # fmt: skip
-    np.savez_compressed(
-        run_dir / "embeddings.npz",
-        z=best["z"], y=ds.y, candid=ds.candid, test_idx=lab_te, fit_idx=lab_fit, test_pred=best["pred"],
-        test_probs=best["probs"],
-        test_all_idx=splits.test,
-    )  # fmt: skip
     # A few test stamps (one per class where possible) for the report's reconstruction figure.
     pick = [int(lab_te[ds.y[lab_te] == c][0]) for c in range(n_classes) if (ds.y[lab_te] == c).any()]
     pick += [int(i) for i in splits.test if int(i) not in pick][: max(0, 8 - len(pick))]
-    np.savez_compressed(run_dir / "examples.npz", x=ds.x[pick], y=ds.y[pick], candid=ds.candid[pick])
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    rf.save_weights(run_dir, rf.RunWeights(
+        model.cfg, model.state_dict(), best["probe"].state_dict(), variants[False]["probe"].state_dict(),
+        variants[True]["probe"].state_dict(), use_tta, tuple(ds.class_names),
+    ))  # fmt: skip
+    rf.save_embeddings(run_dir, rf.RunEmbeddings(
+        z=best["z"], y=ds.y, candid=ds.candid, test_idx=lab_te, fit_idx=lab_fit, test_pred=best["pred"],
+        test_probs=best["probs"], test_all_idx=splits.test,
+    ))  # fmt: skip
+    rf.save_examples(run_dir, rf.RunExamples(ds.x[pick], ds.y[pick], ds.candid[pick]))
+    rf.save_metrics(run_dir, metrics)  # last: marks the run finished
     return metrics

@@ -3,7 +3,6 @@ class, confusion matrix, UMAP of the latent space coloured by class, reconstruct
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.autoencoder import Autoencoder, AutoencoderConfig  # noqa: E402
+from model.autoencoder import Autoencoder  # noqa: E402
+from trainer import run_folder as rf  # noqa: E402
 
 COLOURS = {"AGN": "tab:purple", "SN": "tab:red", "VS": "tab:green", "asteroid": "tab:orange", "bogus": "tab:gray"}
 
@@ -78,13 +78,12 @@ def _umap(z: np.ndarray, y: np.ndarray, names: list[str], out: Path) -> str:
     return method
 
 
-def _reconstructions(run_dir: Path, names: list[str], out: Path) -> None:
-    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    model = Autoencoder(AutoencoderConfig.from_dict(saved["model_config"]))
-    model.load_state_dict(saved["autoencoder"])
+def _reconstructions(run: rf.Run, names: list[str], out: Path) -> None:
+    model = Autoencoder(run.weights.model_config)
+    model.load_state_dict(run.weights.autoencoder)
     model.eval()
-    ex = np.load(run_dir / "examples.npz")
-    x = torch.from_numpy(ex["x"])
+    ex = run.examples
+    x = torch.from_numpy(ex.x)
     with torch.no_grad():
         recon = model(x)[0].numpy()
     n = len(x)
@@ -93,12 +92,12 @@ def _reconstructions(run_dir: Path, names: list[str], out: Path) -> None:
     for j in range(n):
         for i, (title, ch, rec) in enumerate(rows):
             ax = axes[i, j] if n > 1 else axes[i]
-            ax.imshow((recon if rec else ex["x"])[j, ch], cmap="viridis", vmin=0, vmax=1)
+            ax.imshow((recon if rec else ex.x)[j, ch], cmap="viridis", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
                 ax.set_ylabel(title, fontsize=7)
-        label = names[int(ex["y"][j])] if ex["y"][j] >= 0 else "unlabelled"
+        label = names[int(ex.y[j])] if ex.y[j] >= 0 else "unlabelled"
         (axes[0, j] if n > 1 else axes[0]).set_title(label, fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -114,24 +113,23 @@ def _class_table(m: dict[str, Any]) -> list[str]:
 
 
 def write_report(run_dir: Path) -> Path:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    history = json.loads((run_dir / "history.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
-    emb = np.load(run_dir / "embeddings.npz")
+    run = rf.load_run(run_dir)
+    metrics, history, emb = run.metrics, run.history, run.embeddings
     use_tta = metrics["tta_dihedral"]
     probe = metrics["probe_tta" if use_tta else "probe"]
     names = probe["class_names"]
     _curves(history, run_dir / "curves.png")
     _confusion(probe["confusion_matrix"], names, run_dir / "confusion.png")
-    method = _umap(emb["z"], emb["y"], names, run_dir / "latent_umap.png")
-    _reconstructions(run_dir, names, run_dir / "reconstructions.png")
+    method = _umap(emb.z, emb.y, names, run_dir / "latent_umap.png")
+    _reconstructions(run, names, run_dir / "reconstructions.png")
     raw = metrics.get("raw_pixels_logreg")
-    t = config["trainer"]
+    t = run.config.trainer
     lines = [
         f"# Training report: {run_dir.name}",
         "",
-        f"Model: {t['model_kind']} latent {t['latent_dim']}, augmentation {t['augment']}, extra objective "
-        f"{t['extra_objective']}, lr {t['lr']}, batch {t['batch_size']}, {metrics['epochs_run']} epochs "
+        f"Model: {t.autoencoder.kind} latent {t.autoencoder.latent_dim}, channels {t.autoencoder.channels}, "
+        f"augmentation {t.augment}, extra objective {t.extra_objective}, lr {t.lr}, batch {t.batch_size}, "
+        f"{metrics['epochs_run']} epochs "
         f"(best {metrics['best_epoch']}), device {metrics['device']}, {metrics['train_seconds']:.0f} s.",
         f"Embedding used by the probe: {'mean over the 8 flips/rotations' if use_tta else 'plain z'}.",
         "",

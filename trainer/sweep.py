@@ -5,7 +5,6 @@ the raw-pixel logistic regression on the same splits as the reference. One table
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ EXPERIMENTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "beyond the study": [
         ("AE + invariance z=42", {"extra_objective": "invariance"}),
         ("AE + invariance z=130", {"extra_objective": "invariance", "latent_dim": 130}),
-        ("VAE z=42", {"model_kind": "vae"}),
+        ("VAE z=42", {"kind": "vae"}),
         ("AE + contrastive z=42", {"extra_objective": "contrastive", "extra_weight": 1.0}),
         ("AE + contrastive z=42, up to 300 epochs", {"extra_objective": "contrastive", "extra_weight": 1.0, "max_epochs": 300}),
         ("AE + contrastive z=130, up to 300 epochs",
@@ -51,7 +50,11 @@ _DATASET = None
 
 def _effective(overrides: dict[str, Any], base: TrainerConfig) -> dict[str, Any]:
     """Overrides that differ from the base config (so 'z=42' and the default are one run)."""
-    return {k: v for k, v in overrides.items() if getattr(base, k) != v}
+
+    def current(k: str) -> Any:
+        return getattr(base.autoencoder, k) if hasattr(base.autoencoder, k) else getattr(base, k)
+
+    return {k: v for k, v in overrides.items() if current(k) != (tuple(v) if isinstance(v, list) else v)}
 
 
 def _key(overrides: dict[str, Any]) -> str:
@@ -72,16 +75,17 @@ def _init(paths: list[str], labels_csv: str | None, limit: int | None) -> None:
 
 
 def _one(cfg_dict: dict[str, Any], run_dir: str, smoke: bool) -> dict[str, Any]:
+    from config.trainer import trainer_config_from_dict
+    from trainer import run_folder as rf
     from trainer.fit import EVAL_VERSION, reevaluate_run, run_fit
 
     assert _DATASET is not None
-    cfg = TrainerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
-    done = Path(run_dir) / "metrics.json"
-    if done.exists():
-        metrics = json.loads(done.read_text())
+    cfg = trainer_config_from_dict(cfg_dict)
+    if rf.is_finished(Path(run_dir)):
+        metrics = rf.load_metrics(Path(run_dir))
         if metrics.get("eval_version") == EVAL_VERSION:
             return metrics
-        if (Path(run_dir) / "model.pt").exists():
+        if rf.has_weights(Path(run_dir)):
             return reevaluate_run(Path(run_dir), _DATASET, cfg)
     return run_fit(cfg, _DATASET, Path(run_dir), smoke=smoke, show_progress=False)
 
@@ -116,10 +120,10 @@ def run_sweep(
     tasks = []
     for key, ov in configs.items():
         for seed in range(seeds):
-            cfg = dataclasses.replace(base, seed=seed, device="cpu" if jobs > 1 else base.device, **ov)
+            cfg = base.with_overrides(seed=seed, device="cpu" if jobs > 1 else base.device, **ov)
             if max_epochs is not None and "max_epochs" not in ov:  # a row may set its own
-                cfg = dataclasses.replace(cfg, max_epochs=max_epochs)
-            tasks.append((key, seed, dataclasses.asdict(cfg), str(out / key / f"seed{seed}")))
+                cfg = cfg.with_overrides(max_epochs=max_epochs)
+            tasks.append((key, seed, cfg.to_dict(), str(out / key / f"seed{seed}")))
     results: dict[tuple[str, int], dict[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=jobs, initializer=_init, initargs=(paths, labels_csv, limit)) as pool:
         futs = {pool.submit(_one, c, d, smoke): (k, s) for k, s, c, d in tasks}

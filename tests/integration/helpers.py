@@ -17,7 +17,7 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from config import Config, load_config
+from config import ConsumerConfig, load_consumer_config
 from consumer.peek import read_output_topic
 from consumer.results import decode_result
 
@@ -76,7 +76,7 @@ class Outcome:
         }
 
 
-def read_dead_letters(cfg: Config) -> list[tuple[bytes, dict[str, bytes]]]:
+def read_dead_letters(cfg: ConsumerConfig) -> list[tuple[bytes, dict[str, bytes]]]:
     c = Consumer({"bootstrap.servers": cfg.kafka.bootstrap_servers, "group.id": f"dlq-reader-{time.time()}", "auto.offset.reset": "earliest"})
     try:
         md = c.list_topics(cfg.kafka.dead_letter_topic, timeout=10).topics[cfg.kafka.dead_letter_topic]
@@ -97,7 +97,7 @@ def read_dead_letters(cfg: Config) -> list[tuple[bytes, dict[str, bytes]]]:
 
 
 def outcome(config_path: Path) -> Outcome:
-    cfg = load_config(config_path, env={})
+    cfg = load_consumer_config(config_path, env={})
     records = [decode_result(v) for v in read_output_topic(cfg, cfg.kafka.output_topic)]
     r = redis.Redis.from_url(cfg.redis.url)
     prefix = f"{cfg.redis.key_prefix}:cand:"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from alertgen import make_alert
 from conftest import ROOT, Stack
 
-from config import load_config
-from consumer.alert_decoder import SchemaCache, decode_alert
-from consumer.results import embedding_from_redis
+from alerts.decoder import SchemaCache, decode_alert
+from alerts.synthetic import make_alert
+from config import load_consumer_config
+from consumer.redis_sink import embedding_from_redis
 
 from .helpers import create_topic, outcome, produce, run_consumer
 
@@ -62,7 +62,7 @@ def test_replay_consume_publish_commit(stack: Stack, corpus: list[bytes], tmp_pa
     print("\nend-to-end:", o.summary(good, len(bad)))
 
     # Redis layout: hash per candid with the embedding, latest-per-object entries
-    cfg = load_config(cfg_path, env={})
+    cfg = load_consumer_config(cfg_path, env={})
     r = redis.Redis.from_url(cfg.redis.url)
     some = next(iter(good))
     h = r.hgetall(f"{cfg.redis.key_prefix}:cand:{some}")
@@ -106,8 +106,8 @@ def test_redis_sink_reloads_its_script_after_a_flush(stack: Stack) -> None:
     """A restarted Redis has no scripts: the sink loads its compare-and-set script again."""
     import numpy as np
 
+    from consumer.redis_sink import RedisSink
     from consumer.results import Result
-    from consumer.sinks import RedisSink
 
     r = redis.Redis.from_url(stack.redis_url)
     sink = RedisSink(r, "scripttest", 60)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import fastavro
 import pytest
-from alertgen import make_alert
 from confluent_kafka import Producer
 from conftest import Stack
 
-from consumer.alert_decoder import SchemaCache, decode_alert
+from alerts.decoder import SchemaCache, decode_alert
+from alerts.synthetic import make_alert
 from model.bundle import save_bundle, seed_bundle
 
 from .helpers import consumer_process, create_topic, outcome
@@ -252,11 +252,11 @@ def test_broken_bundle_keeps_old_model(stack: Stack, corpus: list[bytes], tmp_pa
     wait_until(lambda: _metric(port, "stampstream_model_reload_failures_total") >= 1, 60, "the reload failure metric")
     finish(proc, cfg_path, stack, data, candids, feeder)
     figures = check(cfg_path, candids, bad)
-    from config import load_config
+    from config import load_consumer_config
     from consumer.peek import read_output_topic
     from consumer.results import decode_result
 
-    cfg = load_config(cfg_path, env={})
+    cfg = load_consumer_config(cfg_path, env={})
     models = {(r["model_name"], r["model_version"]) for r in map(decode_result, read_output_topic(cfg, cfg.kafka.output_topic))}
     assert models == {("old-model", "7")}
     assert "model reload failed, keeping old-model:7" in (tmp_path / "c.log").read_text()

@@ -10,8 +10,8 @@ import pytest
 import redis
 from conftest import Stack, _free_port
 
-from consumer.results import Result, embedding_from_redis
-from consumer.sinks import RedisSink
+from consumer.redis_sink import RedisSink, embedding_from_redis
+from consumer.results import Result
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def test_send_then_wait_stores_the_batch_and_keeps_the_connection_in_step(stack:
 
 
 def test_wait_raises_a_sink_error_when_redis_is_unreachable(stack: Stack) -> None:
-    from consumer.sinks import SinkError
+    from consumer.retry import SinkError
 
     dead = redis.Redis(host="127.0.0.1", port=_free_port(), socket_connect_timeout=1)
     sink = RedisSink(dead, "deadtest", 60)

@@ -7,22 +7,22 @@ from pathlib import Path
 
 import yaml
 
-from config import load_config, parse_config
+from config import load_consumer_config, parse_consumer_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_example_configs_load() -> None:
     for name in ("local.yaml", "remote-example.yaml"):
-        cfg = load_config(ROOT / "config" / name, env={})
+        cfg = load_consumer_config(ROOT / "config" / name, env={})
         assert cfg.kafka.output_topic
-    cfg = load_config(ROOT / "deploy" / "compose" / "consumer.yaml", env={})
+    cfg = load_consumer_config(ROOT / "deploy" / "compose" / "consumer.yaml", env={})
     assert cfg.metrics.log_format == "json"
 
 
 def test_k8s_configmap_holds_a_valid_config_and_probes_use_the_metrics_port() -> None:
     cm = yaml.safe_load((ROOT / "deploy" / "k8s" / "configmap.yaml").read_text())
-    cfg = parse_config(yaml.safe_load(cm["data"]["config.yaml"]))
+    cfg = parse_consumer_config(yaml.safe_load(cm["data"]["config.yaml"]))
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()))
     dep = next(d for d in docs if d["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from consumer.inference import CHUNK, ModelRunner, select_device
+from consumer.inference import CHUNK, ModelRunner
 from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
 from model.bundle import BundleError, load_bundle, save_bundle, seed_bundle
 from model.classifier import StampClassifier
+from model.device import select_device
 from model.preprocess import normalise
 
 

@@ -7,14 +7,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.results import (
-    Result,
-    ResultEncoder,
-    decode_result,
-    embedding_from_redis,
-    output_schema_json,
-    redis_fields,
-)
+from consumer.redis_sink import embedding_from_redis, redis_fields
+from consumer.results import Result, ResultEncoder, decode_result, output_schema_json
 
 
 def _result(candid: int = 123) -> Result:

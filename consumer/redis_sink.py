@@ -1,9 +1,14 @@
-"""The two sinks (output/dead-letter Kafka topics, Redis) and the client settings built from config.
+"""The Redis layout and its sink: which keys and fields hold a result, the batch script that
+writes them, and the hand-packed command that sends it.
 
-Both sinks are written so that a retry of a whole batch is harmless: Kafka messages are keyed by
-candid (at-least-once: a retry may duplicate a message in the output topic, never lose one), Redis
-writes are HSETs keyed by candid and a compare-by-jd update of the per-object entry (a replay
-overwrites, never duplicates).
+| key | type | fields |
+|---|---|---|
+| ``{prefix}:cand:{candid}`` | hash | ``redis_fields`` of the result |
+| ``{prefix}:obj:{objectId}`` | hash | the same, for the latest alert of the object (by jd, then candid) |
+
+Every key gets the TTL. A retry of a whole batch is harmless: HSETs keyed by candid, and a
+compare-by-jd update of the per-object entry (a replay overwrites, never duplicates, and never
+moves "latest" backwards).
 """
 
 from __future__ import annotations
@@ -12,107 +17,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import redis
-from confluent_kafka import KafkaError, Producer
 
-from config import KafkaConfig, RedisConfig
-from consumer.results import Result, redis_fields
-
-
-class SinkError(RuntimeError):
-    """A sink did not acknowledge every write of a batch; the batch is retried, offsets not committed."""
+from consumer.results import Result
+from consumer.retry import SinkError
 
 
-def kafka_common(cfg: KafkaConfig) -> dict[str, Any]:
-    """Bootstrap and security settings shared by consumer, producer and admin clients."""
-    s = cfg.security
-    out: dict[str, Any] = {"bootstrap.servers": cfg.bootstrap_servers, "security.protocol": s.protocol}
-    optional = {
-        "sasl.mechanism": s.sasl_mechanism,
-        "sasl.username": s.sasl_username,
-        "sasl.password": s.sasl_password,
-        "ssl.ca.location": s.ssl_ca_location,
-        "ssl.certificate.location": s.ssl_certificate_location,
-        "ssl.key.location": s.ssl_key_location,
+def redis_fields(r: Result) -> dict[str, str | bytes]:
+    """Hash fields written to Redis for one result (documented in README, "Redis keys").
+
+    ``embedding`` is little-endian float32 bytes, the layout Redis vector search (FT.CREATE ...
+    VECTOR FLOAT32) reads directly."""
+    fields: dict[str, str | bytes] = {
+        "candid": str(r.candid),
+        "objectId": r.object_id,
+        "jd": repr(r.jd),
+        "fid": str(r.fid),
+        "ra": repr(r.ra),
+        "dec": repr(r.dec),
+        "class": r.predicted_class,
+        "probability": f"{float(r.probabilities[r.predicted_index]):.6f}",
+        "embedding": np.asarray(r.embedding, dtype="<f4").tobytes(),
+        "model": f"{r.model_name}:{r.model_version}",
+        "padded": "1" if r.cutout_padded else "0",
+        "processed_at": str(r.processed_at_ms),
     }
-    out.update({k: v for k, v in optional.items() if v})
-    return out
+    for name, p in zip(r.class_names, r.probabilities, strict=True):
+        fields[f"p_{name}"] = f"{float(p):.6f}"
+    return fields
 
 
-def consumer_settings(cfg: KafkaConfig) -> dict[str, Any]:
-    return kafka_common(cfg) | {
-        "group.id": cfg.group_id,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": cfg.auto_offset_reset,
-        "session.timeout.ms": cfg.session_timeout_ms,
-        "max.poll.interval.ms": cfg.max_poll_interval_ms,
-        "partition.assignment.strategy": "cooperative-sticky",
-        # ZTF messages are ~60 KB: fetch in large chunks (the 1 MB default per partition means one
-        # broker round trip per ~16 alerts), but bound the prefetch queue: in-flight memory is
-        # this plus the batches in hand. When that queue is full librdkafka stops fetching for
-        # fetch.queue.backoff.ms, 1 s by default: with a busy consumer that cut throughput 8x
-        # (benchmark), so it is short here.
-        "max.partition.fetch.bytes": 4 * 1024 * 1024,
-        "fetch.max.bytes": 16 * 1024 * 1024,
-        "queued.max.messages.kbytes": 32768,
-        "fetch.queue.backoff.ms": 10,
-    }
-
-
-def producer_settings(cfg: KafkaConfig) -> dict[str, Any]:
-    return kafka_common(cfg) | {
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": cfg.producer_linger_ms,
-        "compression.type": cfg.compression,
-        "queue.buffering.max.messages": cfg.producer_queue_max_messages,
-        "message.max.bytes": 16 * 1024 * 1024,
-        "message.timeout.ms": 120000,
-    }
-
-
-@dataclass
-class Outgoing:
-    topic: str
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]] | None = None
-
-
-class KafkaSink:
-    """Produce a batch and wait until the broker has acknowledged all of it."""
-
-    def __init__(self, producer: Producer) -> None:
-        self.producer = producer
-
-    def send(self, messages: Sequence[Outgoing], flush_timeout_s: float) -> None:
-        """Raises SinkError with the failed messages (only those are retried by the caller)."""
-        failed: list[Outgoing] = []
-        errors: list[str] = []
-
-        def on_delivery(msg_index: int):
-            def cb(err: KafkaError | None, _msg: Any) -> None:
-                if err is not None:
-                    failed.append(messages[msg_index])
-                    errors.append(str(err))
-
-            return cb
-
-        for i, m in enumerate(messages):
-            while True:
-                try:
-                    self.producer.produce(m.topic, m.value, m.key, headers=m.headers, on_delivery=on_delivery(i))
-                    break
-                except BufferError:
-                    self.producer.poll(0.1)  # local queue full: serve deliveries, then try again
-        remaining = self.producer.flush(flush_timeout_s)
-        if remaining:
-            raise SinkError(f"{remaining} message(s) not acknowledged within {flush_timeout_s}s")
-        if failed:
-            exc = SinkError(f"{len(failed)} message(s) failed: {errors[0]}")
-            exc.failed = failed  # type: ignore[attr-defined]
-            raise exc
+def embedding_from_redis(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype="<f4")
 
 
 # One call per batch. For each alert: the per-candid hash (HSET + EXPIRE), then the per-object
@@ -161,15 +98,6 @@ def candid_key(prefix: str, candid: int) -> str:
 
 def object_key(prefix: str, object_id: str) -> str:
     return f"{prefix}:obj:{object_id}"
-
-
-def redis_client(cfg: RedisConfig) -> redis.Redis:
-    kwargs: dict[str, Any] = {"socket_timeout": cfg.socket_timeout_s, "socket_connect_timeout": cfg.socket_timeout_s}
-    if cfg.password:
-        kwargs["password"] = cfg.password
-    if cfg.tls and not cfg.url.startswith("rediss://"):
-        kwargs["ssl"] = True
-    return redis.Redis.from_url(cfg.url, **kwargs)
 
 
 def resp_command(*args: bytes) -> bytes:
@@ -228,7 +156,7 @@ class RedisSink:
                 self._sha = sha if isinstance(sha, bytes) else sha.encode()
             payload = self._pack(results)
             conn = self.client.connection_pool.get_connection()
-            conn.send_packed_command([payload])
+            conn.send_packed_command([payload])  # type: ignore[no-untyped-call]
         except redis.RedisError as e:
             if conn is not None:
                 self._drop(conn)

@@ -1,4 +1,7 @@
-"""Valid ZTF-like alerts with generated cutouts, so that every test runs without ../shared.
+"""Valid ZTF-like alerts with generated cutouts, so that tests, the demo and the benchmark run on a
+machine without real alerts.
+
+    python -m alerts.synthetic --out DIR --n N      # N alerts, one .avro file each
 
 The schema is a faithful subset of the official ztf.alert v4.02 layout (same field order, unions,
 cutout record), written as one-record Avro containers like the real stream.
@@ -15,7 +18,7 @@ import fastavro
 import numpy as np
 from astropy.io import fits
 
-from consumer.avro_framing import ContainerFramer
+from alerts.framing import ContainerFramer
 
 _CANDIDATE_FIELDS = [
     {"name": "jd", "type": "double"},
@@ -130,9 +133,12 @@ def make_alert(
         mask = rng.random(shape) < nan_fraction
         sci_img[mask] = np.nan
         dif_img[mask] = np.nan
-    cut = lambda b, name: None if b is None else {"fileName": f"candid{candid}_{name}{file_suffix}", "stampData": b}  # noqa: E731
+    def cut(b: bytes | None, name: str) -> dict[str, object] | None:
+        return None if b is None else {"fileName": f"candid{candid}_{name}{file_suffix}", "stampData": b}
+
     sci = fits_gz(sci_img) if science == "make" else science
     dif = fits_gz(dif_img) if difference == "make" else difference
+    assert not isinstance(sci, str) and not isinstance(dif, str), 'cutouts: bytes, None or "make"'
     jd = 2460000.5 + (candid % 100000) / 1000
     rec = {
         "schemavsn": "4.02",
@@ -160,3 +166,22 @@ def make_alert(
 
 def make_alerts(n: int, start: int = 2_400_000_000_000_000_000, kinds: tuple[str, ...] = ("point", "extended", "streak", "none")) -> list[GeneratedAlert]:
     return [make_alert(start + i, kind=kinds[i % len(kinds)]) for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m alerts.synthetic", description="write N generated valid alerts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=500)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for alert in make_alerts(a.n):
+        (out / f"{alert.candid}.avro").write_bytes(alert.message)
+    print(f"wrote {a.n} alerts to {out}")
+
+
+if __name__ == "__main__":
+    main()

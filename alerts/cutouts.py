@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from isal import isal_zlib
 
-from consumer.errors import CutoutError
+from alerts.errors import CutoutError
 
 STAMP_SIZE = 63
 CROP_SIZE = 21

@@ -16,7 +16,7 @@ from pathlib import Path
 import fastavro
 from fastavro import schemaless_writer
 
-from consumer.avro_framing import ContainerFramer
+from alerts.framing import ContainerFramer
 
 AVRO_SUFFIXES = (".avro",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -35,7 +35,7 @@ def messages_from_container(data: bytes) -> Iterator[bytes]:
     parsed = fastavro.parse_schema(blocks.writer_schema)
     for block in blocks:
         if block.num_records == 1:
-            yield framer.frame(block.bytes_.getvalue())
+            yield framer.frame(block.bytes_.getvalue())  # type: ignore[attr-defined]  # untyped in fastavro
             continue
         for rec in block:
             buf = io.BytesIO()

@@ -1,0 +1,118 @@
+"""The decoded alert: identifiers, the allowlisted candidate fields, the 30-day history and the two
+cutouts the model reads. Plain data; both decoding paths build it, and compare equal on the same
+message (NaN compares equal to NaN here: a null field is NaN in both)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from alerts.allowlist import CANDIDATE_FIELDS
+
+_INDEX = {name: i for i, name in enumerate(CANDIDATE_FIELDS)}
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class History:
+    """``prv_candidates``, one row per entry in the packet's order. Detections have a finite
+    ``magpsf``; non-detections (upper limits) have NaN there and their limit in ``diffmaglim``.
+    ``positive``: 1 where isdiffpos is 't'/'1', 0 where 'f'/'0', -1 where null."""
+
+    jd: np.ndarray  # float64
+    fid: np.ndarray  # float64 (NaN where null)
+    magpsf: np.ndarray
+    sigmapsf: np.ndarray
+    diffmaglim: np.ndarray
+    positive: np.ndarray  # int8
+
+    @staticmethod
+    def empty() -> History:
+        z = np.zeros(0)
+        return History(z, z, z, z, z, np.zeros(0, np.int8))
+
+    def __len__(self) -> int:
+        return int(self.jd.shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, History):
+            return NotImplemented
+        return all(_same(getattr(self, f), getattr(other, f)) for f in History.__dataclass_fields__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def sign_of(isdiffpos: str | bytes | None) -> int:
+    """isdiffpos -> 1 (positive difference), 0 (negative), -1 (unknown)."""
+    if isdiffpos is None or len(isdiffpos) == 0:
+        return -1
+    c = isdiffpos[0]
+    c = chr(c) if isinstance(c, int) else c
+    return 1 if c in ("t", "1") else 0 if c in ("f", "0") else -1
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Alert:
+    """One ZTF alert as the service uses it. ``candidate`` holds the values of
+    ``allowlist.CANDIDATE_FIELDS`` in that order (float64; NaN where null or absent from the writer
+    schema). Cutouts stay as the gzipped FITS bytes of the packet."""
+
+    candid: int
+    object_id: str
+    schema_version: str
+    candidate: np.ndarray
+    isdiffpos: str | None
+    history: History
+    science: bytes | None
+    difference: bytes | None
+
+    def value(self, name: str) -> float:
+        return float(self.candidate[_INDEX[name]])
+
+    def _optional(self, name: str) -> float | None:
+        v = self.value(name)
+        return None if np.isnan(v) else v
+
+    @property
+    def jd(self) -> float:
+        return self.value("jd")
+
+    @property
+    def fid(self) -> int:
+        return int(self.value("fid"))
+
+    @property
+    def ra(self) -> float:
+        return self.value("ra")
+
+    @property
+    def dec(self) -> float:
+        return self.value("dec")
+
+    @property
+    def xpos(self) -> float | None:
+        return self._optional("xpos")
+
+    @property
+    def ypos(self) -> float | None:
+        return self._optional("ypos")
+
+    @property
+    def magpsf(self) -> float | None:
+        return self._optional("magpsf")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Alert):
+            return NotImplemented
+        return (
+            (self.candid, self.object_id, self.schema_version, self.isdiffpos, self.science, self.difference)
+            == (other.candid, other.object_id, other.schema_version, other.isdiffpos, other.science, other.difference)
+            and _same(self.candidate, other.candidate)
+            and self.history == other.history
+        )
+
+    __hash__ = None  # type: ignore[assignment]

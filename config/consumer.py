@@ -1,0 +1,151 @@
+"""The consumer daemon's configuration (``consumer run --config``): Kafka, Redis, batching, model,
+metrics. Only endpoints and secrets may come from the environment (``ENV_OVERRIDES``), so that the
+YAML in a ConfigMap stays the single source of behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from config.loader import ConfigError, build, read_yaml
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """Passed through to librdkafka; secrets come from the environment, never from the YAML."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_ca_location: str = ""
+    ssl_certificate_location: str = ""
+    ssl_key_location: str = ""
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "stampstream"
+    input_topics: tuple[str, ...] = ("ztf-alerts",)
+    output_topic: str = "stampstream-embeddings"
+    dead_letter_topic: str = "stampstream-dead-letters"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = 45000
+    max_poll_interval_ms: int = 300000
+    # Producer back-pressure: librdkafka's local queue; when it is full we flush before producing more.
+    producer_queue_max_messages: int = 100000
+    producer_linger_ms: int = 20
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    # A dead letter keeps the raw message; larger ones are cut to this size (header: original size),
+    # so that one huge bad message can never block the stream on the broker's message size limit.
+    dead_letter_max_bytes: int = 900_000
+    flush_timeout_s: float = 30.0
+    security: KafkaSecurity = KafkaSecurity()
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    password: str = field(default="", repr=False)
+    tls: bool = False
+    key_prefix: str = "stamp"
+    ttl_seconds: int = 7 * 24 * 3600
+    socket_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch: int = 512
+    max_wait_ms: int = 200
+    # Overlap: infer batch N on a worker thread while batch N+1 is consumed and decoded, and read
+    # Redis' answer to batch N-1 after that (three batches in hand at most). Off: one batch at a
+    # time, strictly sequential.
+    pipeline: bool = True
+    # Sink retries: exponential backoff between these bounds, forever (the partitions are paused
+    # meanwhile), because giving up would mean either losing results or committing unprocessed offsets.
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    bundle_path: str = "model/bundles/default.pt"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    reload_check_s: float = 10.0
+    # Average the embedding over the 8 flips/rotations of the stamp (rotation-invariant pooling).
+    # None: use what the bundle was trained with.
+    tta_dihedral: bool | None = None
+    # Threads of torch's CPU inference. 0: the CPUs this process may use minus one (at least 1),
+    # since the main thread needs a core of its own for decoding; torch's default (all of them)
+    # made the consumer 20 % slower on 2 cores (docs/benchmarks.md). Set it to the container's CPU
+    # limit minus one in Kubernetes, where the process sees the node's CPUs.
+    torch_threads: int = 0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "0.0.0.0"
+    port: int = 9108  # 0 disables the HTTP endpoint
+    progress_interval_s: float = 30.0
+    lag_interval_s: float = 15.0
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    kafka: KafkaConfig = KafkaConfig()
+    redis: RedisConfig = RedisConfig()
+    batching: BatchingConfig = BatchingConfig()
+    model: ModelConfig = ModelConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+# Environment variable -> (section path, field). Endpoints and secrets only.
+ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    "STAMPSTREAM_KAFKA_BOOTSTRAP_SERVERS": (("kafka",), "bootstrap_servers"),
+    "STAMPSTREAM_KAFKA_SASL_USERNAME": (("kafka", "security"), "sasl_username"),
+    "STAMPSTREAM_KAFKA_SASL_PASSWORD": (("kafka", "security"), "sasl_password"),
+    "STAMPSTREAM_KAFKA_SSL_CA_LOCATION": (("kafka", "security"), "ssl_ca_location"),
+    "STAMPSTREAM_REDIS_URL": (("redis",), "url"),
+    "STAMPSTREAM_REDIS_PASSWORD": (("redis",), "password"),
+}
+
+
+def _validate(cfg: ConsumerConfig) -> None:
+    b = cfg.batching
+    if b.max_batch < 1 or b.max_wait_ms < 0:
+        raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
+    if not cfg.kafka.input_topics:
+        raise ConfigError("kafka.input_topics: at least one topic")
+
+
+def _apply_env(cfg: ConsumerConfig, env: Mapping[str, str]) -> ConsumerConfig:
+    for var, (path, name) in ENV_OVERRIDES.items():
+        if var not in env:
+            continue
+        parents: list[Any] = [cfg]
+        for part in path:
+            parents.append(getattr(parents[-1], part))
+        node = dataclasses.replace(parents[-1], **{name: env[var]})
+        for part, parent in zip(reversed(path), reversed(parents[:-1]), strict=True):
+            node = dataclasses.replace(parent, **{part: node})
+        cfg = node
+    return cfg
+
+
+def parse_consumer_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> ConsumerConfig:
+    """Build a ConsumerConfig from already-parsed YAML (pure; ``env`` defaults to no overrides)."""
+    cfg = build(ConsumerConfig, data or {})
+    cfg = _apply_env(cfg, env or {})
+    _validate(cfg)
+    return cfg
+
+
+def load_consumer_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> ConsumerConfig:
+    """Read the YAML file (None: all defaults) and apply the environment overrides."""
+    return parse_consumer_config(read_yaml(path), os.environ if env is None else env)

@@ -1,0 +1,82 @@
+"""The offline trainer's configuration (``trainer fit --config``), a root of its own: the consumer
+never reads or validates it. The architecture is ``model.spec.AutoencoderConfig``, embedded, so a
+run folder and a bundle describe the model with the very same fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from config.loader import ConfigError, build, read_yaml
+from model.spec import AutoencoderConfig
+
+_ARCH_FIELDS = {f.name for f in dataclasses.fields(AutoencoderConfig)}
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    kl_weight: float = 1e-3
+    batch_size: int = 100
+    lr: float = 3.33e-5
+    max_epochs: int = 300
+    patience: int = 15
+    augment: Literal["none", "flips_rotations", "flips_rotations_tiles"] = "flips_rotations"
+    tile_grid: int = 3
+    # Extra objective beside reconstruction: "none" (the study); "invariance": the z of two views
+    # (flip/rotation + noise) of a stamp are pulled together; "contrastive": NT-Xent over the batch.
+    extra_objective: Literal["none", "invariance", "contrastive"] = "none"
+    extra_weight: float = 0.1
+    probe_epochs: int = 200  # full-batch L-BFGS iterations
+    # L2 penalty of the probe, chosen on the validation objects among these values
+    probe_l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    seed: int = 0
+    labels_csv: str = ""  # empty: labels.csv found beside the alerts folder, if any
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = 0
+
+    def with_overrides(self, **overrides: Any) -> TrainerConfig:
+        """A copy with fields replaced; architecture fields (kind, latent_dim, channels) go to
+        ``autoencoder``, so sweep rows can name them flat."""
+        arch = {k: v for k, v in overrides.items() if k in _ARCH_FIELDS}
+        rest = {k: v for k, v in overrides.items() if k not in _ARCH_FIELDS}
+        if "channels" in arch:
+            arch["channels"] = tuple(arch["channels"])
+        if arch:
+            rest["autoencoder"] = dataclasses.replace(self.autoencoder, **arch)
+        return validate_trainer_config(dataclasses.replace(self, **rest))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["autoencoder"] = self.autoencoder.to_dict()
+        d["probe_l2_grid"] = list(self.probe_l2_grid)
+        return d
+
+
+def validate_trainer_config(cfg: TrainerConfig) -> TrainerConfig:
+    a = cfg.autoencoder
+    if a.latent_dim < 1:
+        raise ConfigError("autoencoder.latent_dim must be >= 1")
+    if len(a.channels) != 2 or min(a.channels) < 1:
+        raise ConfigError("autoencoder.channels must be two positive integers")
+    if cfg.batch_size < 1 or cfg.max_epochs < 0:
+        raise ConfigError("batch_size must be >= 1 and max_epochs >= 0")
+    return cfg
+
+
+def parse_trainer_config(data: Mapping[str, Any] | None) -> TrainerConfig:
+    return validate_trainer_config(build(TrainerConfig, data or {}))
+
+
+def trainer_config_from_dict(d: Mapping[str, Any]) -> TrainerConfig:
+    """The inverse of ``TrainerConfig.to_dict`` (run folders store it as JSON)."""
+    return parse_trainer_config(d)
+
+
+def load_trainer_config(path: str | os.PathLike[str] | None) -> TrainerConfig:
+    return parse_trainer_config(read_yaml(path))

@@ -1,0 +1,321 @@
+"""The main loop, driven with real ``confluent_kafka.Message`` objects and in-memory sinks: commit
+only after both sinks acknowledged, pause/resume while a sink fails, partitions revoked with
+batches in flight, a stop signal mid-batch, and counters that agree with the metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from confluent_kafka import KafkaError, Message, TopicPartition
+
+from alerts.synthetic import make_alert
+from config import parse_consumer_config
+from consumer.batches import ModelMeta
+from consumer.daemon import StreamProcessor
+from consumer.inference import ReloadOutcome
+from consumer.kafka_sink import Outgoing
+from consumer.metrics import Metrics
+from consumer.results import decode_result
+from consumer.retry import AbortRequested, SinkError
+
+TOPIC = "in"
+OUT = "out"
+DLQ = "dlq"
+START = 2_600_000_000_000_000_000
+
+
+@pytest.fixture(scope="module")
+def alerts() -> list[bytes]:
+    return [make_alert(START + i).message for i in range(24)]
+
+
+class FakeConsumer:
+    """The part of confluent_kafka.Consumer the loop uses, over a list of Messages."""
+
+    def __init__(self, messages: list[Message], partitions: list[int]) -> None:
+        self.queue = list(messages)
+        self.parts = [TopicPartition(TOPIC, p) for p in partitions]
+        self.paused: list[list[TopicPartition]] = []
+        self.resumed: list[list[TopicPartition]] = []
+        self.commits: list[list[TopicPartition]] = []
+        self.on_commit: Callable[[list[TopicPartition]], None] = lambda _tps: None
+        self.before_consume: Callable[[int], None] = lambda _n: None
+        self.consume_calls = 0
+        self._on_assign: Any = None
+        self._on_revoke: Any = None
+
+    def subscribe(self, topics: list[str], on_assign: Any, on_revoke: Any) -> None:
+        assert topics == [TOPIC]
+        self._on_assign, self._on_revoke = on_assign, on_revoke
+        on_assign(self, self.parts)
+
+    def revoke(self, partition: int) -> None:
+        gone = [tp for tp in self.parts if tp.partition == partition]
+        self.parts = [tp for tp in self.parts if tp.partition != partition]
+        self._on_revoke(self, gone)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        self.consume_calls += 1
+        self.before_consume(self.consume_calls)
+        if not self.queue:
+            time.sleep(min(timeout, 0.005))
+            return []
+        got, self.queue = self.queue[:num_messages], self.queue[num_messages:]
+        return got
+
+    def assignment(self) -> list[TopicPartition]:
+        return list(self.parts)
+
+    def pause(self, parts: list[TopicPartition]) -> None:
+        self.paused.append(parts)
+
+    def resume(self, parts: list[TopicPartition]) -> None:
+        self.resumed.append(parts)
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        assert asynchronous is False
+        self.on_commit(offsets)
+        self.commits.append(offsets)
+
+    def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        return parts
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+        return 0, 0
+
+
+class FakeKafkaSink:
+    def __init__(self) -> None:
+        self.acked: list[Outgoing] = []
+        self.fail_next = 0
+        self.on_send: Callable[[], None] = lambda: None
+
+    def send(self, messages: list[Outgoing], flush_timeout_s: float) -> None:
+        self.on_send()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkError("broker down")
+        self.acked.extend(messages)
+
+
+@dataclass
+class FakeRequest:
+    results: list[Any]
+    sent: bool = True
+
+
+@dataclass
+class FakeRedisSink:
+    stored: dict[int, Any] = field(default_factory=dict)
+    fail_next: int = 0
+    abandoned: int = 0
+
+    def send(self, results: list[Any]) -> FakeRequest:
+        return FakeRequest(list(results))
+
+    def wait(self, request: FakeRequest) -> None:
+        if not request.results:
+            return
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkError("redis down")
+        for r in request.results:
+            self.stored[r.candid] = r
+
+    def write(self, results: list[Any]) -> None:
+        self.wait(self.send(results))
+
+    def abandon(self, request: FakeRequest) -> None:
+        self.abandoned += 1
+
+
+class FakeRunner:
+    name, version = "fake", "1"
+    class_names = ("AGN", "SN", "VS", "asteroid", "bogus")
+    device = torch.device("cpu")
+
+    def snapshot(self) -> tuple[None, ModelMeta]:
+        return None, ModelMeta(self.name, self.version, self.class_names)
+
+    def predict(self, pixels: np.ndarray, model: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        n = len(pixels)
+        return np.zeros((n, 4), np.float32), np.full((n, 5), 0.2, np.float32)
+
+    def maybe_reload(self) -> ReloadOutcome:
+        return ReloadOutcome(False, True)
+
+
+def messages(values: list[bytes], partitions: int = 2) -> list[Message]:
+    """Round-robin over partitions, offsets counting per partition, like a topic would."""
+    next_offset = [0] * partitions
+    out = []
+    for i, v in enumerate(values):
+        p = i % partitions
+        out.append(Message(topic=TOPIC, partition=p, offset=next_offset[p], value=v))
+        next_offset[p] += 1
+    return out
+
+
+@dataclass
+class Harness:
+    proc: StreamProcessor
+    consumer: FakeConsumer
+    kafka: FakeKafkaSink
+    redis: FakeRedisSink
+    sleeps: list[float]
+    metrics: Metrics
+
+    def output_candids(self) -> set[int]:
+        return {decode_result(o.value)["candid"] for o in self.kafka.acked if o.topic == OUT}
+
+    def dead(self) -> list[Outgoing]:
+        return [o for o in self.kafka.acked if o.topic == DLQ]
+
+
+def harness(msgs: list[Message], pipeline: bool = True, max_batch: int = 4, partitions: int = 2) -> Harness:
+    cfg = parse_consumer_config({
+        "kafka": {"input_topics": [TOPIC], "output_topic": OUT, "dead_letter_topic": DLQ},
+        "batching": {"max_batch": max_batch, "max_wait_ms": 0, "pipeline": pipeline, "retry_initial_s": 0.01},
+        "metrics": {"port": 0, "lag_interval_s": 3600},
+    })  # fmt: skip
+    consumer = FakeConsumer(msgs, list(range(partitions)))
+    kafka, redis_sink, sleeps, metrics = FakeKafkaSink(), FakeRedisSink(), [], Metrics()
+    proc = StreamProcessor(cfg, consumer, kafka, redis_sink, FakeRunner(), metrics, sleep=sleeps.append)  # type: ignore[arg-type]
+    proc.subscribe()
+    return Harness(proc, consumer, kafka, redis_sink, sleeps, metrics)
+
+
+def check_commits_follow_both_sinks(h: Harness, msgs: list[Message], good: dict[tuple[int, int], int]) -> None:
+    """At every commit, each message below the committed offset is in both sinks (its result in
+    the output topic and Redis, or its dead letter in the dead-letter topic)."""
+
+    def on_commit(tps: list[TopicPartition]) -> None:
+        out, dead = h.output_candids(), {(int(dict(o.headers or [])["source_partition"]), int(dict(o.headers or [])["source_offset"])) for o in h.dead()}
+        for tp in tps:
+            for m in msgs:
+                if m.partition() == tp.partition and m.offset() < tp.offset:
+                    key = (m.partition(), m.offset())
+                    if key in good:
+                        assert good[key] in out and good[key] in h.redis.stored, f"committed {key} before both sinks had it"
+                    else:
+                        assert key in dead, f"committed {key} before its dead letter was acknowledged"
+
+    h.consumer.on_commit = on_commit
+
+
+def corpus(alerts: list[bytes], bad_every: int = 5) -> tuple[list[Message], dict[tuple[int, int], int]]:
+    values = [b"garbage" if i % bad_every == 3 else a for i, a in enumerate(alerts)]
+    msgs = messages(values)
+    good = {(m.partition(), m.offset()): START + i for i, m in enumerate(msgs) if values[i] != b"garbage"}
+    return msgs, good
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_every_message_lands_once_and_commits_follow_both_sinks(alerts: list[bytes], pipeline: bool) -> None:
+    msgs, good = corpus(alerts)
+    h = harness(msgs, pipeline=pipeline)
+    check_commits_follow_both_sinks(h, msgs, good)
+    stats = h.proc.run(idle_exit_s=0.05)
+    assert h.output_candids() == set(good.values()) == set(h.redis.stored)
+    assert len(h.dead()) == len(msgs) - len(good)
+    assert {dict(o.headers or [])["reason"] for o in h.dead()} == {b"not_avro"}
+    last = {tp.partition: tp.offset for c in h.consumer.commits for tp in c}
+    assert last == {0: 12, 1: 12}, "every partition committed up to its end"
+    assert stats.alerts_in == len(msgs) and stats.alerts_out == len(good)
+    assert stats.dead_letters == len(msgs) - len(good) == stats.dead_reasons["not_avro"]
+
+
+def test_counters_and_metrics_agree_and_kafka_errors_are_not_alerts(alerts: list[bytes]) -> None:
+    msgs = messages(alerts[:6])
+    msgs.insert(2, Message(topic=TOPIC, partition=0, offset=-1, error=KafkaError(KafkaError._TRANSPORT)))
+    h = harness(msgs)
+    stats = h.proc.run(idle_exit_s=0.05)
+    sample = h.metrics.registry.get_sample_value
+    assert stats.alerts_in == 6 == sample("stampstream_alerts_in_total")
+    assert stats.kafka_errors == 1 == sample("stampstream_kafka_errors_total")
+    assert stats.alerts_out == 6 == sample("stampstream_alerts_out_total")
+    assert stats.commits == sample("stampstream_commits_total") > 0
+
+
+@pytest.mark.parametrize("sink", ["kafka", "redis"])
+def test_a_failing_sink_pauses_retries_then_resumes(alerts: list[bytes], sink: str) -> None:
+    msgs, good = corpus(alerts[:12])
+    h = harness(msgs)
+    check_commits_follow_both_sinks(h, msgs, good)
+    (h.kafka if sink == "kafka" else h.redis).fail_next = 3
+    h.proc.run(idle_exit_s=0.05)
+    assert h.consumer.paused and h.consumer.paused == h.consumer.resumed, "paused once, resumed once"
+    assert h.sleeps == [0.01, 0.02, 0.04], "exponential backoff"
+    assert h.output_candids() == set(good.values()) == set(h.redis.stored)
+    assert h.metrics.registry.get_sample_value("stampstream_sink_retries_total", {"sink": sink}) == 3
+    assert h.proc.stats.sink_retries[sink] == 3
+
+
+def test_partitions_revoked_with_batches_in_flight(alerts: list[bytes]) -> None:
+    """Partition 1 is taken away after two batches were read: those batches still reach both
+    sinks, but no offset of partition 1 is committed after the revocation, and its messages read
+    later are dropped unprocessed (the new owner reads them from the last commit)."""
+    msgs = messages(alerts)
+    h = harness(msgs)
+    revoked_at: list[int] = []
+
+    def before(n: int) -> None:
+        if n == 3:
+            h.consumer.revoke(1)
+            revoked_at.append(len(h.consumer.commits))
+
+    h.consumer.before_consume = before
+    h.proc.run(idle_exit_s=0.05)
+    assert revoked_at
+    after = [tp for c in h.consumer.commits[revoked_at[0] :] for tp in c]
+    assert after and all(tp.partition == 0 for tp in after)
+    # the two batches read before the revocation (8 messages, 4 of partition 1) are in both sinks
+    early = {START + i for i in range(8)}
+    assert early <= h.output_candids() and early <= set(h.redis.stored)
+    # later messages of partition 1 were dropped, all of partition 0 processed
+    later_p1 = {START + i for i in range(8, 24) if i % 2 == 1}
+    assert not later_p1 & h.output_candids()
+    assert {START + i for i in range(24) if i % 2 == 0} <= h.output_candids()
+
+
+def test_stop_mid_batch_finishes_what_is_in_hand(alerts: list[bytes]) -> None:
+    msgs, good = corpus(alerts)
+    h = harness(msgs)
+    check_commits_follow_both_sinks(h, msgs, good)
+    sends = []
+
+    def on_send() -> None:
+        sends.append(1)
+        if len(sends) == 2:
+            h.proc.request_stop()  # SIGTERM while batch 1 is being published
+
+    h.kafka.on_send = on_send
+    stats = h.proc.run()
+    consumed = [m for m in msgs if m not in h.consumer.queue]
+    assert h.consumer.queue, "stopped before the end of the topic"
+    assert stats.alerts_in == len(consumed)
+    done = {good[(m.partition(), m.offset())] for m in consumed if (m.partition(), m.offset()) in good}
+    assert h.output_candids() == done == set(h.redis.stored)
+    last = {tp.partition: tp.offset for c in h.consumer.commits for tp in c}
+    for p in (0, 1):
+        assert last[p] == 1 + max(m.offset() for m in consumed if m.partition() == p)
+
+
+def test_second_stop_during_an_outage_aborts_without_commit(alerts: list[bytes]) -> None:
+    h = harness(messages(alerts[:4]), pipeline=False)
+    h.redis.fail_next = 10**6
+
+    def sleep(_s: float) -> None:
+        h.proc.request_stop()
+        h.proc.request_stop()
+
+    h.proc.retry.sleep = sleep
+    with pytest.raises(AbortRequested):
+        h.proc.run()
+    assert h.consumer.commits == []
