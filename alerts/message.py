@@ -19,3 +19,13 @@ def decode_message(value: bytes | None, schemas: SchemaCache) -> tuple[Alert, St
     except BadAlertError as e:
         e.candid = alert.candid
         raise
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the decoder's and the features' kernels on a synthetic
+    alert, so that the first real batch does not pay for it (seconds, without a cache)."""
+    from alerts.features import alert_features
+    from alerts.synthetic import make_alert
+
+    alert, _ = decode_message(make_alert(2_400_000_000_000_000_000, n_prv=2).message, SchemaCache())
+    alert_features(alert)

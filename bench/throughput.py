@@ -44,8 +44,9 @@ from alerts.cutouts import (  # noqa: E402
     gunzip,
 )
 from alerts.decoder import SchemaCache, alert_from_record, decode_alert  # noqa: E402
+from alerts.features import alert_features  # noqa: E402
 from config import KafkaConfig, parse_consumer_config  # noqa: E402
-from consumer.batches import GoodAlert, ModelMeta, Source, build_results  # noqa: E402
+from consumer.batches import GoodAlert, Source, build_results  # noqa: E402
 from consumer.clients import consumer_settings, produce, producer_settings, redis_client  # noqa: E402
 from consumer.inference import ModelRunner  # noqa: E402
 from consumer.kafka_sink import KafkaSink, Outgoing  # noqa: E402
@@ -188,11 +189,13 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
                     with gzip.open(io.BytesIO(rec[key]["stampData"]), "rb") as f, fits.open(io.BytesIO(f.read())) as hdul:
                         crops.append(centre_crop(np.array(hdul[0].data), cand["xpos"], cand["ypos"])[0])
                 alert = alert_from_record(rec, str(reader.writer_schema.get("version", "")))
-                good.append(GoodAlert(alert, StampPixels(np.stack(crops), False, (0.0, 0.0)), Source(m.topic(), m.partition(), m.offset())))
+                feats = alert_features(alert)
+                good.append(GoodAlert(alert, StampPixels(np.stack(crops), False, (0.0, 0.0)), feats, Source(m.topic(), m.partition(), m.offset())))
             tb = time.perf_counter()
-            z, p = runner.predict(np.stack([g.stamp.pixels for g in good]))
+            z, ps, p = runner.predict(np.stack([g.stamp.pixels for g in good]), np.stack([g.features for g in good]))
             tc = time.perf_counter()
-            results = build_results(good, z, p, ModelMeta(runner.name, runner.version, runner.class_names), int(time.time() * 1000))
+            model, meta = runner.snapshot()
+            results = build_results(good, z, ps, p, meta, int(time.time() * 1000))
             ksink.send([Outgoing(cfg.kafka.output_topic + "-naive", str(r.candid).encode(), enc.encode_with_fastavro(r)) for r in results], 60)
             rsink.write(results)
             last: dict[tuple[str, int], int] = {}
@@ -261,7 +264,8 @@ def ours(config_path: Path, processes: int, total: int, workdir: Path) -> dict[s
 
 
 def prv_cost(templates: list[bytes]) -> dict[str, Any]:
-    """decode (+cutouts) cost of one real alert re-encoded with 0 and with 100 history entries."""
+    """decode (+cutouts, +features) cost of one real alert re-encoded with 0, 20 (the corpus median)
+    and 100 history entries."""
     import fastavro
 
     from alerts.framing import ContainerFramer
@@ -275,7 +279,7 @@ def prv_cost(templates: list[bytes]) -> dict[str, Any]:
     schema = fastavro.parse_schema(r.writer_schema)
     framer = ContainerFramer(r.metadata["avro.schema"].encode())
     messages = {}
-    for n in (0, 100):
+    for n in (0, 20, 100):
         rec2 = dict(rec, prv_candidates=(rec["prv_candidates"] * 100)[:n] if n else [])
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, schema, rec2)
@@ -283,6 +287,7 @@ def prv_cost(templates: list[bytes]) -> dict[str, Any]:
     cache = SchemaCache()
     paths = {"ours_decode_us": lambda m: decode_alert(m, cache),
              "ours_decode_cutouts_us": lambda m: decode_message(m, cache),
+             "ours_decode_cutouts_features_us": lambda m: alert_features(decode_message(m, cache)[0]),
              "general_path_decode_us": lambda m: decode_alert(m, cache, fast=False),
              "fastavro_reader_us": lambda m: list(fastavro.reader(io.BytesIO(m)))}  # fmt: skip
     # Best of 7 rounds of 100 calls, the two history lengths interleaved: the machine's noise
@@ -326,11 +331,13 @@ def table(res: dict[str, Any]) -> str:
     m = res["ours_1"]["memory"][0]
     lines += [f"Memory of (c), 1 process: peak {m['peak_rss_mb']:.0f} MiB; mean RSS first quarter "
               f"{m['first_quarter_rss_mb']:.0f} MiB, last quarter {m['last_quarter_rss_mb']:.0f} MiB.", ""]
-    lines += ["Cost per alert by history length (µs): decode only, and decode + both cutouts to tensors:", "",
-              "| history | ours: decode | ours: decode + cutouts | general path: decode | fastavro.reader: decode |", "|---|---|---|---|---|"]
+    lines += ["Cost per alert by history length (µs): decode only, decode + both cutouts to tensors, and the",
+              "fused classifier's inputs (decode + cutouts + features):", "",
+              "| history | ours: decode | ours: decode + cutouts | ours: + features | general path: decode | fastavro.reader: decode |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for k, v in res["prv_candidates"].items():
         lines.append(f"| {k} ({v['message_bytes']} B) | {v['ours_decode_us']:.0f} | {v['ours_decode_cutouts_us']:.0f} "
-                     f"| {v['general_path_decode_us']:.0f} | {v['fastavro_reader_us']:.0f} |")
+                     f"| {v['ours_decode_cutouts_features_us']:.0f} | {v['general_path_decode_us']:.0f} | {v['fastavro_reader_us']:.0f} |")
     return "\n".join(lines)
 
 
@@ -346,14 +353,18 @@ def main() -> int:
     ap.add_argument("--bundle", default=str(ROOT / "model" / "bundles" / "default.pt"), help="model bundle of (b) and (c)")
     ap.add_argument("--torch-threads", type=int, default=0, help="model.torch_threads of (c); 0: the CPUs minus one")
     ap.add_argument("--quick", action="store_true", help="only (a) and (c) with 1 process: for development, not for the docs")
+    ap.add_argument("--history-only", action="store_true", help="only the cost-by-history-length table (no broker)")
     a = ap.parse_args()
-    if not a.no_stack:
+    if not a.no_stack and not a.history_only:
         subprocess.run([str(ROOT / "deploy" / "local" / "stack.sh"), "up"], check=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
     templates, source = load_templates()
+    if a.history_only:
+        print(json.dumps(prv_cost(templates), indent=1))
+        return 0
     reps = -(-a.n // len(templates))
     tag = uuid.uuid4().hex[:6]
     topic = f"bench-in-{tag}"

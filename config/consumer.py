@@ -88,7 +88,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    host: str = "0.0.0.0"
+    # Loopback by default: the endpoint says nothing secret, but an open port is a choice to make
+    # on purpose (the Kubernetes and compose configs set 0.0.0.0 for the probes).
+    host: str = "127.0.0.1"
     port: int = 9108  # 0 disables the HTTP endpoint
     progress_interval_s: float = 30.0
     lag_interval_s: float = 15.0

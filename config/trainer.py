@@ -17,6 +17,24 @@ _ARCH_FIELDS = {f.name for f in dataclasses.fields(AutoencoderConfig)}
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """The fused classifier (trainer/classify.py): gradient-boosted trees on the alert features,
+    a linear correction from the stamp embedding, temperature scaling."""
+
+    # Chosen by cross-validation on ../shared/ztf (docs/model.md); 150 x 5 trees of depth <= 6
+    # cost ~20 us per alert in the consumer's torch graph on the CPU.
+    max_iter: int = 150
+    learning_rate: float = 0.1
+    max_depth: int = 6
+    max_leaf_nodes: int = 31
+    l2_regularization: float = 0.0
+    fusion_l2: float = 3e-2  # L2 penalty of the linear correction from z
+    inner_folds: int = 4  # out-of-fold tree outputs on which the correction and T are fitted
+    cv_folds: int = 5  # object-grouped cross-validation of the comparison table
+    cv_seeds: int = 3
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     autoencoder: AutoencoderConfig = AutoencoderConfig()
     kl_weight: float = 1e-3
@@ -39,6 +57,7 @@ class TrainerConfig:
     labels_csv: str = ""  # empty: labels.csv found beside the alerts folder, if any
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = 0
+    head: HeadConfig = HeadConfig()
 
     def with_overrides(self, **overrides: Any) -> TrainerConfig:
         """A copy with fields replaced; architecture fields (kind, latent_dim, channels) go to
@@ -55,6 +74,7 @@ class TrainerConfig:
         d = dataclasses.asdict(self)
         d["autoencoder"] = self.autoencoder.to_dict()
         d["probe_l2_grid"] = list(self.probe_l2_grid)
+        d["head"] = dataclasses.asdict(self.head)
         return d
 
 

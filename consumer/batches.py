@@ -34,6 +34,7 @@ class Source:
 class GoodAlert:
     alert: Alert
     stamp: StampPixels
+    features: np.ndarray  # alerts.features.alert_features
     source: Source
 
 
@@ -44,6 +45,8 @@ class ModelMeta:
     name: str
     version: str
     class_names: tuple[str, ...]
+    classifier: str = "stamp-probe"  # what gave the probabilities: "fused" or "stamp-probe"
+    features_version: int = 0
 
 
 @dataclass
@@ -58,7 +61,7 @@ class DecodedBatch:
 class InFlight:
     decoded: DecodedBatch
     meta: ModelMeta
-    future: Future[tuple[np.ndarray, np.ndarray]] | None  # (embeddings, probabilities) of good
+    future: Future[tuple[np.ndarray, np.ndarray, np.ndarray]] | None  # (z, stamp probs, probs) of good
 
 
 @dataclass
@@ -72,7 +75,7 @@ class Published:
 
 
 def build_results(
-    good: Sequence[GoodAlert], z: np.ndarray, probs: np.ndarray, meta: ModelMeta, now_ms: int
+    good: Sequence[GoodAlert], z: np.ndarray, stamp_probs: np.ndarray, probs: np.ndarray, meta: ModelMeta, now_ms: int
 ) -> list[Result]:
     """Good alerts + model outputs (row i belongs to good[i]) -> result records."""
     return [
@@ -85,6 +88,9 @@ def build_results(
             dec=g.alert.dec,
             embedding=z[i],
             probabilities=probs[i],
+            stamp_probabilities=stamp_probs[i],
+            classifier=meta.classifier,
+            features_version=meta.features_version,
             class_names=meta.class_names,
             model_name=meta.name,
             model_version=meta.version,

@@ -73,6 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(inference_threads(cfg.model.torch_threads))
+    from alerts.message import warm_up
+
+    warm_up()  # the compiled decoder, before the first batch (and before the health clock starts)
     runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s)
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None

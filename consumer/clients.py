@@ -73,9 +73,10 @@ def redis_client(cfg: RedisConfig) -> redis.Redis:
     kwargs: dict[str, Any] = {"socket_timeout": cfg.socket_timeout_s, "socket_connect_timeout": cfg.socket_timeout_s}
     if cfg.password:
         kwargs["password"] = cfg.password
-    if cfg.tls and not cfg.url.startswith("rediss://"):
-        kwargs["ssl"] = True
-    return redis.Redis.from_url(cfg.url, **kwargs)
+    url = cfg.url
+    if cfg.tls and url.startswith("redis://"):
+        url = "rediss://" + url[len("redis://") :]  # redis-py takes TLS from the scheme (ssl=True is refused)
+    return redis.Redis.from_url(url, **kwargs)
 
 
 DeliveryCallback = Callable[[Any, Any], None]

@@ -1,6 +1,6 @@
 """The consumer daemon's main loop:
 
-    consume -> decode -> cutouts -> batch -> infer -> publish (Kafka, Redis) -> flush -> commit
+    consume -> decode -> cutouts + features -> batch -> infer -> publish (Kafka, Redis) -> flush -> commit
 
 Pipelining, explained once. Three batches can be in hand at a time, each at its own stage:
 
@@ -36,6 +36,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
+from alerts.features import alert_features
 from alerts.message import decode_message
 from config import ConsumerConfig
 from consumer.batches import (
@@ -179,11 +180,12 @@ class StreamProcessor:
         return batch
 
     def decode_batch(self, messages: Sequence[Message]) -> DecodedBatch:
-        """decode + cutouts; a bad message becomes a dead letter right here."""
+        """decode + cutouts + features; a bad message becomes a dead letter right here."""
         out = DecodedBatch(size=len(messages))
         n_in = 0
         with self.counters.timed("decode"):
             for m in messages:
+                self.metrics.beat()  # per message: a slow message must not look like a dead loop
                 if m.error() is not None:
                     self.counters.kafka_error()
                     log.warning("kafka error event on %s[%s]: %s", m.topic(), m.partition(), m.error())
@@ -195,6 +197,7 @@ class StreamProcessor:
                 value = m.value()
                 try:
                     alert, stamp = decode_message(value, self.schemas)
+                    features = alert_features(alert)
                 except BadAlertError as e:
                     out.outgoing.append(self._dead(value, src, e))
                     continue
@@ -202,7 +205,7 @@ class StreamProcessor:
                     err = BadAlertError(f"unexpected {type(e).__name__}: {e}", reason="unexpected")
                     out.outgoing.append(self._dead(value, src, err))
                     continue
-                out.good.append(GoodAlert(alert, stamp, src))
+                out.good.append(GoodAlert(alert, stamp, features, src))
         self.counters.messages_in(n_in)
         self.counters.batch_gathered(len(messages))
         return out
@@ -214,14 +217,15 @@ class StreamProcessor:
         if not decoded.good:
             return InFlight(decoded, meta, None)
         pixels = np.stack([g.stamp.pixels for g in decoded.good])
+        features = np.stack([g.features for g in decoded.good])
 
-        def infer() -> tuple[np.ndarray, np.ndarray]:
+        def infer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             with self.counters.timed("infer"):
-                return self.runner.predict(pixels, model)
+                return self.runner.predict(pixels, features, model)
 
         if self.cfg.batching.pipeline:
             return InFlight(decoded, meta, self._worker.submit(infer))
-        done: Future[tuple[np.ndarray, np.ndarray]] = Future()
+        done: Future[tuple[np.ndarray, np.ndarray, np.ndarray]] = Future()
         done.set_result(infer())
         return InFlight(decoded, meta, done)
 
@@ -232,8 +236,8 @@ class StreamProcessor:
         results = []
         if job.future is not None:
             with self.counters.timed("infer_wait"):
-                z, probs = job.future.result()
-            results = build_results(decoded.good, z, probs, job.meta, int(time.time() * 1000))
+                z, stamp_probs, probs = job.future.result()
+            results = build_results(decoded.good, z, stamp_probs, probs, job.meta, int(time.time() * 1000))
         cfg = self.cfg.kafka
         with self.counters.timed("encode"):
             outgoing = decoded.outgoing + [

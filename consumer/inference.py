@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alerts.features import FEATURE_NAMES, FEATURES_VERSION
 from consumer.batches import ModelMeta
 from model.bundle import Bundle, BundleError, load_bundle
-from model.classifier import StampClassifier
 from model.device import select_device
+from model.fused import AlertModel
 from model.preprocess import normalise
 
 log = logging.getLogger("stampstream.inference")
@@ -74,17 +75,30 @@ class ModelRunner:
         self.reload_failures = 0
         self.last_reload_error = ""
 
-    def _install(self, bundle: Bundle, model: StampClassifier | None = None) -> None:
+    def _install(self, bundle: Bundle, model: AlertModel | None = None) -> None:
         self.bundle = bundle
         self.model = self._build(bundle) if model is None else model
-        self._current = (self.model, ModelMeta(bundle.name, bundle.version, bundle.class_names))
+        head = bundle.head
+        meta = ModelMeta(
+            bundle.name, bundle.version, bundle.class_names, "fused" if head is not None else "stamp-probe",
+            head.features_version if head is not None else 0,
+        )  # fmt: skip
+        self._current = (self.model, meta)
 
-    def _build(self, bundle: Bundle) -> StampClassifier:
+    def _build(self, bundle: Bundle) -> AlertModel:
+        """The bundle's model, checked against this code's features: a head trained on another
+        feature list or version would read its inputs misaligned, so it is refused (BundleError)."""
+        head = bundle.head
+        if head is not None and (head.feature_names != FEATURE_NAMES or head.features_version != FEATURES_VERSION):
+            raise BundleError(
+                f"bundle {bundle.name}:{bundle.version} reads features v{head.features_version} "
+                f"({len(head.feature_names)} names); this code computes v{FEATURES_VERSION} ({len(FEATURE_NAMES)})"
+            )
         # channels_last: oneDNN's (CPU) and cuDNN's fast layout for these small convolutions
         # (1.5x on the CPU benchmark); results are the same up to float rounding.
-        model = bundle.build(self.device).to(memory_format=torch.channels_last)
+        model = bundle.build_alert_model(self.device).to(memory_format=torch.channels_last)
         if self.tta_override is not None:
-            model.tta_dihedral = self.tta_override
+            model.stamp.tta_dihedral = self.tta_override
         return model
 
     @property
@@ -99,13 +113,16 @@ class ModelRunner:
     def class_names(self) -> tuple[str, ...]:
         return self.bundle.class_names
 
-    def snapshot(self) -> tuple[StampClassifier, ModelMeta]:
+    def snapshot(self) -> tuple[AlertModel, ModelMeta]:
         """The running model and its description, taken together (a reload swaps both at once)."""
         return self._current
 
-    def predict(self, raw: np.ndarray, model: StampClassifier | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 2, 21, 21) raw crops -> (embeddings (N, latent), probabilities (N, classes)), float32,
-        by ``model`` (a ``snapshot``; default: the running model).
+    def predict(
+        self, raw: np.ndarray, features: np.ndarray, model: AlertModel | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, 2, 21, 21) raw crops + (N, F) features -> (embeddings (N, latent), stamp-probe
+        probabilities (N, classes), probabilities (N, classes)), float32, by ``model`` (a
+        ``snapshot``; default: the running model).
 
         The model only ever sees batches of a multiple of CHUNK rows (the last one padded with
         zeros), and on the CPU exactly CHUNK rows at a time: oneDNN builds and keeps kernels per
@@ -116,17 +133,21 @@ class ModelRunner:
         model = self.model if model is None else model
         n = len(raw)
         x = normalise(raw)
+        f = np.asarray(features, dtype=np.float32).reshape(n, -1)
         rows = -(-n // CHUNK) * CHUNK
         if rows != n:
             x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), dtype=np.float32)])
+            f = np.concatenate([f, np.full((rows - n, f.shape[1]), np.nan, dtype=np.float32)])
         t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        ft = torch.from_numpy(f)
         with torch.inference_mode():
             if self.device.type == "cuda":
-                z, p = model(t.pin_memory().to(self.device, non_blocking=True))
+                dev = self.device
+                z, ps, p = model(t.pin_memory().to(dev, non_blocking=True), ft.pin_memory().to(dev, non_blocking=True))
             else:
-                outs = [model(t[i : i + CHUNK]) for i in range(0, rows, CHUNK)]
-                z, p = (torch.cat([o[k] for o in outs]) for k in (0, 1))
-        return z[:n].float().cpu().numpy(), p[:n].float().cpu().numpy()
+                outs = [model(t[i : i + CHUNK], ft[i : i + CHUNK]) for i in range(0, rows, CHUNK)]
+                z, ps, p = (torch.cat([o[k] for o in outs]) for k in (0, 1, 2))
+        return z[:n].float().cpu().numpy(), ps[:n].float().cpu().numpy(), p[:n].float().cpu().numpy()
 
     def maybe_reload(self, now: float | None = None) -> ReloadOutcome:
         """Between batches: pick up a newer bundle at the same path, keep the old one if it is broken."""

@@ -53,6 +53,7 @@ class Metrics:
 class _Handler(BaseHTTPRequestHandler):
     metrics: Metrics
     stale_after_s: float = 120.0
+    timeout = 5.0  # seconds a client may take to send its request: a stuck client holds no thread
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         if self.path.startswith("/metrics"):

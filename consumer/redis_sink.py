@@ -42,7 +42,12 @@ def redis_fields(r: Result) -> dict[str, str | bytes]:
         "model": f"{r.model_name}:{r.model_version}",
         "padded": "1" if r.cutout_padded else "0",
         "processed_at": str(r.processed_at_ms),
+        "classifier": r.classifier,
     }
+    if len(r.stamp_probabilities):
+        best = int(np.argmax(r.stamp_probabilities))
+        fields["stamp_class"] = r.class_names[best]
+        fields["stamp_probability"] = f"{float(r.stamp_probabilities[best]):.6f}"
     for name, p in zip(r.class_names, r.probabilities, strict=True):
         fields[f"p_{name}"] = f"{float(p):.6f}"
     return fields

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ class Result:
     source_topic: str
     source_partition: int
     source_offset: int
+    stamp_probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    classifier: str = "stamp-probe"
+    features_version: int = 0
 
     @property
     def predicted_index(self) -> int:
@@ -96,6 +99,9 @@ def result_record(r: Result) -> dict[str, Any]:
         "source_topic": r.source_topic,
         "source_partition": r.source_partition,
         "source_offset": r.source_offset,
+        "stamp_probabilities": np.asarray(r.stamp_probabilities, dtype=np.float32).tolist(),
+        "classifier": r.classifier,
+        "features_version": r.features_version,
     }
 
 
@@ -164,6 +170,9 @@ class ResultEncoder:
             _avro_string(r.source_topic),
             zigzag(r.source_partition),
             zigzag(r.source_offset),
+            _avro_floats(np.asarray(r.stamp_probabilities, dtype="<f4")),
+            _avro_string(r.classifier),
+            zigzag(r.features_version),
         ))  # fmt: skip
         return self._framer.frame(record)
 

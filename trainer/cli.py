@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from config import TrainerConfig, load_trainer_config
+from config.trainer import HeadConfig
 
 
 def _trainer_cfg(args: argparse.Namespace) -> TrainerConfig:
@@ -19,7 +20,8 @@ def _trainer_cfg(args: argparse.Namespace) -> TrainerConfig:
     if getattr(args, "max_epochs", None):
         cfg = dataclasses.replace(cfg, max_epochs=args.max_epochs)
     if getattr(args, "smoke", False):
-        cfg = dataclasses.replace(cfg, max_epochs=2, probe_epochs=20, patience=2, probe_l2_grid=(1e-2,))
+        cfg = dataclasses.replace(cfg, max_epochs=2, probe_epochs=20, patience=2, probe_l2_grid=(1e-2,),
+                                  head=HeadConfig(max_iter=30, max_depth=4, cv_seeds=1, cv_folds=3, inner_folds=2))
     return cfg
 
 

@@ -1,9 +1,10 @@
-"""Training data: alerts from Avro files/folders -> normalised (N, 2, 21, 21) stamps, with labels
-from a CSV (candid -> label) and train/val/test splits by objectId.
+"""Training data: alerts from Avro files/folders -> normalised (N, 2, 21, 21) stamps and the
+feature vectors of ``alerts.features``, with labels from a CSV (candid -> label) and
+train/val/test splits by objectId.
 
-The same decode and cutout functions as the consumer are used, so the model is trained on exactly
-what it will see in the stream. Only the stamp goes into the network: no alert metadata (the
-asteroid and bogus labels were made from ``ssdistnr`` and ``drb``).
+The same decode, cutout and feature functions as the consumer are used, so the models are trained
+on exactly what they will see in the stream. The features read only the allowlisted fields
+(``alerts/allowlist.py``): the asteroid and bogus labels were made from ``ssdistnr`` and ``drb``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from alerts.cutouts import stamp_pixels
 from alerts.decoder import SchemaCache, decode_alerts
 from alerts.errors import BadAlertError
+from alerts.features import FEATURE_NAMES, alert_features
 from alerts.files import iter_messages
 from model.classifier import CLASS_NAMES
 from model.preprocess import normalise
@@ -35,13 +37,14 @@ class Dataset:
     object_id: np.ndarray  # (N,) str
     y: np.ndarray  # (N,) int64, class index or UNLABELLED
     class_names: tuple[str, ...]
+    features: np.ndarray  # (N, len(FEATURE_NAMES)) float32, NaN where missing
     skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.candid)
 
     def subset(self, idx: np.ndarray) -> Dataset:
-        return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names)
+        return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names, self.features[idx])
 
     def summary(self) -> dict[str, object]:
         counts = Counter(int(v) for v in self.y)
@@ -80,6 +83,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     """Decode every alert of the paths; bad alerts are skipped and counted, duplicates kept once."""
     cache = SchemaCache()
     raws: list[np.ndarray] = []
+    feats: list[np.ndarray] = []
     candids: list[int] = []
     objects: list[str] = []
     seen: set[int] = set()
@@ -92,6 +96,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
                 stamp = stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
                 seen.add(alert.candid)
                 raws.append(stamp.pixels)
+                feats.append(alert_features(alert))
                 candids.append(alert.candid)
                 objects.append(alert.object_id)
         except BadAlertError as e:
@@ -103,7 +108,8 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
         raise ValueError(f"no usable alert in {list(map(str, paths))}")
     cand = np.array(candids, dtype=np.int64)
     y = np.array([labels.get(int(c), UNLABELLED) for c in cand], dtype=np.int64)
-    return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, skipped)
+    features = np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+    return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, features, skipped)
 
 
 @dataclass(frozen=True)

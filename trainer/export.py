@@ -1,4 +1,5 @@
-"""`trainer export`: a run folder -> the self-describing bundle the consumer loads."""
+"""`trainer export`: a run folder -> the self-describing bundle the consumer loads: encoder, the
+study's stamp probe and (when the run trained one) the fused head with its feature list."""
 
 from __future__ import annotations
 
@@ -38,8 +39,14 @@ def export_bundle(
     }  # fmt: skip
     training = metrics["data"] | {"splits": metrics["splits"], "paths": config.data, "trainer": config.trainer.to_dict(),
                                    "leakage_guard": metrics["leakage_guard"]}  # fmt: skip
+    head = rf.load_head(run_dir)
+    if head is not None and use_pooled != metrics["tta_dihedral"]:
+        raise ValueError("the fused head was fitted on the run's own embedding: export it with --pooling auto")
+    if head is not None:
+        summary["classifier"] = head.metrics
     bundle = bundle_from_model(
-        classifier_from_run(run_dir, pooled), name=name, version=version or run_dir.name, training_data=training, metrics=summary
-    )
+        classifier_from_run(run_dir, pooled), name=name, version=version or run_dir.name, training_data=training,
+        metrics=summary, head=head,
+    )  # fmt: skip
     save_bundle(bundle, out)
     return bundle

@@ -16,12 +16,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from alerts.features import FEATURE_NAMES, FEATURES_VERSION
 from config import TrainerConfig
 from model.autoencoder import Autoencoder, Encoder, autoencoder_loss
+from model.bundle import HeadSpec
 from model.classifier import LinearProbe, embed_stamps
 from model.device import select_device
 from trainer import run_folder as rf
 from trainer.augment import augment, random_dihedral
+from trainer.classify import summarise, train_head
 from trainer.data import Dataset, Splits, split_by_object
 from trainer.evaluation import classification_metrics, knn_metrics, raw_pixel_baseline
 
@@ -233,7 +236,31 @@ def run_fit(
     )
     train_s = time.perf_counter() - t0
     rf.save_history(run_dir, state.history)
-    return evaluate_run(run_dir, model, state, train_s, ds, splits, cfg, device, baseline)
+    metrics = evaluate_run(run_dir, model, state, train_s, ds, splits, cfg, device, baseline)
+    metrics["classifier"] = classifier_stage(run_dir, ds, model.encoder, bool(metrics["tta_dihedral"]), cfg, device,
+                                             quick=smoke, show_progress=show_progress)  # fmt: skip
+    rf.save_metrics(run_dir, metrics)
+    return metrics
+
+
+def classifier_stage(
+    run_dir: Path, ds: Dataset, encoder: Encoder, tta: bool, cfg: TrainerConfig, device: torch.device,
+    *, quick: bool, show_progress: bool,
+) -> dict[str, Any]:
+    """The fused classifier on the labelled alerts (features + the stamp embedding): the
+    cross-validated comparison table, then the head the bundle ships (run folder: head.pt,
+    classifier.json). Skipped (with a warning) with fewer than three labelled classes."""
+    lab = np.flatnonzero(ds.y >= 0)
+    if len(np.unique(ds.y[lab])) < 3:
+        log.warning("fewer than three labelled classes: no fused classifier")
+        return {}
+    z = embed(encoder, torch.from_numpy(ds.x), device, tta)
+    fitted, table = train_head(ds.features[lab], z[lab], ds.y[lab], ds.object_id[lab], ds.class_names, cfg.head,
+                               quick=quick, show_progress=show_progress)  # fmt: skip
+    summary = summarise(table, ds.class_names)
+    spec = HeadSpec.from_head(fitted.head(), FEATURE_NAMES, FEATURES_VERSION, config=dataclasses.asdict(cfg.head), metrics=summary)
+    rf.save_head(run_dir, spec, table)
+    return summary
 
 
 def reevaluate_run(run_dir: Path, ds: Dataset, cfg: TrainerConfig, baseline: bool = True) -> dict[str, Any]:

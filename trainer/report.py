@@ -1,5 +1,6 @@
-"""`trainer report RUN_DIR`: report.md with PNGs a person can look at: training curves, scores per
-class, confusion matrix, UMAP of the latent space coloured by class, reconstructions."""
+"""`trainer report RUN_DIR`: report.md with PNGs a person can look at: the classifier comparison
+table (cross-validated), per-class scores, confusion matrices, the reliability diagram of the
+fused classifier, training curves, UMAP of the latent space coloured by class, reconstructions."""
 
 from __future__ import annotations
 
@@ -104,6 +105,72 @@ def _reconstructions(run: rf.Run, names: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def _reliability(bins: list[dict[str, Any]], ece: float, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    conf = [b["confidence"] for b in bins]
+    acc = [b["accuracy"] for b in bins]
+    ax.plot(conf, acc, "o-", color="tab:blue", label=f"fused classifier (ECE {100 * ece:.1f} %)")
+    for b in bins:
+        ax.annotate(str(b["n"]), (b["confidence"], b["accuracy"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    ax.set_xlabel("predicted probability of the top class")
+    ax.set_ylabel("fraction correct")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
+    """The cross-validated comparison table, per-class F1, the fused model's confusion matrix and
+    reliability diagram (out-of-fold predictions of seed 0)."""
+    from sklearn.metrics import confusion_matrix
+
+    from trainer.classify import FUSED_ROW, STUDY_ROW, summarise
+
+    table = rf.load_classifier_table(run_dir)
+    if not table:
+        return []
+    summary = summarise(table, names)
+    lines = [
+        "## Classifier: stamps + alert metadata + 30-day history",
+        "",
+        f"Object-grouped {table['folds']}-fold cross-validation over {table['seeds']} seed(s), {table['labelled']} "
+        f"labelled alerts of {table['objects']} objects; macro-F1 % as mean ± std over seeds. The first row is the "
+        "study's method; the last one is the model the bundle ships.",
+        "",
+        "| model | macro F1 % | " + " | ".join(f"{n} F1 %" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for name, r in summary["rows"].items():
+        bold = "**" if name in (FUSED_ROW, STUDY_ROW) else ""
+        per = " | ".join(f"{100 * r['per_class_f1'][n]:.1f}" for n in names)
+        lines.append(f"| {bold}{name}{bold} | {100 * r['macro_f1_mean']:.1f} ± {100 * r['macro_f1_std']:.1f} | {per} |")
+    fused = table["rows"].get(FUSED_ROW)
+    if fused:
+        probs = np.asarray(fused["oof_probabilities_seed0"])
+        y = np.asarray(rf.load_embeddings(run_dir).y)
+        y = y[y >= 0]
+        cm = confusion_matrix(y, probs.argmax(1), labels=list(range(len(names)))).tolist()
+        _confusion(cm, names, run_dir / "confusion_fused.png")
+        cal = fused["calibration"]
+        _reliability(cal["bins"], cal["ece"], run_dir / "reliability.png")
+        lines += [
+            "",
+            f"Calibration of the fused classifier (temperature-scaled): expected calibration error "
+            f"**{100 * cal['ece']:.1f} %** (out-of-fold, seed 0).",
+            "",
+            "Confusion matrix of the fused classifier (out-of-fold): ![confusion fused](confusion_fused.png)",
+            "",
+            "Reliability diagram: ![reliability](reliability.png)",
+            "",
+        ]
+    return lines
+
+
 def _class_table(m: dict[str, Any]) -> list[str]:
     lines = ["| class | precision % | recall % | F1 % | test alerts |", "|---|---|---|---|---|"]
     for name, s in m["per_class"].items():
@@ -139,7 +206,8 @@ def write_report(run_dir: Path) -> Path:
         "",
         f"Label leakage guard: {metrics['leakage_guard']}.",
         "",
-        "## Scores on the test objects",
+        *_classifier_section(run_dir, names),
+        "## Stamp embedding: scores on the test objects",
         "",
         f"Reconstruction MSE (test): **{metrics['test_mse']:.5f}** (validation best {metrics['val_mse']:.5f}).",
         "",

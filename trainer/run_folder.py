@@ -10,6 +10,8 @@ report, export and sweep agree on its format by construction.
 | ``model.pt`` | at the end | ``RunWeights``: autoencoder and probes (loaded with weights_only=True) |
 | ``embeddings.npz`` | at the end | ``RunEmbeddings``: z of every alert, labels, test predictions |
 | ``examples.npz`` | at the end | ``RunExamples``: a few test stamps for the report |
+| ``classifier.json`` | after the evaluation | cross-validated table of the classifier rows |
+| ``head.pt`` | after the evaluation | the fused head (``model.bundle.HeadSpec`` payload) |
 | ``metrics.json`` | last | the evaluation; its presence marks a finished run |
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from config.trainer import TrainerConfig, trainer_config_from_dict
+from model.bundle import HeadSpec
 from model.spec import AutoencoderConfig
 
 CONFIG = "config.json"
@@ -34,6 +37,8 @@ WEIGHTS = "model.pt"
 EMBEDDINGS = "embeddings.npz"
 EXAMPLES = "examples.npz"
 METRICS = "metrics.json"
+CLASSIFIER = "classifier.json"
+HEAD = "head.pt"
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,22 @@ def save_examples(run_dir: Path, e: RunExamples) -> None:
 def load_examples(run_dir: Path) -> RunExamples:
     with np.load(run_dir / EXAMPLES) as f:
         return RunExamples(f["x"], f["y"], f["candid"])
+
+
+def save_head(run_dir: Path, head: HeadSpec, table: dict[str, Any]) -> None:
+    torch.save(head.to_payload(), run_dir / HEAD)
+    (run_dir / CLASSIFIER).write_text(json.dumps(table))
+
+
+def load_head(run_dir: Path) -> HeadSpec | None:
+    if not (run_dir / HEAD).exists():
+        return None
+    return HeadSpec.from_payload(torch.load(run_dir / HEAD, map_location="cpu", weights_only=True))
+
+
+def load_classifier_table(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / CLASSIFIER
+    return dict(json.loads(path.read_text())) if path.exists() else None
 
 
 def save_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

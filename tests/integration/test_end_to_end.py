@@ -13,7 +13,9 @@ from conftest import ROOT, Stack
 from alerts.decoder import SchemaCache, decode_alert
 from alerts.synthetic import make_alert
 from config import load_consumer_config
+from consumer.peek import read_output_topic
 from consumer.redis_sink import embedding_from_redis
+from consumer.results import decode_result
 
 from .helpers import create_topic, outcome, produce, run_consumer
 
@@ -71,6 +73,15 @@ def test_replay_consume_publish_commit(stack: Stack, corpus: list[bytes], tmp_pa
     assert 0 < r.ttl(f"{cfg.redis.key_prefix}:cand:{some}") <= cfg.redis.ttl_seconds
     obj = r.hgetall(f"{cfg.redis.key_prefix}:obj:{h[b'objectId'].decode()}")
     assert obj, "latest-per-object entry exists"
+
+    # the default bundle's fused classifier: classes from metadata + history + stamps, and the
+    # study's stamp-only probe beside them, in both sinks
+    assert h[b"classifier"] == b"fused" and h[b"stamp_class"].decode() in ("AGN", "SN", "VS", "asteroid", "bogus")
+    rec = next(decode_result(v) for v in read_output_topic(cfg, cfg.kafka.output_topic) if decode_result(v)["candid"] == some)
+    assert rec["classifier"] == "fused" and rec["features_version"] >= 1 and rec["schemavsn"] == "2.0"
+    assert len(rec["stamp_probabilities"]) == len(rec["probabilities"]) == 5
+    assert abs(sum(rec["probabilities"]) - 1) < 1e-4 and rec["probabilities"] != rec["stamp_probabilities"]
+    assert rec["predicted_class"].encode() == h[b"class"]
 
 
 def test_replay_cli_and_peek(stack: Stack, tmp_path: Path) -> None:

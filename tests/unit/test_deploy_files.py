@@ -35,3 +35,17 @@ def test_k8s_configmap_holds_a_valid_config_and_probes_use_the_metrics_port() ->
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     compose = yaml.safe_load((ROOT / "deploy" / "compose" / "compose.yaml").read_text())
     assert {"kafka", "redis", "consumer"} <= set(compose["services"])
+
+
+def test_the_image_holds_every_package_and_the_pod_is_locked_down() -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    docker = (ROOT / "deploy" / "Dockerfile").read_text()
+    for p in packages:
+        assert f"COPY {p} {p}" in docker, f"the image lacks the package {p}"
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()))
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"

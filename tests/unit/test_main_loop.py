@@ -143,9 +143,10 @@ class FakeRunner:
     def snapshot(self) -> tuple[None, ModelMeta]:
         return None, ModelMeta(self.name, self.version, self.class_names)
 
-    def predict(self, pixels: np.ndarray, model: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, pixels: np.ndarray, features: np.ndarray, model: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = len(pixels)
-        return np.zeros((n, 4), np.float32), np.full((n, 5), 0.2, np.float32)
+        assert features.shape[0] == n
+        return np.zeros((n, 4), np.float32), np.full((n, 5), 0.2, np.float32), np.full((n, 5), 0.2, np.float32)
 
     def maybe_reload(self) -> ReloadOutcome:
         return ReloadOutcome(False, True)

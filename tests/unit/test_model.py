@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from alerts.features import FEATURE_NAMES, FEATURES_VERSION
 from consumer.inference import CHUNK, ModelRunner
 from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
 from model.bundle import BundleError, load_bundle, save_bundle, seed_bundle
@@ -96,7 +97,8 @@ def test_hot_reload_picks_up_new_bundle_and_keeps_old_on_broken(tmp_path: Path) 
     save_bundle(seed_bundle(seed=1), path)
     runner = ModelRunner(str(path), "cpu", reload_check_s=0.0)
     raw = np.random.default_rng(0).normal(size=(3, 2, 21, 21)).astype(np.float32)
-    z_old, _ = runner.predict(raw)
+    nof = np.zeros((3, 0), np.float32)
+    z_old, _, _ = runner.predict(raw, nof)
     assert not runner.maybe_reload().changed
 
     newer = seed_bundle(seed=2)
@@ -105,14 +107,14 @@ def test_hot_reload_picks_up_new_bundle_and_keeps_old_on_broken(tmp_path: Path) 
     os.utime(path, (time.time() + 5, time.time() + 5))
     out = runner.maybe_reload()
     assert out.changed and out.ok and runner.version == "2"
-    z_new, _ = runner.predict(raw)
+    z_new, _, _ = runner.predict(raw, nof)
     assert not np.allclose(z_old, z_new)
 
     path.write_bytes(b"half-written garbage")
     out = runner.maybe_reload()
     assert out.changed and not out.ok and "not readable" in out.message
     assert runner.version == "2" and runner.reload_failures == 1
-    np.testing.assert_array_equal(runner.predict(raw)[0], z_new)
+    np.testing.assert_array_equal(runner.predict(raw, nof)[0], z_new)
 
 
 @pytest.mark.parametrize("n", [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
@@ -125,17 +127,17 @@ def test_predict_runs_fixed_shape_chunks_and_returns_exactly_the_rows_given(tmp_
     eager = runner.model
     shapes: list[tuple[int, ...]] = []
 
-    def recording(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def recording(x: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shapes.append(tuple(x.shape))
-        return eager(x)
+        return eager(x, f)
 
     runner.model = recording  # type: ignore[assignment]
     raw = np.random.default_rng(n).normal(size=(n, 2, 21, 21)).astype(np.float32)
-    z, p = runner.predict(raw)
-    assert z.shape == (n, eager.cfg.latent_dim) and p.shape == (n, 5)
+    z, _, p = runner.predict(raw, np.zeros((n, 0), np.float32))
+    assert z.shape == (n, eager.stamp.cfg.latent_dim) and p.shape == (n, 5)
     assert set(shapes) == {(CHUNK, 2, 21, 21)} and len(shapes) == -(-n // CHUNK)
     with torch.inference_mode():
-        z_ref, p_ref = eager(torch.from_numpy(normalise(raw)))
+        z_ref, _, p_ref = eager(torch.from_numpy(normalise(raw)), torch.zeros(n, 0))
     np.testing.assert_allclose(z, z_ref.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(p, p_ref.numpy(), rtol=1e-4, atol=1e-5)
 
@@ -155,7 +157,33 @@ def test_cuda_runner_matches_cpu(tmp_path: Path) -> None:
     path = tmp_path / "b.pt"
     save_bundle(seed_bundle(), path)
     raw = np.random.default_rng(0).normal(size=(64, 2, 21, 21)).astype(np.float32)
-    z_cpu, p_cpu = ModelRunner(str(path), "cpu").predict(raw)
-    z_gpu, p_gpu = ModelRunner(str(path), "cuda").predict(raw)
+    path2 = tmp_path / "fused.pt"
+    save_bundle(seed_bundle(feature_names=FEATURE_NAMES, features_version=FEATURES_VERSION), path2)
+    feats = np.random.default_rng(1).normal(size=(64, len(FEATURE_NAMES))).astype(np.float32)
+    z_cpu, _, p_cpu = ModelRunner(str(path2), "cpu").predict(raw, feats)
+    z_gpu, _, p_gpu = ModelRunner(str(path2), "cuda").predict(raw, feats)
     np.testing.assert_allclose(z_cpu, z_gpu, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(p_cpu, p_gpu, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_bundle_round_trips_and_its_head_changes_the_classes(tmp_path: Path) -> None:
+    path = tmp_path / "fused.pt"
+    save_bundle(seed_bundle(seed=3, feature_names=FEATURE_NAMES, features_version=FEATURES_VERSION), path)
+    b = load_bundle(path)
+    assert b.head is not None and b.feature_names == FEATURE_NAMES
+    runner = ModelRunner(str(path), "cpu")
+    raw = np.random.default_rng(0).normal(size=(7, 2, 21, 21)).astype(np.float32)
+    feats = np.random.default_rng(1).normal(size=(7, len(FEATURE_NAMES))).astype(np.float32)
+    feats[0] = np.nan  # missing features are an input like any other
+    z, stamp, fused = runner.predict(raw, feats)
+    assert z.shape == (7, 42) and stamp.shape == fused.shape == (7, 5)
+    np.testing.assert_allclose(fused.sum(1), 1.0, rtol=1e-5)
+    assert not np.allclose(stamp, fused)
+    assert runner.snapshot()[1].classifier == "fused"
+
+
+def test_a_head_reading_other_features_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    save_bundle(seed_bundle(feature_names=("a", "b"), features_version=FEATURES_VERSION), path)
+    with pytest.raises(BundleError, match="features"):
+        ModelRunner(str(path), "cpu")

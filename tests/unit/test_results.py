@@ -18,7 +18,22 @@ def _result(candid: int = 123) -> Result:
         class_names=("AGN", "SN", "VS", "asteroid", "bogus"), model_name="m", model_version="3",
         cutout_padded=True, nan_fraction=(0.25, 0.0), alert_schema_version="4.02", processed_at_ms=1_700_000_000_000,
         source_topic="t", source_partition=1, source_offset=99,
+        stamp_probabilities=np.array([0.5, 0.1, 0.1, 0.2, 0.1], np.float32), classifier="fused", features_version=1,
     )  # fmt: skip
+
+
+def test_version_1_readers_and_records_still_work() -> None:
+    """Schema 2.0 only adds fields with defaults: a 1.0 record read with the 2.0 schema gets them
+    filled in, and a 2.0 message is read by a reader that asks for the 1.0 fields only."""
+    v2 = output_schema_json()
+    v1 = dict(v2, version="1.0", fields=[f for f in v2["fields"] if "default" not in f])
+    rec = {k: v for k, v in fastavro.reader(io.BytesIO(ResultEncoder().encode(_result()))).__next__().items()}
+    old = io.BytesIO()
+    fastavro.writer(old, fastavro.parse_schema(v1), [{f["name"]: rec[f["name"]] for f in v1["fields"]}])
+    (upgraded,) = list(fastavro.reader(io.BytesIO(old.getvalue()), reader_schema=fastavro.parse_schema(v2)))
+    assert upgraded["stamp_probabilities"] == [] and upgraded["classifier"] == "stamp-probe"
+    (downgraded,) = list(fastavro.reader(io.BytesIO(ResultEncoder().encode(_result())), reader_schema=fastavro.parse_schema(v1)))
+    assert downgraded["candid"] == 123 and "classifier" not in downgraded
 
 
 def test_output_message_is_a_valid_avro_container_with_the_repo_schema() -> None:
@@ -29,7 +44,9 @@ def test_output_message_is_a_valid_avro_container_with_the_repo_schema() -> None
     assert rec["candid"] == 123 and rec["predicted_class"] == "VS"
     assert abs(rec["predicted_probability"] - 0.4) < 1e-6
     np.testing.assert_allclose(rec["embedding"], np.arange(42) / 7, rtol=1e-6)
-    assert rec["schemavsn"] == output_schema_json()["version"]
+    assert rec["schemavsn"] == output_schema_json()["version"] == "2.0"
+    assert rec["classifier"] == "fused" and rec["features_version"] == 1
+    np.testing.assert_allclose(rec["stamp_probabilities"], [0.5, 0.1, 0.1, 0.2, 0.1], rtol=1e-6)
     assert decode_result(msg)["source_offset"] == 99
 
 
@@ -42,6 +59,7 @@ def test_encoder_reuse_gives_independent_messages() -> None:
 def test_redis_fields_round_trip_embedding() -> None:
     f = redis_fields(_result())
     assert f["class"] == "VS" and f["p_VS"] == "0.400000" and f["padded"] == "1"
+    assert f["classifier"] == "fused" and f["stamp_class"] == "AGN" and f["stamp_probability"] == "0.500000"
     np.testing.assert_array_equal(embedding_from_redis(f["embedding"]), np.arange(42, dtype=np.float32) / 7)
 
 
@@ -61,7 +79,8 @@ def _results(draw: st.DrawFn) -> Result:
         model_version=draw(st.text(max_size=30)), cutout_padded=draw(st.booleans()),
         nan_fraction=(draw(st.floats(0, 1)), draw(st.floats(0, 1))), alert_schema_version=draw(st.text(max_size=8)),
         processed_at_ms=draw(_I64), source_topic=draw(st.text(max_size=40)), source_partition=draw(_I32),
-        source_offset=draw(_I64),
+        source_offset=draw(_I64), stamp_probabilities=draw(st.sampled_from([0, len(names)]).flatmap(arrays)),
+        classifier=draw(st.sampled_from(["fused", "stamp-probe"])), features_version=draw(_I32),
     )  # fmt: skip
 
 

@@ -15,16 +15,20 @@ import numpy as np
 import pytest
 import torch
 
+from alerts.features import FEATURE_NAMES
 from alerts.synthetic import make_alert
 from config import TrainerConfig
+from config.trainer import HeadConfig
 from consumer.inference import ModelRunner
 from model.bundle import load_bundle
 from trainer.augment import random_dihedral, tile_shuffle
+from trainer.classify import FUSED_ROW, REFERENCE_ROW, STUDY_ROW
 from trainer.data import UNLABELLED, load_dataset, read_labels, split_by_object
 from trainer.export import export_bundle
 from trainer.fit import run_fit
 
 ROOT = Path(__file__).resolve().parents[2]
+SMALL_HEAD = HeadConfig(max_iter=20, max_depth=3, cv_seeds=1, cv_folds=2, inner_folds=2)
 KIND_LABEL = {"point": "VS", "extended": "SN", "streak": "asteroid", "none": "bogus"}
 
 
@@ -80,7 +84,7 @@ def test_split_by_object_has_no_shared_object(alert_dir: Path) -> None:
 
 def test_tiny_training_lowers_the_loss_and_exports_a_bundle(alert_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
-    cfg = TrainerConfig().with_overrides(max_epochs=6, lr=1e-3, batch_size=16, probe_epochs=100, device="cpu", latent_dim=8)
+    cfg = TrainerConfig().with_overrides(head=SMALL_HEAD, max_epochs=6, lr=1e-3, batch_size=16, probe_epochs=100, device="cpu", latent_dim=8)
     metrics = run_fit(cfg, ds, tmp_path / "run", show_progress=False)
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     assert hist[-1]["train_mse"] < hist[0]["train_mse"] * 0.8, hist
@@ -94,14 +98,20 @@ def test_tiny_training_lowers_the_loss_and_exports_a_bundle(alert_dir: Path, tmp
     assert back.training_data["alerts"] == 120 and "leakage_guard" in back.training_data
     assert back.metrics["macro_f1"] == pytest.approx(best)
     assert back.code_version == bundle.code_version
+    # the fused classifier: its cross-validated table keeps the study's row, and the bundle ships it
+    rows = metrics["classifier"]["rows"]
+    assert STUDY_ROW in rows and FUSED_ROW in rows and REFERENCE_ROW in rows
+    assert rows[FUSED_ROW]["macro_f1_mean"] > 0.6, rows
+    assert back.head is not None and back.head.feature_names == FEATURE_NAMES
     runner = ModelRunner(str(tmp_path / "b.pt"), "cpu")
-    z, p = runner.predict(np.nan_to_num(ds.x[:5]))
-    assert z.shape == (5, 8) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert runner.snapshot()[1].classifier == "fused"
+    z, stamp, p = runner.predict(np.nan_to_num(ds.x[:5]), ds.features[:5])
+    assert z.shape == (5, 8) and np.allclose(p.sum(1), 1, atol=1e-5) and not np.allclose(p, stamp)
 
 
 def test_resume_continues_from_the_checkpoint(alert_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
-    cfg = TrainerConfig().with_overrides(max_epochs=2, lr=1e-3, batch_size=16, probe_epochs=10, device="cpu", latent_dim=8)
+    cfg = TrainerConfig().with_overrides(head=SMALL_HEAD, max_epochs=2, lr=1e-3, batch_size=16, probe_epochs=10, device="cpu", latent_dim=8)
     run_fit(cfg, ds, tmp_path / "run", show_progress=False, baseline=False)
     more = dataclasses.replace(cfg, max_epochs=4)
     run_fit(more, ds, tmp_path / "run", show_progress=False, baseline=False)
@@ -133,7 +143,7 @@ def test_cli_fit_report_export_smoke(alert_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("kind", "objective"), [("ae", "invariance"), ("ae", "contrastive"), ("vae", "none")])
 def test_variants_train(alert_dir: Path, tmp_path: Path, kind: str, objective: str) -> None:
     ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
-    cfg = TrainerConfig().with_overrides(max_epochs=3, lr=1e-3, batch_size=16, probe_epochs=20, device="cpu",
+    cfg = TrainerConfig().with_overrides(head=SMALL_HEAD, max_epochs=3, lr=1e-3, batch_size=16, probe_epochs=20, device="cpu",
                               latent_dim=8, kind=kind, extra_objective=objective, augment="flips_rotations_tiles")  # fmt: skip
     run_fit(cfg, ds, tmp_path / "run", show_progress=False, baseline=False)
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
@@ -151,7 +161,7 @@ def test_view_losses() -> None:
 
 def test_history_separates_loss_and_reconstruction_mse(alert_dir: Path, tmp_path: Path) -> None:
     ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
-    cfg = TrainerConfig().with_overrides(max_epochs=1, lr=1e-3, batch_size=16, probe_epochs=5, device="cpu",
+    cfg = TrainerConfig().with_overrides(head=SMALL_HEAD, max_epochs=1, lr=1e-3, batch_size=16, probe_epochs=5, device="cpu",
                               latent_dim=8, extra_objective="contrastive")  # fmt: skip
     run_fit(cfg, ds, tmp_path / "run", show_progress=False, baseline=False)
     (h,) = json.loads((tmp_path / "run" / "history.json").read_text())

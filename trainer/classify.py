@@ -1,0 +1,355 @@
+"""The classifier on top of the stamps: object-grouped cross-validation of every row of the
+comparison table, and the fit of the fused head that the bundle ships.
+
+Rows kept in every table (docs/model.md): the study's stamp-only linear probe (the study's
+method), metadata only, history only, metadata + history (gradient-boosted trees: the reference,
+and logistic regression), the same without position (ablation), trees on metadata + history + z,
+an MLP on everything, and the shipped fused model (trees on metadata + history, plus a linear
+correction from z, temperature-scaled).
+
+Protocol: StratifiedGroupKFold by objectId (an object is never in two folds), 5 folds, several
+seeds (seed = fold assignment + model initialisation); macro-F1 and per-class F1 over the
+out-of-fold predictions of each seed, then mean ± std over seeds. Calibration (ECE, reliability)
+is measured on the out-of-fold probabilities of the fused model.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedGroupKFold
+from tqdm import tqdm
+
+from alerts.features import FEATURE_NAMES, HISTORY_FEATURES, METADATA_FEATURES, POSITION_FEATURES
+from config.trainer import HeadConfig
+from model.fused import FusedHead
+from model.trees import TreeEnsemble
+from trainer.trees import tree_arrays
+
+log = logging.getLogger("stampstream.trainer")
+
+STUDY_ROW = "study: stamp-only linear probe on z (the study's method)"
+REFERENCE_ROW = "metadata + history, gradient-boosted trees (reference)"
+FUSED_ROW = "fused: trees on metadata + history + linear on z, calibrated (shipped)"
+
+
+@dataclass(frozen=True)
+class Labelled:
+    features: np.ndarray  # (N, F) float32, NaN = missing
+    z: np.ndarray  # (N, latent)
+    y: np.ndarray  # (N,) class index
+    groups: np.ndarray  # (N,) objectId
+    class_names: tuple[str, ...]
+
+
+def _columns(names: Sequence[str]) -> list[int]:
+    return [FEATURE_NAMES.index(n) for n in names]
+
+
+class _Trees(HistGradientBoostingClassifier):  # type: ignore[misc]
+    """scikit-learn's trees, fitted with the columns that are all NaN in the training data set to
+    0 (its binning refuses an all-NaN column; a constant column is never split on, so the trees
+    never read it, NaN or not)."""
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> _Trees:
+        empty = np.isnan(x).all(axis=0)
+        if empty.any():
+            x = x.copy()
+            x[:, empty] = 0.0
+        super().fit(x, y)
+        return self
+
+
+def _gbt(cfg: HeadConfig, seed: int) -> HistGradientBoostingClassifier:
+    return _Trees(
+        max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_depth=cfg.max_depth,
+        max_leaf_nodes=cfg.max_leaf_nodes, l2_regularization=cfg.l2_regularization, class_weight="balanced",
+        early_stopping=False, random_state=seed,
+    )  # fmt: skip
+
+
+def _impute_scale(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median-impute, scale by the IQR, and add a missing flag per column (for linear models)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(train, 0)
+        q = np.nanpercentile(train, [25, 75], 0)
+    med = np.where(np.isnan(med), 0.0, med)
+    scale = np.where(np.isnan(q[1] - q[0]) | (q[1] - q[0] < 1e-6), 1.0, q[1] - q[0])
+
+    def t(a: np.ndarray) -> np.ndarray:
+        miss = np.isnan(a)
+        out = np.clip((np.where(miss, med, a) - med) / scale, -10, 10)
+        return np.concatenate([out, miss.astype(np.float64)], axis=1)
+
+    return t(train), t(test)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The T minimising the NLL of softmax(logits / T) (temperature scaling)."""
+    lt = torch.from_numpy(logits).double()
+    yt = torch.from_numpy(y).long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lt / log_t.exp(), yt)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def _fit_fusion(offset: np.ndarray, z: np.ndarray, y: np.ndarray, n_classes: int, l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear correction W z' + b of the tree log-odds (offset), class-balanced, L2 on W:
+    -> (W, b, z mean, z std)."""
+    mean, std = z.mean(0), z.std(0) + 1e-6
+    zt = torch.from_numpy((z - mean) / std).double()
+    off = torch.from_numpy(offset).double()
+    yt = torch.from_numpy(y).long()
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    weight = torch.from_numpy(np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0))
+    w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(off + zt @ w.T + b, yt, weight=weight) + l2 * w.pow(2).sum()
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    return w.detach().numpy(), b.detach().numpy(), mean, std
+
+
+@dataclass(frozen=True)
+class FittedFused:
+    trees: HistGradientBoostingClassifier
+    w: np.ndarray
+    b: np.ndarray
+    z_mean: np.ndarray
+    z_std: np.ndarray
+    temperature: float
+
+    def logits(self, features: np.ndarray, z: np.ndarray) -> np.ndarray:
+        tree_logits = np.log(np.clip(_full_proba(self.trees, features, self.w.shape[0]), 1e-12, 1.0))
+        return tree_logits + ((z - self.z_mean) / self.z_std) @ self.w.T + self.b  # type: ignore[no-any-return]
+
+    def predict_proba(self, features: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return _softmax(self.logits(features, z) / self.temperature)
+
+    def head(self) -> FusedHead:
+        """The torch module the bundle ships (trees as tensors)."""
+        trees = TreeEnsemble.from_arrays(tree_arrays(self.trees, self.w.shape[0]))
+        head = FusedHead(trees, self.w.shape[1], self.w.shape[0])
+        with torch.no_grad():
+            head.fusion.weight.copy_(torch.from_numpy(self.w).float())
+            head.fusion.bias.copy_(torch.from_numpy(self.b).float())
+            head.z_mean.copy_(torch.from_numpy(self.z_mean).float())
+            head.z_std.copy_(torch.from_numpy(self.z_std).float())
+            head.temperature.fill_(self.temperature)
+        return head.eval()
+
+
+def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int,
+              cfg: HeadConfig, seed: int) -> FittedFused:  # fmt: skip
+    """Trees on all of the data; the fusion and the temperature on out-of-fold tree outputs (inner
+    object-grouped folds), so neither learns from trees that have seen the same alerts."""
+    oof = np.zeros((len(y), n_classes))
+    k = max(2, min(cfg.inner_folds, min(len(set(groups[y == c].tolist())) for c in np.unique(y))))
+    inner = StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1000)
+    for tr, te in inner.split(features, y, groups):
+        m = _gbt(cfg, seed).fit(features[tr], y[tr])
+        oof[te] = np.log(np.clip(_full_proba(m, features[te], n_classes), 1e-12, 1.0))
+    w, b, mean, std = _fit_fusion(oof, z, y, n_classes, cfg.fusion_l2)
+    fused_oof = oof + ((z - mean) / std) @ w.T + b
+    temperature = fit_temperature(fused_oof, y)
+    trees = _gbt(cfg, seed).fit(features, y)
+    return FittedFused(trees, w, b, mean, std, temperature)
+
+
+def _full_proba(m: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class (a fold may lack one)."""
+    p = np.zeros((len(x), n_classes))
+    p[:, m.classes_] = m.predict_proba(x)
+    return p
+
+
+# ---- the rows of the table ------------------------------------------------------------------
+
+Predictor = Callable[[Labelled, np.ndarray, np.ndarray, int], np.ndarray]  # -> (n_test, C) probabilities
+
+
+def _row_trees(cols: list[int], with_z: bool, cfg: HeadConfig) -> Predictor:
+    def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        x = d.features[:, cols]
+        if with_z:
+            x = np.concatenate([x, d.z], axis=1)
+        return _full_proba(_gbt(cfg, seed).fit(x[tr], d.y[tr]), x[te], len(d.class_names))
+
+    return run
+
+
+def _row_logreg(cols: list[int] | None, with_z: bool, c: float = 0.3) -> Predictor:
+    def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        parts = []
+        if cols:
+            parts.append(d.features[:, cols])
+        if with_z:
+            parts.append(d.z)
+        a, b = _impute_scale(np.concatenate(parts, 1)[tr], np.concatenate(parts, 1)[te])
+        m = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed).fit(a, d.y[tr])
+        return _full_proba(m, b, len(d.class_names))
+
+    return run
+
+
+def _row_mlp(hidden: int = 128, epochs: int = 200) -> Predictor:
+    def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        a, b = _impute_scale(np.concatenate([d.features, d.z], 1)[tr], np.concatenate([d.features, d.z], 1)[te])
+        torch.manual_seed(seed)
+        n_classes = len(d.class_names)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(a.shape[1], hidden), torch.nn.GELU(), torch.nn.Dropout(0.5),
+            torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Dropout(0.5), torch.nn.Linear(hidden, n_classes),
+        )  # fmt: skip
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
+        xt, yt = torch.from_numpy(a).float(), torch.from_numpy(d.y[tr]).long()
+        counts = np.bincount(d.y[tr], minlength=n_classes)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(len(tr) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32))
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            net.train()
+            order = torch.randperm(len(tr), generator=gen)
+            for start in range(0, len(tr), 64):
+                idx = order[start : start + 64]
+                opt.zero_grad()
+                loss: torch.Tensor = loss_fn(net(xt[idx]), yt[idx])
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+        net.eval()
+        with torch.no_grad():
+            out: np.ndarray = torch.softmax(net(torch.from_numpy(b).float()), 1).numpy()
+        return out
+
+    return run
+
+
+def _row_fused(cfg: HeadConfig) -> Predictor:
+    def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed)
+        return f.predict_proba(d.features[te], d.z[te])
+
+    return run
+
+
+def rows(cfg: HeadConfig, quick: bool = False) -> list[tuple[str, Predictor]]:
+    meta, hist = _columns(METADATA_FEATURES), _columns(HISTORY_FEATURES)
+    everything = list(range(len(FEATURE_NAMES)))
+    no_position = [i for i in everything if FEATURE_NAMES[i] not in POSITION_FEATURES]
+    table: list[tuple[str, Predictor]] = [
+        (STUDY_ROW, _row_logreg(None, True)),
+        ("metadata only, gradient-boosted trees", _row_trees(meta, False, cfg)),
+        ("history only, gradient-boosted trees", _row_trees(hist, False, cfg)),
+        (REFERENCE_ROW, _row_trees(everything, False, cfg)),
+        ("metadata + history, logistic regression", _row_logreg(everything, False)),
+        ("metadata + history without position (ablation), trees", _row_trees(no_position, False, cfg)),
+        ("metadata + history + z, gradient-boosted trees", _row_trees(everything, True, cfg)),
+        ("metadata + history + z, MLP (torch)", _row_mlp()),
+        (FUSED_ROW, _row_fused(cfg)),
+    ]
+    if quick:
+        return [r for r in table if r[0] in (STUDY_ROW, REFERENCE_ROW, FUSED_ROW)]
+    return table
+
+
+def calibration(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error of the top-class probability, and the reliability table."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == y).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    table = []
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+            table.append({"lo": float(lo), "hi": float(hi), "n": int(m.sum()), "confidence": float(conf[m].mean()),
+                          "accuracy": float(correct[m].mean())})  # fmt: skip
+    return {"ece": float(ece), "bins": table}
+
+
+def cross_validate(d: Labelled, table: list[tuple[str, Predictor]], seeds: int = 3, folds: int = 5,
+                   show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Every row over ``seeds`` x ``folds`` object-grouped folds -> per row: macro-F1 per seed,
+    per-class F1 per seed, and (for the fused row) out-of-fold probabilities of seed 0."""
+    n_classes = len(d.class_names)
+    out: dict[str, Any] = {"seeds": seeds, "folds": folds, "labelled": len(d.y), "objects": len(set(d.groups.tolist())),
+                           "rows": {}}  # fmt: skip
+    bar = tqdm(total=len(table) * seeds * folds, desc="cross-validation", unit="fit", disable=not show_progress)
+    for name, predict in table:
+        macro, per_class = [], []
+        oof0 = None
+        for seed in range(seeds):
+            oof = np.zeros((len(d.y), n_classes))
+            for tr, te in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(d.features, d.y, d.groups):
+                oof[te] = predict(d, tr, te, seed)
+                bar.update(1)
+            pred = oof.argmax(1)
+            macro.append(float(f1_score(d.y, pred, average="macro", zero_division=0)))
+            per_class.append(f1_score(d.y, pred, average=None, labels=list(range(n_classes)), zero_division=0).tolist())
+            if seed == 0:
+                oof0 = oof
+        assert oof0 is not None
+        row: dict[str, Any] = {"macro_f1": macro, "per_class_f1": per_class}
+        if name == FUSED_ROW:
+            row["calibration"] = calibration(oof0, d.y)
+            row["oof_probabilities_seed0"] = oof0.tolist()
+        out["rows"][name] = row
+        log.info("%s: macro-F1 %.3f ± %.3f", name, np.mean(macro), np.std(macro))
+    bar.close()
+    return out
+
+
+def summarise(table: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
+    """mean ± std per row (for bundles and reports), without the out-of-fold probabilities."""
+    out: dict[str, Any] = {"seeds": table["seeds"], "folds": table["folds"], "labelled": table["labelled"],
+                           "objects": table["objects"], "rows": {}}  # fmt: skip
+    for name, row in table["rows"].items():
+        per = np.asarray(row["per_class_f1"])
+        out["rows"][name] = {
+            "macro_f1_mean": float(np.mean(row["macro_f1"])), "macro_f1_std": float(np.std(row["macro_f1"])),
+            "per_class_f1": {c: float(per[:, i].mean()) for i, c in enumerate(class_names)},
+        }  # fmt: skip
+        if "calibration" in row:
+            out["rows"][name]["ece"] = row["calibration"]["ece"]
+    return out
+
+
+def train_head(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: tuple[str, ...],
+               cfg: HeadConfig, *, quick: bool = False, show_progress: bool = True) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
+    """Cross-validate the table's rows on the labelled alerts, then fit the shipped head on all of
+    them. -> (fitted head, the full table)."""
+    d = Labelled(features, z, y, groups, class_names)
+    n_objects_min = min(len(set(groups[y == c].tolist())) for c in np.unique(y))
+    folds = max(2, min(cfg.cv_folds, n_objects_min))
+    table = cross_validate(d, rows(cfg, quick), seeds=1 if quick else cfg.cv_seeds, folds=folds, show_progress=show_progress)
+    fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0)
+    return fitted, table
