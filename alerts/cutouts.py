@@ -38,14 +38,28 @@ _CARD = 80
 _FLOAT_DTYPES = {-32: ">f4", -64: ">f8"}
 
 
-def gunzip(data: bytes) -> bytes:
-    """gzip -> bytes with ISA-L's inflate (about 2x zlib's); raises CutoutError if not gzip."""
+MAX_STAMP_BYTES = 4 * 1024 * 1024  # DecodeLimits.max_stamp_bytes
+
+
+def gunzip(data: bytes, max_bytes: int = MAX_STAMP_BYTES) -> bytes:
+    """One gzip member -> bytes with ISA-L's inflate (about 2x zlib's), never more than
+    ``max_bytes`` (``cutout_too_large`` past it: a 65 KB stamp can claim gigabytes). Raises
+    CutoutError if not gzip, truncated, or followed by anything (a second member would be read by
+    one gzip reader and ignored by another)."""
     if len(data) < 18 or data[:2] != b"\x1f\x8b":
         raise CutoutError("cutout is not gzip data", reason="cutout_not_gzip")
     try:
-        return isal_zlib.decompress(data, wbits=31)
+        d = isal_zlib.decompressobj(wbits=31)
+        out = d.decompress(data, max_bytes + 1)
     except Exception as e:
         raise CutoutError(f"cutout gunzip failed: {e}", reason="cutout_not_gzip") from e
+    if len(out) > max_bytes or d.unconsumed_tail:
+        raise CutoutError(f"cutout inflates past {max_bytes} bytes", reason="cutout_too_large")
+    if not d.eof:
+        raise CutoutError("cutout gzip stream is truncated", reason="cutout_not_gzip")
+    if d.unused_data:
+        raise CutoutError("data after the cutout's gzip member", reason="cutout_not_gzip")
+    return bytes(out)
 
 
 def _fast_fits(raw: bytes) -> np.ndarray | None:
@@ -86,9 +100,31 @@ def _fast_fits(raw: bytes) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype, count=nx * ny, offset=pos).reshape(ny, nx)
 
 
+def _header_size_check(raw: bytes) -> None:
+    """Refuse an image whose header claims more than MAX_PIXELS before astropy allocates it
+    (astropy scales BSCALE images to floats first: +580 MB from a 65 KB stamp)."""
+    cards: dict[bytes, bytes] = {}
+    for pos in range(0, min(len(raw), 40 * _FITS_BLOCK), _CARD):
+        key = raw[pos : pos + 8].rstrip()
+        if key == b"END":
+            break
+        if raw[pos + 8 : pos + 10] == b"= ":
+            cards[key] = raw[pos + 10 : pos + _CARD].split(b"/", 1)[0].strip()
+    try:
+        naxis = int(cards.get(b"NAXIS", b"0"))
+        size = 1
+        for i in range(1, min(naxis, 999) + 1):
+            size *= max(int(cards.get(b"NAXIS%d" % i, b"0")), 0)
+    except ValueError as e:
+        raise CutoutError(f"cutout FITS header is not readable: {e}", reason="cutout_bad_fits") from e
+    if size > MAX_PIXELS:
+        raise CutoutError(f"cutout FITS header claims {size} pixels", reason="cutout_too_large")
+
+
 def _astropy_fits(raw: bytes) -> np.ndarray:
     from astropy.io import fits  # imported lazily: only the fallback path pays for it
 
+    _header_size_check(raw)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -149,10 +185,13 @@ class StampPixels:
     nan_fraction: tuple[float, float]
 
 
-def cutout_crop(gz: bytes | None, name: str, xpos: float | None, ypos: float | None, *, fast: bool = True) -> tuple[np.ndarray, bool]:
+def cutout_crop(
+    gz: bytes | None, name: str, xpos: float | None, ypos: float | None, *, fast: bool = True,
+    max_bytes: int = MAX_STAMP_BYTES,
+) -> tuple[np.ndarray, bool]:
     if gz is None:
         raise CutoutError(f"{name} cutout is missing", reason="cutout_missing")
-    img = fits_image(gunzip(gz), fast=fast)
+    img = fits_image(gunzip(gz, max_bytes), fast=fast)
     return centre_crop(img, xpos, ypos)
 
 
@@ -163,10 +202,11 @@ def stamp_pixels(
     ypos: float | None = None,
     *,
     fast: bool = True,
+    max_bytes: int = MAX_STAMP_BYTES,
 ) -> StampPixels:
     """Science + difference gzipped FITS -> (2, 21, 21) raw crops. Pure."""
-    sci, pad_s = cutout_crop(science, "science", xpos, ypos, fast=fast)
-    dif, pad_d = cutout_crop(difference, "difference", xpos, ypos, fast=fast)
+    sci, pad_s = cutout_crop(science, "science", xpos, ypos, fast=fast, max_bytes=max_bytes)
+    dif, pad_d = cutout_crop(difference, "difference", xpos, ypos, fast=fast, max_bytes=max_bytes)
     pixels = np.stack([sci, dif]).astype(np.float32, copy=False)
     finite = np.isfinite(pixels)
     n = CROP_SIZE * CROP_SIZE

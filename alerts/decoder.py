@@ -16,9 +16,13 @@ Why not ``fastavro.reader`` per message: it parses the ~23 KB writer schema of e
 
 from __future__ import annotations
 
+import bz2
 import copy
 import io
 import json
+import math
+import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +38,8 @@ from alerts.errors import AlertDecodeError
 from alerts.flat_reader import ERR_TOO_MANY, ERROR_TEXT, PackedLayout, Rows, read_record
 from alerts.framing import SYNC_SIZE, read_container_header, read_long
 from alerts.layout import compile_layout
+from alerts.limits import SUPPORTED_CODECS, DecodeLimits
+from alerts.schema_policy import SchemaPolicyError, check_raw, check_structure, check_ztf_fields
 
 __all__ = ["Alert", "History", "SchemaCache", "alert_from_record", "decode_alert", "decode_alert_reference", "decode_alerts"]
 
@@ -49,7 +55,7 @@ _TOP_COLUMNS = (
 )  # fmt: skip
 _OBJECT_ID, _CANDID, _CAND_CANDID, _ISDIFFPOS, _SCIENCE, _DIFFERENCE, _FIRST_CANDIDATE = range(7)
 _HISTORY = {n: i for i, n in enumerate(HISTORY_FIELDS)}
-DEFAULT_MAX_ARRAY_ITEMS = 10_000  # history entries per alert: ZTF sends at most a few hundred
+OBJECT_ID = re.compile(r"ZTF[0-9]{2}[a-z0-9]{7}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +119,16 @@ def _check_alert_schema(writer: Any) -> None:
 
 
 class SchemaCache:
-    """Compiled writer schemas by their exact JSON bytes (a stream carries a handful). Bounded, so a
-    stream of garbage with ever-new schemas cannot grow memory without end."""
+    """Compiled writer schemas by their exact JSON bytes (a stream carries a handful), and the
+    decoding limits. Bounded in entries and in bytes, so a stream of garbage with ever-new schemas
+    cannot grow memory without end; a refused schema is remembered too (by its hash), so a flood
+    of one bad schema costs one check."""
 
-    def __init__(self, max_entries: int = 64, max_array_items: int = DEFAULT_MAX_ARRAY_ITEMS) -> None:
+    def __init__(self, limits: DecodeLimits | None = None) -> None:
+        self.limits = limits or DecodeLimits()
         self._plans: OrderedDict[bytes, _SchemaPlan] = OrderedDict()
-        self._max = max_entries
-        self.max_array_items = max_array_items
+        self._bytes = 0
+        self._refused: OrderedDict[int, AlertDecodeError] = OrderedDict()
         # The plan of the previous message: a stream is nearly always one schema in long runs, and
         # comparing the ~20 KB schema to the last one (memcmp) costs ~1 us where hashing it for
         # the dict costs ~6 us on every message.
@@ -139,23 +148,43 @@ class SchemaCache:
         if plan is not None:
             self._last = (schema_json, plan)
             return plan
+        key = hash(schema_json)
+        refused = self._refused.get(key)
+        if refused is not None:
+            raise type(refused)(str(refused), reason=refused.reason)
         self.misses += 1
-        plan = _compile(schema_json)
+        try:
+            plan = _compile(schema_json, self.limits)
+        except AlertDecodeError as e:
+            self._refused[key] = e
+            if len(self._refused) > 1024:
+                self._refused.popitem(last=False)
+            raise
         self._plans[schema_json] = plan
+        self._bytes += len(schema_json)
         self._last = (schema_json, plan)
-        if len(self._plans) > self._max:
-            self._plans.popitem(last=False)
+        while len(self._plans) > self.limits.max_schema_cache_entries or (
+            self._bytes > self.limits.max_schema_cache_bytes and len(self._plans) > 1
+        ):
+            old, _ = self._plans.popitem(last=False)
+            self._bytes -= len(old)
         return plan
 
 
-def _compile(schema_json: bytes) -> _SchemaPlan:
+def _compile(schema_json: bytes, limits: DecodeLimits) -> _SchemaPlan:
+    """The schema policy (schema_policy.py) first, then fastavro's parse and our layout."""
+    check_raw(schema_json, limits)
     try:
         writer_json = json.loads(schema_json)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise AlertDecodeError(f"writer schema is not JSON: {e}", reason="not_avro") from e
     try:
+        check_structure(writer_json)
         _check_alert_schema(writer_json)
-    except (KeyError, TypeError, AttributeError) as e:  # a JSON that is no Avro schema at all
+        check_ztf_fields(writer_json, _field)
+    except SchemaPolicyError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a JSON that is no Avro schema at all
         raise AlertDecodeError(f"writer schema is malformed: {e!r}", reason="unknown_schema") from e
     try:
         writer = parse_schema(writer_json)
@@ -203,13 +232,28 @@ def _checked(
     candid: Any, object_id: Any, candidate: np.ndarray, version: str, isdiffpos: str | None, history: History,
     science: bytes | None, difference: bytes | None,
 ) -> Alert:
-    """The checks both paths share, then the Alert."""
+    """The checks both paths share, then the Alert. Values are checked here, at decode time: a
+    non-finite jd once pinned an object's Redis entry forever, an over-long objectId made a
+    result bigger than the output topic accepts."""
     if candid is None or not object_id:
         raise AlertDecodeError("record lacks candid or objectId", reason="missing_field", candid=candid)
-    alert = Alert(int(candid), str(object_id), version, candidate, isdiffpos, history, science, difference)
+    candid = int(candid)
+    alert = Alert(candid, str(object_id), version, candidate, isdiffpos, history, science, difference)
     for name in ("jd", "fid", "ra", "dec"):
         if np.isnan(alert.value(name)):
-            raise AlertDecodeError(f"candidate.{name} is null", reason="missing_field", candid=alert.candid)
+            raise AlertDecodeError(f"candidate.{name} is null", reason="missing_field", candid=candid)
+    jd, fid, ra, dec = (alert.value(n) for n in ("jd", "fid", "ra", "dec"))
+    problems = []
+    if not (candid > 0 and (len(object_id) <= 32 and OBJECT_ID.fullmatch(object_id))):
+        problems.append(f"candid {candid} / objectId {str(object_id)[:40]!r}")
+    if not (math.isfinite(jd) and 2_400_000.0 < jd < 2_600_000.0):
+        problems.append(f"jd {jd}")
+    if not (fid == int(fid) and 1 <= fid <= 9):
+        problems.append(f"fid {fid}")
+    if not (0.0 <= ra <= 360.0 and -90.0 <= dec <= 90.0):
+        problems.append(f"ra/dec {ra}/{dec}")
+    if problems:
+        raise AlertDecodeError("values out of range: " + ", ".join(problems), reason="bad_value", candid=candid)
     return alert
 
 
@@ -304,17 +348,52 @@ def _decode_record(message: bytes, buf: np.ndarray, pos: int, end: int, plan: _S
     return alert, pos
 
 
+def _inflate(codec: str, block: bytes, limit: int) -> bytes:
+    """A compressed container block, inflated to at most ``limit`` bytes (AlertDecodeError past it)."""
+    too_large = AlertDecodeError(f"{codec} block inflates past {limit} bytes", reason="too_large")
+    try:
+        if codec == "deflate":
+            d = zlib.decompressobj(-15)
+            out = d.decompress(block, limit + 1)
+            if len(out) > limit or d.unconsumed_tail:
+                raise too_large
+            return out
+        if codec == "bzip2":
+            b = bz2.BZ2Decompressor()
+            out = b.decompress(block, limit + 1)
+            if len(out) > limit or not b.eof and b.needs_input is False:
+                raise too_large
+            return out
+        if codec == "snappy":  # Avro: raw snappy + big-endian CRC32 of the inflated bytes
+            import cramjam
+
+            size, _ = read_long(block, 0)  # snappy's preamble is a plain varint: read it unsigned
+            size = ((size << 1) ^ (size >> 63)) & ((1 << 64) - 1)  # undo the zig-zag of read_long
+            if size > limit:
+                raise too_large
+            out = bytes(cramjam.snappy.decompress_raw(block[:-4]))
+            if zlib.crc32(out) != int.from_bytes(block[-4:], "big"):
+                raise AlertDecodeError("snappy block fails its CRC", reason="truncated")
+            return out
+    except AlertDecodeError:
+        raise
+    except Exception as e:
+        raise AlertDecodeError(f"{codec} block does not inflate: {type(e).__name__}: {e}", reason="truncated") from e
+    raise AlertDecodeError(f"codec {codec!r} is not supported", reason="codec")
+
+
 def decode_alerts(message: bytes, cache: SchemaCache, fast: bool = True) -> list[Alert]:
     """All alerts in one container (the ZTF stream has exactly one; archive files have many).
-    ``fast=False`` forces the general path."""
+    ``fast=False`` forces the general path. Codecs other than null are read only when allowed by
+    the limits (``DecodeLimits.allowed_codecs``), each block inflated with a cap."""
+    limits = cache.limits
     header = read_container_header(message)
     plan = cache.plan(header.schema_json)
-    if header.codec != "null":
-        return _decode_full(message)
+    codec = header.codec
+    if codec != "null" and (codec not in limits.allowed_codecs or codec not in SUPPORTED_CODECS):
+        raise AlertDecodeError(f"container codec {codec!r} is not allowed here", reason="codec")
     alerts: list[Alert] = []
     pos = header.body_offset
-    buf = np.frombuffer(message, dtype=np.uint8)
-    bio: io.BytesIO | None = None
     while pos < len(message):
         count, pos = read_long(message, pos)
         size, pos = read_long(message, pos)
@@ -323,29 +402,43 @@ def decode_alerts(message: bytes, cache: SchemaCache, fast: bool = True) -> list
             raise AlertDecodeError("block runs past the end of the message", reason="truncated")
         if message[end : end + SYNC_SIZE] != header.sync:
             raise AlertDecodeError("sync marker mismatch", reason="truncated")
-        if fast and plan.layout is not None:
-            for _ in range(count):
-                alert, pos = _decode_record(message, buf, pos, end, plan, cache.max_array_items)
-                alerts.append(alert)
-            cache.fast_hits += count
-        else:
-            cache.fast_misses += count
-            bio = bio or io.BytesIO(message)
-            bio.seek(pos)
-            for _ in range(count):
-                try:
-                    rec = _as_record(schemaless_reader(bio, plan.writer, plan.reader))
-                except AlertDecodeError:
-                    raise
-                except Exception as e:
-                    raise AlertDecodeError(f"record decoding failed: {type(e).__name__}: {e}", reason="truncated") from e
-                alerts.append(alert_from_record(rec, plan.version))
-            pos = bio.tell()
-        if pos != end:
-            raise AlertDecodeError("record length disagrees with its block size", reason="truncated")
+        if count > limits.max_array_items:
+            raise AlertDecodeError(f"block of {count} records", reason="too_large")
+        data, start, stop = message, pos, end
+        if codec != "null":
+            data = _inflate(codec, message[pos:end], limits.max_block_bytes)
+            start, stop = 0, len(data)
+        alerts += _decode_block(data, start, stop, count, plan, cache, fast)
         pos = end + SYNC_SIZE
     if not alerts:
         raise AlertDecodeError("container holds no record", reason="no_records")
+    return alerts
+
+
+def _decode_block(data: bytes, pos: int, end: int, count: int, plan: _SchemaPlan, cache: SchemaCache, fast: bool) -> list[Alert]:
+    """``count`` records from data[pos:end], which they must fill exactly."""
+    alerts = []
+    if fast and plan.layout is not None:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        for _ in range(count):
+            alert, pos = _decode_record(data, buf, pos, end, plan, cache.limits.max_array_items)
+            alerts.append(alert)
+        cache.fast_hits += count
+    else:
+        cache.fast_misses += count
+        bio = io.BytesIO(data)
+        bio.seek(pos)
+        for _ in range(count):
+            try:
+                rec = _as_record(schemaless_reader(bio, plan.writer, plan.reader))
+            except AlertDecodeError:
+                raise
+            except Exception as e:
+                raise AlertDecodeError(f"record decoding failed: {type(e).__name__}: {e}", reason="truncated") from e
+            alerts.append(alert_from_record(rec, plan.version))
+        pos = bio.tell()
+    if pos != end:
+        raise AlertDecodeError("record length disagrees with its block size", reason="truncated")
     return alerts
 
 

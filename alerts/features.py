@@ -244,3 +244,39 @@ def history_features(alert: Alert) -> np.ndarray:
 def alert_features(alert: Alert) -> np.ndarray:
     """alert -> (len(FEATURE_NAMES),) float32, NaN where missing."""
     return np.concatenate([metadata_features(alert), history_features(alert)]).astype(np.float32)
+
+
+SEQUENCE_LENGTH = 64
+SEQUENCE_CHANNELS = ("days_before", "mag_minus_current", "sigma", "band_g", "band_r", "detected")
+
+
+def history_sequence(alert: Alert, length: int = SEQUENCE_LENGTH) -> np.ndarray:
+    """The cleaned history (same rules as the features: the 30 days before the alert, no shared
+    jd) plus the current detection, most recent last, as (length, 6) float32 rows of
+    SEQUENCE_CHANNELS, zero-padded at the front: the input of a learned sequence encoder.
+    Non-detections carry their limit in place of the magnitude, and detected = 0."""
+    h = alert.history
+    jd0 = alert.jd
+    mag0 = alert.magpsf if alert.magpsf is not None else np.nan
+    ok = (h.jd < jd0) & (h.jd > jd0 - HISTORY_WINDOW_DAYS)
+    _, first, counts = np.unique(h.jd, return_index=True, return_counts=True)
+    unique = np.zeros(len(h), bool)
+    unique[first[counts == 1]] = True
+    keep = np.flatnonzero(ok & unique)
+    keep = keep[np.argsort(h.jd[keep], kind="stable")]
+    detected = np.isfinite(h.magpsf[keep])
+    mag = np.where(detected, h.magpsf[keep], h.diffmaglim[keep])
+    rows = np.stack([
+        (jd0 - h.jd[keep]) / HISTORY_WINDOW_DAYS,
+        np.nan_to_num(mag - mag0),
+        np.where(detected, np.nan_to_num(h.sigmapsf[keep]), 0.0),
+        (h.fid[keep] == 1).astype(float),
+        (h.fid[keep] == 2).astype(float),
+        detected.astype(float),
+    ], axis=1) if len(keep) else np.zeros((0, 6))  # fmt: skip
+    current = np.array([[0.0, 0.0, alert.value("sigmapsf") if np.isfinite(alert.value("sigmapsf")) else 0.0,
+                         float(alert.fid == 1), float(alert.fid == 2), 1.0]])  # fmt: skip
+    seq = np.concatenate([rows, current])[-length:]
+    out = np.zeros((length, len(SEQUENCE_CHANNELS)), np.float32)
+    out[length - len(seq) :] = seq
+    return out

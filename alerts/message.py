@@ -15,7 +15,9 @@ def decode_message(value: bytes | None, schemas: SchemaCache) -> tuple[Alert, St
     cutout that does not cut is the message's fault, not the decoder's: no second decode."""
     alert = decode_alert(value or b"", schemas)
     try:
-        return alert, stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
+        return alert, stamp_pixels(
+            alert.science, alert.difference, alert.xpos, alert.ypos, max_bytes=schemas.limits.max_stamp_bytes
+        )
     except BadAlertError as e:
         e.candid = alert.candid
         raise

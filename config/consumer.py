@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alerts.limits import DecodeLimits
 from config.loader import ConfigError, build, read_yaml
 
 
@@ -105,6 +106,9 @@ class ConsumerConfig:
     batching: BatchingConfig = BatchingConfig()
     model: ModelConfig = ModelConfig()
     metrics: MetricsConfig = MetricsConfig()
+    # Bounds of decoding untrusted messages (alerts/limits.py): schema size and depth, array
+    # lengths, allowed container codecs and inflate caps.
+    decoding: DecodeLimits = DecodeLimits()
 
 
 # Environment variable -> (section path, field). Endpoints and secrets only.

@@ -81,7 +81,7 @@ class StreamProcessor:
         self.runner = runner
         self.metrics = metrics
         self.counters = Counters(metrics)
-        self.schemas = SchemaCache()
+        self.schemas = SchemaCache(cfg.decoding)
         self.encoder = ResultEncoder()
         self._stop = threading.Event()
         self._abort = threading.Event()

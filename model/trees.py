@@ -8,16 +8,36 @@ node, as scikit-learn's: a NaN feature goes where ``missing_left`` says, else le
 ``x <= threshold``. Leaves add their value to their class's raw score; the scores start at
 ``baseline``. A unit test holds ``TreeEnsemble`` to ``predict_proba`` on data with NaNs.
 
-Why evaluated level by level rather than by a loop over trees: every tree takes one step per level
-at once (gathers over a (batch, trees) index), so the cost is depth x a few tensor ops.
+Two evaluations of the same tables: on a GPU, level by level in torch (every tree takes one step
+per level at once: gathers over a (batch, trees) index); on the CPU, a compiled loop (numba, GIL
+released, so it runs on the inference thread beside torch). Measured on 750 trees of depth 6, 64
+alerts per call, one core: torch's gathers 87-174 us per alert, the loop ~30 us. Both are held to
+scikit-learn's predict_proba by the unit tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
 from torch import nn
+
+
+@numba.njit(cache=True, nogil=True)
+def _evaluate(x, feature, threshold, left, right, missing_left, is_leaf, value, tree_class, n_nodes, out):  # type: ignore[no-untyped-def]
+    """out[i, class of tree t] += value of the leaf that row i reaches in tree t."""
+    for i in range(x.shape[0]):
+        for t in range(tree_class.shape[0]):
+            base = t * n_nodes
+            node = base
+            while not is_leaf[node]:
+                v = x[i, feature[node]]
+                go_left = missing_left[node] if np.isnan(v) else v <= threshold[node]
+                node = base + (left[node] if go_left else right[node])
+            out[i, tree_class[t]] += value[node]
+    return out
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,22 @@ class TreeEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, F) features (NaN = missing) -> (N, C) raw scores (logits)."""
+        if x.device.type == "cpu":
+            return self._forward_cpu(x)
+        return self.forward_tensors(x)
+
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        n_trees = int(self.offset.shape[0])
+        out = np.tile(self.baseline.numpy().astype(np.float64), (x.shape[0], 1))
+        _evaluate(
+            np.ascontiguousarray(x.detach().numpy(), dtype=np.float32), self.feature.numpy(), self.threshold.numpy(),
+            self.left.numpy(), self.right.numpy(), self.missing_left.numpy(), self.is_leaf.numpy(), self.value.numpy(),
+            self.to_class.argmax(1).numpy(), self.feature.shape[0] // max(n_trees, 1), out,
+        )  # fmt: skip
+        return torch.from_numpy(out.astype(np.float32))
+
+    def forward_tensors(self, x: torch.Tensor) -> torch.Tensor:
+        """The same in tensor ops (any device)."""
         n = x.shape[0]
         node = self.offset.unsqueeze(0).expand(n, -1)  # (N, T): every tree at its root
         for _ in range(self.depth):

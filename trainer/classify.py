@@ -49,6 +49,7 @@ class Labelled:
     y: np.ndarray  # (N,) class index
     groups: np.ndarray  # (N,) objectId
     class_names: tuple[str, ...]
+    sequences: np.ndarray | None = None  # (N, L, 6): alerts.features.history_sequence
 
 
 def _columns(names: Sequence[str]) -> list[int]:
@@ -252,6 +253,49 @@ def _row_mlp(hidden: int = 128, epochs: int = 200) -> Predictor:
     return run
 
 
+class _SequenceNet(torch.nn.Module):
+    """The study's next step, a recurrent classifier on the light curve: a GRU over the cleaned
+    history (features.history_sequence), its last state to the classes."""
+
+    def __init__(self, channels: int, n_classes: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.gru = torch.nn.GRU(channels, hidden, batch_first=True)
+        self.out = torch.nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(x)
+        out: torch.Tensor = self.out(h[-1])
+        return out
+
+
+def _row_gru(epochs: int = 60) -> Predictor:
+    def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        assert d.sequences is not None
+        torch.manual_seed(seed)
+        n_classes = len(d.class_names)
+        net = _SequenceNet(d.sequences.shape[2], n_classes)
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
+        xt, yt = torch.from_numpy(d.sequences[tr]).float(), torch.from_numpy(d.y[tr]).long()
+        counts = np.bincount(d.y[tr], minlength=n_classes)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(len(tr) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32))
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            net.train()
+            order = torch.randperm(len(tr), generator=gen)
+            for start in range(0, len(tr), 64):
+                idx = order[start : start + 64]
+                opt.zero_grad()
+                loss: torch.Tensor = loss_fn(net(xt[idx]), yt[idx])
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+        net.eval()
+        with torch.no_grad():
+            out: np.ndarray = torch.softmax(net(torch.from_numpy(d.sequences[te]).float()), 1).numpy()
+        return out
+
+    return run
+
+
 def _row_fused(cfg: HeadConfig) -> Predictor:
     def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
         f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed)
@@ -260,14 +304,15 @@ def _row_fused(cfg: HeadConfig) -> Predictor:
     return run
 
 
-def rows(cfg: HeadConfig, quick: bool = False) -> list[tuple[str, Predictor]]:
+def rows(cfg: HeadConfig, quick: bool = False, with_sequences: bool = True) -> list[tuple[str, Predictor]]:
     meta, hist = _columns(METADATA_FEATURES), _columns(HISTORY_FEATURES)
     everything = list(range(len(FEATURE_NAMES)))
     no_position = [i for i in everything if FEATURE_NAMES[i] not in POSITION_FEATURES]
     table: list[tuple[str, Predictor]] = [
         (STUDY_ROW, _row_logreg(None, True)),
         ("metadata only, gradient-boosted trees", _row_trees(meta, False, cfg)),
-        ("history only, gradient-boosted trees", _row_trees(hist, False, cfg)),
+        ("history only, gradient-boosted trees on hand-made statistics", _row_trees(hist, False, cfg)),
+        ("history only, GRU over the light curve (learned)", _row_gru()),
         (REFERENCE_ROW, _row_trees(everything, False, cfg)),
         ("metadata + history, logistic regression", _row_logreg(everything, False)),
         ("metadata + history without position (ablation), trees", _row_trees(no_position, False, cfg)),
@@ -277,6 +322,8 @@ def rows(cfg: HeadConfig, quick: bool = False) -> list[tuple[str, Predictor]]:
     ]
     if quick:
         return [r for r in table if r[0] in (STUDY_ROW, REFERENCE_ROW, FUSED_ROW)]
+    if not with_sequences:
+        return [r for r in table if "GRU" not in r[0]]
     return table
 
 
@@ -344,12 +391,14 @@ def summarise(table: dict[str, Any], class_names: Sequence[str]) -> dict[str, An
 
 
 def train_head(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: tuple[str, ...],
-               cfg: HeadConfig, *, quick: bool = False, show_progress: bool = True) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
+               cfg: HeadConfig, *, sequences: np.ndarray | None = None, quick: bool = False,
+               show_progress: bool = True) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
     """Cross-validate the table's rows on the labelled alerts, then fit the shipped head on all of
     them. -> (fitted head, the full table)."""
-    d = Labelled(features, z, y, groups, class_names)
+    d = Labelled(features, z, y, groups, class_names, sequences)
     n_objects_min = min(len(set(groups[y == c].tolist())) for c in np.unique(y))
     folds = max(2, min(cfg.cv_folds, n_objects_min))
-    table = cross_validate(d, rows(cfg, quick), seeds=1 if quick else cfg.cv_seeds, folds=folds, show_progress=show_progress)
+    table = cross_validate(d, rows(cfg, quick, sequences is not None), seeds=1 if quick else cfg.cv_seeds, folds=folds,
+                           show_progress=show_progress)  # fmt: skip
     fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0)
     return fitted, table

@@ -21,7 +21,7 @@ import numpy as np
 from alerts.cutouts import stamp_pixels
 from alerts.decoder import SchemaCache, decode_alerts
 from alerts.errors import BadAlertError
-from alerts.features import FEATURE_NAMES, alert_features
+from alerts.features import FEATURE_NAMES, alert_features, history_sequence
 from alerts.files import iter_messages
 from model.classifier import CLASS_NAMES
 from model.preprocess import normalise
@@ -38,13 +38,15 @@ class Dataset:
     y: np.ndarray  # (N,) int64, class index or UNLABELLED
     class_names: tuple[str, ...]
     features: np.ndarray  # (N, len(FEATURE_NAMES)) float32, NaN where missing
+    sequences: np.ndarray  # (N, SEQUENCE_LENGTH, 6) float32: the cleaned history (features.history_sequence)
     skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.candid)
 
     def subset(self, idx: np.ndarray) -> Dataset:
-        return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names, self.features[idx])
+        return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names,
+                       self.features[idx], self.sequences[idx])  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         counts = Counter(int(v) for v in self.y)
@@ -84,6 +86,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     cache = SchemaCache()
     raws: list[np.ndarray] = []
     feats: list[np.ndarray] = []
+    seqs: list[np.ndarray] = []
     candids: list[int] = []
     objects: list[str] = []
     seen: set[int] = set()
@@ -97,6 +100,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
                 seen.add(alert.candid)
                 raws.append(stamp.pixels)
                 feats.append(alert_features(alert))
+                seqs.append(history_sequence(alert))
                 candids.append(alert.candid)
                 objects.append(alert.object_id)
         except BadAlertError as e:
@@ -109,7 +113,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     cand = np.array(candids, dtype=np.int64)
     y = np.array([labels.get(int(c), UNLABELLED) for c in cand], dtype=np.int64)
     features = np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32)
-    return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, features, skipped)
+    return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, features, np.stack(seqs), skipped)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from conftest import EDGE_DIR, HAVE_SHARED
 from alerts.cutouts import fits_image, gunzip, stamp_pixels
 from alerts.decoder import SchemaCache, decode_alert, decode_alert_reference, decode_alerts
 from alerts.errors import AlertDecodeError, CutoutError
+from alerts.limits import DecodeLimits
 from alerts.message import decode_message
 from alerts.synthetic import make_alert
 from model.preprocess import normalise
@@ -88,7 +89,8 @@ EDGE_EXPECTED = {
     "small_cutout_51x63_595277915515015000.avro": ("ok", "padded"),
     "small_cutout_63x42_2481343020115015020.avro": ("ok", "padded"),
     "small_cutout_63x55_522193343315015001.avro": ("ok", "padded"),
-    "spark_topLevelRecord_snappy_675208700015010000.avro": ("ok", "plain"),
+    # snappy container: a codec is read only where allowed (off by default; see the test below)
+    "spark_topLevelRecord_snappy_675208700015010000.avro": ("dead", "codec"),
 }
 
 
@@ -233,7 +235,7 @@ def test_multi_record_container_is_not_one_alert() -> None:
     assert ei.value.reason == "not_one_record"
 
 
-def test_deflate_container_goes_through_the_general_path() -> None:
+def test_deflate_container_is_read_only_where_allowed() -> None:
     import io
 
     import fastavro
@@ -243,7 +245,10 @@ def test_deflate_container_goes_through_the_general_path() -> None:
     rec = next(iter(fastavro.reader(io.BytesIO(make_alert(2_400_000_000_000_000_005).message))))
     buf = io.BytesIO()
     fastavro.writer(buf, ALERT_SCHEMA, [rec], codec="deflate")
-    alert = decode_alert(buf.getvalue(), SchemaCache())
+    with pytest.raises(AlertDecodeError) as e:
+        decode_alert(buf.getvalue(), SchemaCache())
+    assert e.value.reason == "codec"
+    alert = decode_alert(buf.getvalue(), SchemaCache(DecodeLimits(allowed_codecs=("deflate",))))
     assert alert.candid == 2_400_000_000_000_000_005
 
 
@@ -262,7 +267,7 @@ def test_malformed_writer_schemas_are_named_errors(schema: bytes) -> None:
 
     with pytest.raises(AlertDecodeError) as ei:
         decode_alert(ContainerFramer(schema).frame(b"\x00"), SchemaCache())
-    assert ei.value.reason in ("unknown_schema", "not_avro")
+    assert ei.value.reason in ("unknown_schema", "not_avro", "schema_policy")
 
 
 @pytest.mark.parametrize("suffix", [".fits.gz", "_é", "_\u00e9\u00e9\u00e9.fits"])
@@ -339,7 +344,7 @@ def test_a_huge_history_count_is_refused_not_looped_over() -> None:
     with pytest.raises(AlertDecodeError) as e:
         decode_alert(msg, SchemaCache())
     assert e.value.reason == "too_large"
-    limited = SchemaCache(max_array_items=3)
+    limited = SchemaCache(DecodeLimits(max_array_items=3))
     with pytest.raises(AlertDecodeError, match="limit"):
         decode_alert(make_alert(2_400_000_000_000_000_556, n_prv=5).message, limited)
     assert len(decode_alert(make_alert(2_400_000_000_000_000_557, n_prv=3).message, limited).history) == 3

@@ -17,10 +17,12 @@ from alerts.features import (
     HISTORY_WINDOW_DAYS,
     METADATA_FEATURES,
     POSITION_FEATURES,
+    SEQUENCE_CHANNELS,
     alert_features,
     ecliptic_latitude,
     galactic_latitude,
     history_features,
+    history_sequence,
 )
 from alerts.synthetic import make_alert
 
@@ -102,3 +104,16 @@ def test_both_decoding_paths_give_the_same_features(corpus: list[bytes]) -> None
         fast = alert_features(decode_alert(msg, cache))
         general = alert_features(decode_alert(msg, cache, fast=False))
         np.testing.assert_array_equal(fast, general)
+
+
+def test_history_sequence_is_the_cleaned_light_curve_most_recent_last() -> None:
+    hist = _history([(10, 1, 19.0, 20.5), (3, 2, np.nan, 19.5), (-1, 1, 17.0, 20.0), (5, 2, 18.4, 20.0)])
+    seq = history_sequence(_alert(hist, mag=18.0, fid=1), length=6)
+    assert seq.shape == (6, len(SEQUENCE_CHANNELS)) and seq.dtype == np.float32
+    assert np.all(seq[:2] == 0), "zero padding in front"
+    days = seq[2:, 0] * HISTORY_WINDOW_DAYS
+    np.testing.assert_allclose(days, [10, 5, 3, 0], atol=1e-4)  # the entry after the alert is gone
+    np.testing.assert_allclose(seq[2:, 1], [1.0, 0.4, 1.5, 0.0], atol=1e-5)  # limit in place of a magnitude
+    np.testing.assert_array_equal(seq[2:, 5], [1, 1, 0, 1])
+    long = history_sequence(_alert(_history([(i / 2 + 0.5, 1, 18.0, 20.0) for i in range(50)])), length=8)
+    assert long[-1, 0] == 0 and np.all(long[:, 5] == 1), "the most recent points are kept"

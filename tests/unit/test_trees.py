@@ -28,8 +28,10 @@ def test_tree_ensemble_equals_sklearn(seed: int, n_classes: int, nan_rate: float
     test[rng.random(test.shape) < nan_rate + 0.05] = np.nan
     test[:20] = x[:20]  # values exactly at thresholds
     with torch.no_grad():
-        ours = torch.softmax(trees(torch.from_numpy(test)), 1).numpy()
+        ours = torch.softmax(trees(torch.from_numpy(test)), 1).numpy()  # the compiled CPU loop
+        tensors = torch.softmax(trees.forward_tensors(torch.from_numpy(test)), 1).numpy()  # the GPU form
     np.testing.assert_allclose(ours, clf.predict_proba(test), atol=1e-5)
+    np.testing.assert_allclose(tensors, clf.predict_proba(test), atol=1e-5)
 
 
 def test_binary_is_refused() -> None:

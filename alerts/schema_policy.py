@@ -1,0 +1,194 @@
+"""The writer-schema policy, checked once per distinct schema before any record is decoded (and
+before fastavro parses it: a self-referencing record nested 20,000 levels deep crashed the
+process inside fastavro's parser).
+
+Rules: size cap; nesting depth cap (measured on the raw bytes, before JSON parsing); no recursive
+named types; no references to undefined names; no arrays or maps whose items can take zero bytes
+(a count of 2^62 such items is read in no bytes at all: a hang); the ZTF fields the service reads
+present with the expected types. Every official ZTF schema (1.8 to 4.02) passes these rules (the
+unit tests run them on one alert of every writer schema); anything else is judged by the rules
+alone. All checks are iterative: no input can exhaust Python's stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from alerts.errors import AlertDecodeError
+from alerts.limits import DecodeLimits
+
+_PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+
+
+class SchemaPolicyError(AlertDecodeError):
+    """A writer schema the service refuses to decode with (reason ``schema_policy``)."""
+
+    reason = "schema_policy"
+
+
+def json_depth(raw: bytes) -> int:
+    """Maximal nesting of [ and { in JSON text (strings skipped), without parsing it."""
+    depth = best = 0
+    in_string = escaped = False
+    for b in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            best = max(best, depth)
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return best
+
+
+def check_raw(schema_json: bytes, limits: DecodeLimits) -> None:
+    if len(schema_json) > limits.max_schema_bytes:
+        raise SchemaPolicyError(f"writer schema of {len(schema_json)} bytes (limit {limits.max_schema_bytes})")
+    depth = json_depth(schema_json)
+    if depth > limits.max_schema_depth:
+        raise SchemaPolicyError(f"writer schema nested {depth} deep (limit {limits.max_schema_depth})")
+
+
+def _fullname(t: Mapping[str, Any], namespace: str) -> tuple[str, str]:
+    name = str(t.get("name", ""))
+    ns = str(t.get("namespace", namespace) or "")
+    full = name if "." in name or not ns else f"{ns}.{name}"
+    return full, (full.rsplit(".", 1)[0] if "." in full else ns)
+
+
+def check_structure(schema: Any) -> None:
+    """Named types defined before use and never inside themselves; no zero-byte array/map items."""
+    defined: dict[str, Mapping[str, Any]] = {}
+    # (type, enclosing namespace, names of the records being defined around it)
+    stack: list[tuple[Any, str, frozenset[str]]] = [(schema, "", frozenset())]
+    arrays: list[tuple[Any, str]] = []
+    while stack:
+        t, ns, open_names = stack.pop()
+        if isinstance(t, str):
+            if t in _PRIMITIVES:
+                continue
+            candidates = {t, f"{ns}.{t}" if ns else t}
+            if candidates & open_names:
+                raise SchemaPolicyError(f"recursive named type {t!r}")
+            if not candidates & set(defined) and t.rsplit(".", 1)[-1] not in {k.rsplit(".", 1)[-1] for k in defined}:
+                raise SchemaPolicyError(f"reference to an undefined type {t!r}")
+            continue
+        if isinstance(t, list):
+            stack.extend((b, ns, open_names) for b in reversed(t))  # document order: first branch first
+            continue
+        if not isinstance(t, Mapping):
+            raise SchemaPolicyError(f"not a schema: {type(t).__name__}")
+        kind = t.get("type")
+        if kind in ("record", "error", "enum", "fixed"):
+            full, inner_ns = _fullname(t, ns)
+            if full in defined:
+                raise SchemaPolicyError(f"type {full!r} defined twice")
+            defined[full] = t
+            if kind in ("record", "error"):
+                fields = t.get("fields")
+                if not isinstance(fields, list):
+                    raise SchemaPolicyError(f"record {full!r} without a field list")
+                inside = open_names | {full}
+                for f in reversed(fields):  # document order: a name is defined before its uses
+                    if not isinstance(f, Mapping) or "type" not in f:
+                        raise SchemaPolicyError(f"malformed field in {full!r}")
+                    stack.append((f["type"], inner_ns, inside))
+            continue
+        if kind in ("array", "map"):
+            items = t.get("items" if kind == "array" else "values")
+            arrays.append((items, ns))
+            stack.append((items, ns, open_names))
+            continue
+        if isinstance(kind, str | list | Mapping):
+            stack.append((kind, ns, open_names))
+            continue
+        raise SchemaPolicyError(f"malformed type {t!r:.80}")
+    for items, ns in arrays:
+        if _can_be_empty(items, ns, defined):
+            raise SchemaPolicyError("an array or map whose items can take zero bytes")
+
+
+def _resolve(t: Any, ns: str, defined: Mapping[str, Mapping[str, Any]]) -> Any:
+    if isinstance(t, str) and t not in _PRIMITIVES:
+        for key in (t, f"{ns}.{t}" if ns else t):
+            if key in defined:
+                return defined[key]
+        short = t.rsplit(".", 1)[-1]
+        return next((v for k, v in defined.items() if k.rsplit(".", 1)[-1] == short), t)
+    return t
+
+
+def _can_be_empty(t: Any, ns: str, defined: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether a value of type t can be encoded in zero bytes (iteratively; records only nest)."""
+    stack = [t]
+    seen = 0
+    while stack:
+        seen += 1
+        if seen > 100_000:
+            return True  # implausibly large: refuse
+        cur = _resolve(stack.pop(), ns, defined)
+        if cur == "null":
+            continue
+        if isinstance(cur, str | list):
+            return False  # primitives take >= 1 byte except null; a union index takes >= 1 byte
+        if isinstance(cur, Mapping):
+            kind = cur.get("type")
+            if kind == "fixed":
+                if int(cur.get("size", 0)) > 0:
+                    return False
+                continue
+            if kind in ("record", "error"):
+                stack.extend(f["type"] for f in cur.get("fields", ()) if isinstance(f, Mapping))
+                continue
+            if kind in ("array", "map", "enum") or kind in _PRIMITIVES - {"null"}:
+                return False
+            if kind == "null":
+                continue
+            stack.append(kind)
+            continue
+        return False
+    return True
+
+
+def _branches(t: Any) -> list[Any]:
+    return t if isinstance(t, list) else [t]
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, Mapping):
+        return str(t.get("type"))
+    return str(t)
+
+
+def check_ztf_fields(schema: Mapping[str, Any], field: Any) -> None:
+    """The fields the service reads, with their types: objectId string, candid long (or int),
+    candidate a record whose jd/ra/dec are doubles (or floats) and fid an int."""
+
+    def types(t: Any) -> set[str]:
+        return {_type_name(b) for b in _branches(t)} - {"null"}
+
+    top = {f.get("name"): f.get("type") for f in schema.get("fields", ()) if isinstance(f, Mapping)}
+    if not types(top.get("objectId")) <= {"string"}:
+        raise SchemaPolicyError("objectId is not a string")
+    if "candid" in top and not types(top["candid"]) <= {"long", "int"}:
+        raise SchemaPolicyError("candid is not an integer")
+    cand = field(schema, "candidate")
+    rec = next((b for b in _branches(cand["type"]) if isinstance(b, Mapping) and b.get("type") == "record"), None) if cand else None
+    if rec is None:
+        return  # reported as a missing field by the decoder
+    cfields = {f.get("name"): f.get("type") for f in rec.get("fields", ()) if isinstance(f, Mapping)}
+    for name in ("jd", "ra", "dec"):
+        if name in cfields and not types(cfields[name]) <= {"double", "float"}:
+            raise SchemaPolicyError(f"candidate.{name} is not a number")
+    if "fid" in cfields and not types(cfields["fid"]) <= {"int", "long"}:
+        raise SchemaPolicyError("candidate.fid is not an integer")
+    if "candid" in cfields and not types(cfields["candid"]) <= {"long", "int"}:
+        raise SchemaPolicyError("candidate.candid is not an integer")

@@ -1,0 +1,171 @@
+"""Crafted messages of each attack class of issue #11, decoded in-process: each is a named error
+(its reason), never a crash, a hang or a memory bomb; and the allowed codecs read real data."""
+
+from __future__ import annotations
+
+import bz2
+import io
+import json
+import time
+import zlib
+
+import fastavro
+import numpy as np
+import pytest
+
+from alerts.cutouts import gunzip
+from alerts.decoder import SchemaCache, decode_alert, decode_alert_reference
+from alerts.errors import AlertDecodeError, BadAlertError
+from alerts.framing import MAGIC, ContainerFramer, zigzag
+from alerts.limits import DecodeLimits
+from alerts.message import decode_message
+from alerts.schema_policy import json_depth
+from alerts.synthetic import ALERT_SCHEMA, SCHEMA_JSON, make_alert
+
+GOOD = make_alert(2_400_000_000_000_007_000, n_prv=3)
+
+
+def _record() -> dict:
+    return next(iter(fastavro.reader(io.BytesIO(GOOD.message))))
+
+
+def _message(schema: dict, record: dict) -> bytes:
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
+    return ContainerFramer(json.dumps(schema).encode()).frame(body.getvalue())
+
+
+def _reason(msg: bytes, cache: SchemaCache | None = None) -> str:
+    with pytest.raises(BadAlertError) as e:
+        decode_message(msg, cache if cache is not None else SchemaCache())
+    return e.value.reason
+
+
+def test_deeply_nested_self_referencing_schema_is_refused_before_parsing() -> None:
+    depth = 20_000
+    inner = '{"type": "record", "name": "n", "fields": [{"name": "x", "type": ' * depth + '"n"' + "}]}" * depth
+    schema = json.dumps(ALERT_SCHEMA).replace('"publisher", "type": "string"', f'"publisher", "type": {inner}')
+    msg = ContainerFramer(schema.encode()).frame(b"\x00" * 10)
+    t = time.monotonic()
+    assert _reason(msg) == "schema_policy"
+    assert time.monotonic() - t < 2.0
+    assert json_depth(schema.encode()) > 32
+
+
+def test_recursive_named_type_is_refused() -> None:
+    schema = json.loads(SCHEMA_JSON)
+    schema["fields"].insert(2, {"name": "node", "type": {"type": "record", "name": "node", "fields": [
+        {"name": "next", "type": ["null", "node"]}]}})  # fmt: skip
+    assert _reason(ContainerFramer(json.dumps(schema).encode()).frame(b"\x00")) == "schema_policy"
+
+
+def test_array_of_zero_byte_items_is_refused() -> None:
+    schema = json.loads(SCHEMA_JSON)
+    schema["fields"].insert(2, {"name": "nothing", "type": {"type": "array", "items": "null"}})
+    record = _record() | {"nothing": []}
+    msg = _message(schema, record)
+    i = msg.index(record["objectId"].encode()) - 1  # the empty array sits right before objectId
+    hostile = msg[:i - 1] + zigzag(2**62) + msg[i - 1:]
+    t = time.monotonic()
+    assert _reason(hostile) == "schema_policy"
+    assert time.monotonic() - t < 2.0
+
+
+def test_wrong_field_types_are_refused() -> None:
+    for path, new in ((("candid",), "double"), (("candidate", "jd"), "string")):
+        schema = json.loads(SCHEMA_JSON)
+        fields = schema["fields"]
+        if path[0] == "candidate":
+            fields = next(f for f in fields if f["name"] == "candidate")["type"]["fields"]
+        next(f for f in fields if f["name"] == path[-1])["type"] = new
+        assert _reason(ContainerFramer(json.dumps(schema).encode()).frame(b"\x00")) == "schema_policy"
+
+
+def test_compressed_blocks_are_refused_by_default_and_bounded_when_allowed() -> None:
+    record = _record()
+    out = {}
+    for codec in ("deflate", "bzip2", "snappy"):
+        buf = io.BytesIO()
+        fastavro.writer(buf, fastavro.parse_schema(ALERT_SCHEMA), [record], codec=codec)
+        out[codec] = buf.getvalue()
+        assert _reason(out[codec]) == "codec"
+        allowed = SchemaCache(DecodeLimits(allowed_codecs=(codec,)))
+        assert decode_alert(out[codec], allowed) == decode_alert_reference(out[codec])
+        tiny = SchemaCache(DecodeLimits(allowed_codecs=(codec,), max_block_bytes=1000))
+        assert _reason(out[codec], tiny) == "too_large"
+
+
+def test_a_bzip2_bomb_is_stopped_at_the_cap() -> None:
+    """2.6 KB of bzip2 that would inflate to ~770 MB: read up to the cap, then refused."""
+    bomb = bz2.compress(b"\x00" * (200 * 1024 * 1024))
+    assert len(bomb) < 4096
+    header = ContainerFramer(SCHEMA_JSON).header.replace(b"\x08null", b"\x0abzip2")
+    header = header.replace(zigzag(len(b"null")) + b"null", zigzag(5) + b"bzip2")
+    sync = header[-16:]
+    msg = MAGIC + header[4:] + zigzag(1) + zigzag(len(bomb)) + bomb + sync
+    cache = SchemaCache(DecodeLimits(allowed_codecs=("bzip2",)))
+    t = time.monotonic()
+    assert _reason(msg, cache) == "too_large"
+    assert time.monotonic() - t < 5.0
+
+
+def test_gzip_stamp_bomb_and_trailing_members_are_refused() -> None:
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    data = bomb.compress(b"\x00" * (64 * 1024 * 1024)) + bomb.flush()
+    with pytest.raises(BadAlertError) as e:
+        gunzip(data, max_bytes=4 * 1024 * 1024)
+    assert e.value.reason == "cutout_too_large"
+    good = make_alert(2_400_000_000_000_007_001)
+    rec = next(iter(fastavro.reader(io.BytesIO(good.message))))
+    stamp = rec["cutoutScience"]["stampData"]
+    with pytest.raises(BadAlertError) as e:
+        gunzip(stamp + stamp)
+    assert e.value.reason == "cutout_not_gzip"
+
+
+def test_a_fits_header_claiming_a_huge_image_is_refused_before_allocating() -> None:
+    import gzip
+
+    from astropy.io import fits
+
+    hdu = fits.PrimaryHDU(np.zeros((10, 10), np.uint8))
+    hdu.header["BSCALE"] = 2.0
+    raw = io.BytesIO()
+    hdu.writeto(raw)
+    text = raw.getvalue().replace(b"NAXIS1  =                   10", b"NAXIS1  =                12000")
+    text = text.replace(b"NAXIS2  =                   10", b"NAXIS2  =                12000")
+    rec = _record()
+    rec["cutoutScience"]["stampData"] = gzip.compress(text)
+    assert _reason(_message(ALERT_SCHEMA, rec)) == "cutout_too_large"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "reason"),
+    [
+        (("candidate", "jd"), float("nan"), "missing_field"),  # NaN reads as null
+        (("candidate", "jd"), float("inf"), "bad_value"),
+        (("candidate", "ra"), 400.0, "bad_value"),
+        (("candidate", "dec"), -91.0, "bad_value"),
+        (("objectId",), "ZTF" + "a" * 5000, "bad_value"),
+        (("objectId",), "'; DROP TABLE", "bad_value"),
+        (("candid",), -5, "bad_value"),
+    ],
+)
+def test_values_are_checked_at_decode_time(path: tuple[str, ...], value: object, reason: str) -> None:
+    rec = _record()
+    target = rec
+    for p in path[:-1]:
+        target = target[p]
+    target[path[-1]] = value
+    msg = _message(ALERT_SCHEMA, rec)
+    assert _reason(msg) == reason
+    with pytest.raises(AlertDecodeError):
+        decode_alert(msg, SchemaCache(), fast=False)
+
+
+def test_a_flood_of_distinct_schemas_stays_bounded_in_bytes() -> None:
+    cache = SchemaCache(DecodeLimits(max_schema_cache_bytes=200_000))
+    for i in range(60):
+        schema = json.loads(SCHEMA_JSON) | {"doc": f"padding {i} " + "x" * 20_000}
+        decode_alert(_message(schema, _record()), cache)
+    assert cache._bytes <= 200_000 and len(cache) < 60
