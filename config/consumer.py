@@ -36,6 +36,10 @@ class KafkaConfig:
     dead_letter_topic: str = "stampstream-dead-letters"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = 45000
+    # Static group membership (KIP-345): a restarted member with the same id gets its partitions
+    # back at once instead of after a rebalance. Empty: dynamic membership. Set per replica (e.g.
+    # from the pod name, STAMPSTREAM_KAFKA_GROUP_INSTANCE_ID).
+    group_instance_id: str = ""
     max_poll_interval_ms: int = 300000
     # Producer back-pressure: librdkafka's local queue; when it is full we flush before producing more.
     producer_queue_max_messages: int = 100000
@@ -96,6 +100,8 @@ class MetricsConfig:
     progress_interval_s: float = 30.0
     lag_interval_s: float = 15.0
     log_format: Literal["json", "text"] = "json"
+    # Repeats of one Kafka client log line within this window are summarised in one line.
+    client_log_interval_s: float = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -117,6 +123,8 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "STAMPSTREAM_KAFKA_SASL_USERNAME": (("kafka", "security"), "sasl_username"),
     "STAMPSTREAM_KAFKA_SASL_PASSWORD": (("kafka", "security"), "sasl_password"),
     "STAMPSTREAM_KAFKA_SSL_CA_LOCATION": (("kafka", "security"), "ssl_ca_location"),
+    # not an endpoint or a secret, but an identity that differs per replica (the pod's name)
+    "STAMPSTREAM_KAFKA_GROUP_INSTANCE_ID": (("kafka",), "group_instance_id"),
     "STAMPSTREAM_REDIS_URL": (("redis",), "url"),
     "STAMPSTREAM_REDIS_PASSWORD": (("redis",), "password"),
 }

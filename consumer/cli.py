@@ -61,9 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from confluent_kafka import Consumer, Producer
 
     from consumer.clients import consumer_settings, producer_settings, redis_client
-    from consumer.daemon import AbortRequested, StreamProcessor
+    from consumer.daemon import AbortRequested, NeverAssigned, StreamProcessor
     from consumer.inference import ModelRunner, inference_threads
     from consumer.kafka_sink import KafkaSink
+    from consumer.log_limit import RateLimitFilter
     from consumer.metrics import Metrics, serve
     from consumer.redis_sink import RedisSink
 
@@ -83,11 +84,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         ensure_topics(cfg, [cfg.kafka.output_topic, cfg.kafka.dead_letter_topic], partitions=args.partitions)
     except Exception as e:  # e.g. no CREATE ACL on a shared cluster: the topics must then exist already
         log.warning("could not check/create the output topics (%s); assuming they exist", e)
-    kafka_log = {"logger": logging.getLogger("stampstream.kafka")}  # librdkafka's logs, structured like ours
+    # librdkafka's logs and error events, structured like ours and rate-limited (a broker outage
+    # is one line per reconnect try); every error event is counted in the metrics.
+    kafka_logger = logging.getLogger("stampstream.kafka")
+    kafka_logger.addFilter(RateLimitFilter(cfg.metrics.client_log_interval_s))
+
+    def on_client_error(err: object) -> None:
+        metrics.kafka_client_errors.inc()
+        kafka_logger.warning("kafka client error: %s", err)
+
+    kafka_log = {"logger": kafka_logger, "error_cb": on_client_error}
     consumer = Consumer(consumer_settings(cfg.kafka) | kafka_log)
     producer = Producer(producer_settings(cfg.kafka) | kafka_log)
     rsink = RedisSink(redis_client(cfg.redis), cfg.redis.key_prefix, cfg.redis.ttl_seconds)
-    proc = StreamProcessor(cfg, consumer, KafkaSink(producer), rsink, runner, metrics)
+    ksink = KafkaSink(producer, cfg.kafka.dead_letter_topic, cfg.kafka.dead_letter_max_bytes,
+                      on_rejected=lambda where: metrics.produce_rejected.labels(where).inc())  # fmt: skip
+    proc = StreamProcessor(cfg, consumer, ksink, rsink, runner, metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: proc.request_stop())
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks of all threads to stderr
@@ -110,6 +122,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except AbortRequested as e:
         log.error("aborted without committing the batch in hand: %s", e)
         code = 1
+    except NeverAssigned as e:
+        log.error("%s: nothing was read (is the topic there, is another member holding it?)", e)
+        code = 2
     finally:
         producer.flush(10)
         consumer.close()

@@ -32,7 +32,8 @@ def kafka_common(cfg: KafkaConfig) -> dict[str, Any]:
 
 
 def consumer_settings(cfg: KafkaConfig) -> dict[str, Any]:
-    return kafka_common(cfg) | {
+    static = {"group.instance.id": cfg.group_instance_id} if cfg.group_instance_id else {}
+    return kafka_common(cfg) | static | {
         "group.id": cfg.group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,

@@ -61,8 +61,13 @@ __all__ = ["AbortRequested", "StreamProcessor"]
 log = logging.getLogger("stampstream.consumer")
 
 
+class NeverAssigned(RuntimeError):
+    """No partition was assigned within the join timeout: a run that reads nothing must not
+    report success (``consumer run`` exits 2)."""
+
+
 class StreamProcessor:
-    JOIN_GRACE_S = 30.0
+    JOIN_TIMEOUT_S = 60.0
 
     def __init__(
         self,
@@ -120,8 +125,10 @@ class StreamProcessor:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, max_alerts: int | None = None, idle_exit_s: float | None = None) -> RunStats:
-        """Until stopped, ``max_alerts`` messages were read, or the stream was idle for
-        ``idle_exit_s`` seconds. See the module docstring for the order of the stages."""
+        """Until stopped, ``max_alerts`` messages were read, or (``idle_exit_s``) the consumer is
+        caught up: every assigned partition at its high watermark and no message for
+        ``idle_exit_s`` seconds. Raises NeverAssigned if no partition came within
+        JOIN_TIMEOUT_S. See the module docstring for the order of the stages."""
         start = last_message = time.monotonic()
         self.metrics.model_info.labels(self.runner.name, self.runner.version, self.runner.device.type).set(1)
         inferring: InFlight | None = None  # batch N
@@ -148,9 +155,12 @@ class StreamProcessor:
             else:  # never hold results back while the stream is quiet
                 self.finish(inferring, awaiting_redis)
                 inferring = awaiting_redis = None
-                if idle_exit_s is not None and self._idle_for(now, last_message) >= idle_exit_s:
-                    log.info("idle for %.1fs: exiting", self._idle_for(now, last_message))
-                    break
+                if idle_exit_s is not None:
+                    if self._assigned_at is None and now - start > self.JOIN_TIMEOUT_S:
+                        raise NeverAssigned(f"no partition assigned within {self.JOIN_TIMEOUT_S:.0f}s")
+                    if self._idle_for(now, last_message) >= idle_exit_s and self._caught_up():
+                        log.info("caught up and idle for %.1fs: exiting", self._idle_for(now, last_message))
+                        break
             self._housekeeping(now)
         self.finish(inferring, awaiting_redis)
         self._worker.shutdown(wait=True)
@@ -301,11 +311,26 @@ class StreamProcessor:
         return dead_letter(value, src, err, self.cfg.kafka.dead_letter_max_bytes, self.cfg.kafka.dead_letter_topic)
 
     def _idle_for(self, now: float, last_message: float) -> float:
-        """Seconds without a message since the later of the last message and the last assignment;
-        joining the group (before any assignment) gets a grace of JOIN_GRACE_S."""
+        """Seconds without a message since the later of the last message and the last assignment
+        (0 before any assignment)."""
         if self._assigned_at is None:
-            return now - last_message - self.JOIN_GRACE_S
+            return 0.0
         return now - max(last_message, self._assigned_at)
+
+    def _caught_up(self) -> bool:
+        """Every assigned partition read to its high watermark (asked of the broker)."""
+        try:
+            assignment = self.consumer.assignment()
+            if not assignment:
+                return False
+            for tp in self.consumer.position(assignment):
+                lo, hi = self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+                if hi > lo and tp.offset < hi:  # a negative position: nothing read here yet
+                    return False
+            return True
+        except KafkaException as e:
+            log.info("could not check the high watermarks: %s", e)
+            return False
 
     def _housekeeping(self, now: float) -> None:
         outcome = self.runner.maybe_reload()

@@ -21,6 +21,13 @@ class Metrics:
         self.kafka_errors = Counter(
             "stampstream_kafka_errors", "Kafka error events delivered instead of messages", registry=r
         )
+        self.kafka_client_errors = Counter(
+            "stampstream_kafka_client_errors", "Error events of the Kafka client (e.g. broker down)", registry=r
+        )
+        self.produce_rejected = Counter(
+            "stampstream_produce_rejected", "Messages the broker refused for good (to the dead-letter topic, or dropped)",
+            ["kind"], registry=r,
+        )  # fmt: skip
         self.alerts_out = Counter("stampstream_alerts_out", "Results published to both sinks", registry=r)
         self.dead_letters = Counter(
             "stampstream_dead_letters", "Messages sent to the dead-letter topic", ["reason"], registry=r

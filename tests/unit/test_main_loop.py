@@ -308,6 +308,28 @@ def test_stop_mid_batch_finishes_what_is_in_hand(alerts: list[bytes]) -> None:
         assert last[p] == 1 + max(m.offset() for m in consumed if m.partition() == p)
 
 
+def test_idle_exit_waits_for_the_high_watermarks_and_a_run_never_assigned_fails(alerts: list[bytes]) -> None:
+    from consumer.daemon import NeverAssigned
+
+    h = harness(messages(alerts[:4]))
+    lag = [3]  # the broker says 3 more messages are on partition 0 for a while
+
+    def watermarks(tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
+        lag[0] = max(0, lag[0] - 1)
+        return (0, 100) if lag[0] and tp.partition == 0 else (0, 0)
+
+    h.consumer.get_watermark_offsets = watermarks  # type: ignore[method-assign]
+    h.proc.run(idle_exit_s=0.01)
+    assert lag[0] == 0, "did not exit while a partition was behind its high watermark"
+
+    lonely = harness(messages(alerts[:2]))
+    lonely.consumer.subscribe = lambda topics, on_assign, on_revoke: None  # type: ignore[method-assign]
+    lonely.proc._assigned_at = None
+    lonely.proc.JOIN_TIMEOUT_S = 0.05
+    with pytest.raises(NeverAssigned):
+        lonely.proc.run(idle_exit_s=0.01)
+
+
 def test_second_stop_during_an_outage_aborts_without_commit(alerts: list[bytes]) -> None:
     h = harness(messages(alerts[:4]), pipeline=False)
     h.redis.fail_next = 10**6
