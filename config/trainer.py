@@ -32,6 +32,9 @@ class HeadConfig:
     inner_folds: int = 4  # out-of-fold tree outputs on which the correction and T are fitted
     cv_folds: int = 5  # object-grouped cross-validation of the comparison table
     cv_seeds: int = 3
+    # The stamp embedding the head reads, and so the one the bundle computes: "plain" z, or z
+    # pooled over the 8 flips/rotations (8x the encoder's inference cost).
+    embedding: Literal["plain", "pooled"] = "plain"
 
 
 @dataclass(frozen=True)

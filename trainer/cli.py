@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--name", default="stampstream-ae")
     e.add_argument("--version", default=None, help="default: the run folder's name")
     e.add_argument("--pooling", choices=["auto", "on", "off"], default="auto",
-                   help="embedding averaged over the 8 flips/rotations: auto = whichever scored better")
+                   help="embedding averaged over the 8 flips/rotations: auto = the fused head's (trainer config "
+                        "head.embedding), or without a head whichever scored better")
     e.set_defaults(func=cmd_export)
     s = sub.add_parser("sweep", help="the study's experiments over seeds, one table")
     s.add_argument("--config", default=None)

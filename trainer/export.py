@@ -28,6 +28,9 @@ def export_bundle(
     inference cost) or the plain z."""
     metrics = rf.load_metrics(run_dir)
     config = rf.load_config(run_dir)
+    head = rf.load_head(run_dir)
+    if head is not None and pooled is None:  # the head was fitted on one embedding: the bundle computes that one
+        pooled = head.config.get("embedding", "plain") == "pooled"
     use_pooled = metrics["tta_dihedral"] if pooled is None else pooled
     probe = metrics["probe_tta" if use_pooled else "probe"]
     summary = {
@@ -39,9 +42,8 @@ def export_bundle(
     }  # fmt: skip
     training = metrics["data"] | {"splits": metrics["splits"], "paths": config.data, "trainer": config.trainer.to_dict(),
                                    "leakage_guard": metrics["leakage_guard"]}  # fmt: skip
-    head = rf.load_head(run_dir)
-    if head is not None and use_pooled != metrics["tta_dihedral"]:
-        raise ValueError("the fused head was fitted on the run's own embedding: export it with --pooling auto")
+    if head is not None and use_pooled != (head.config.get("embedding", "plain") == "pooled"):
+        raise ValueError("the fused head was fitted on the other embedding: export it with --pooling auto")
     if head is not None:
         summary["classifier"] = head.metrics
     bundle = bundle_from_model(

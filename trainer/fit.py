@@ -234,10 +234,11 @@ def run_fit(
     model, state = train_autoencoder(
         cfg, x[splits.train], x[splits.val], run_dir, device, max_steps=20 if smoke else None, show_progress=show_progress
     )
-    train_s = time.perf_counter() - t0
+    # training time of every epoch, those of an earlier, resumed process included
+    train_s = max(time.perf_counter() - t0, sum(h.get("seconds", 0.0) for h in state.history))
     rf.save_history(run_dir, state.history)
     metrics = evaluate_run(run_dir, model, state, train_s, ds, splits, cfg, device, baseline)
-    metrics["classifier"] = classifier_stage(run_dir, ds, model.encoder, bool(metrics["tta_dihedral"]), cfg, device,
+    metrics["classifier"] = classifier_stage(run_dir, ds, model.encoder, cfg.head.embedding == "pooled", cfg, device,
                                              quick=smoke, show_progress=show_progress)  # fmt: skip
     rf.save_metrics(run_dir, metrics)
     return metrics
@@ -322,8 +323,9 @@ def evaluate_run(
             "labelled_fit": len(lab_fit), "labelled_test": len(lab_te),
         },
         "data": ds.summary(),
-        "leakage_guard": "the network reads the science and difference stamps only; no alert field "
-        "(ssdistnr, drb, rb, magnitudes) enters the model",
+        "leakage_guard": "the stamp network reads the science and difference stamps only; the fused "
+        "classifier reads the allowlisted features of alerts/allowlist.py, never ssdistnr, ssmagnr, ssnamenr, "
+        "rb, drb, drbversion or anything computed from them",
     }  # fmt: skip
     if baseline:
         metrics["raw_pixels_logreg"] = raw_pixel_baseline(ds.x, ds.y, lab_tr, lab_va, lab_te, ds.class_names, cfg.seed)

@@ -198,7 +198,8 @@ def write_report(run_dir: Path) -> Path:
         f"augmentation {t.augment}, extra objective {t.extra_objective}, lr {t.lr}, batch {t.batch_size}, "
         f"{metrics['epochs_run']} epochs "
         f"(best {metrics['best_epoch']}), device {metrics['device']}, {metrics['train_seconds']:.0f} s.",
-        f"Embedding used by the probe: {'mean over the 8 flips/rotations' if use_tta else 'plain z'}.",
+        f"Embedding used by the probe: {'mean over the 8 flips/rotations' if use_tta else 'plain z'}"
+        + (f"; the fused classifier (and so the exported bundle) reads the {t.head.embedding} z." if rf.load_head(run_dir) else "."),
         "",
         f"Data: {metrics['data']['alerts']} alerts of {metrics['data']['objects']} objects, "
         f"{metrics['data']['labelled']} labelled {metrics['data']['per_class']}. Splits by objectId: "

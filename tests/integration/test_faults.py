@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,6 +159,36 @@ def test_kill_9_mid_batch_then_restart(stack: Stack, corpus: list[bytes], tmp_pa
     finish(proc, cfg_path, stack, data, candids, feeder)
     figures = check(cfg_path, candids, bad)
     report("kill -9 mid-batch, restart", figures | {"results_before_kill": killed_at})
+
+
+def test_restart_after_kill_9_with_and_without_static_membership(stack: Stack, corpus: list[bytes], tmp_path: Path) -> None:
+    """Restart-to-first-result after kill -9: with dynamic membership the group waits for the dead
+    member's session timeout (10 s in the tests, 45 s by default) before it assigns the partitions
+    again; a static member (kafka.group_instance_id) gets them back at once."""
+    took = {}
+    for mode in ("dynamic", "static"):
+        (tmp_path / mode).mkdir()
+        cfg_path, data, topic, values, bad, candids = setup_stream(
+            stack, tmp_path / mode, corpus, 120, batching={"max_batch": 16, "max_wait_ms": 50})
+        if mode == "static":
+            data["kafka"]["group_instance_id"] = f"consumer-{uuid.uuid4().hex[:6]}"
+            cfg_path.write_text(__import__("yaml").safe_dump(data))
+        feeder = Feeder(stack.bootstrap, topic, values, rate=20)
+        feeder.start()
+        proc = consumer_process(cfg_path, log_path=tmp_path / mode / "c1.log")
+        prefix = data["redis"]["key_prefix"]
+        wait_until(lambda p=prefix: redis_count(stack, p) >= 30, 120, "first results")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        before = redis_count(stack, prefix)
+        t0 = time.monotonic()
+        proc = consumer_process(cfg_path, log_path=tmp_path / mode / "c2.log")
+        wait_until(lambda p=prefix, b=before: redis_count(stack, p) > b, 120, "a result after the restart")
+        took[mode] = time.monotonic() - t0
+        finish(proc, cfg_path, stack, data, candids, feeder)
+        check(cfg_path, candids, bad)
+    report("restart after kill -9 (s to the first new result)", {k: round(v, 1) for k, v in took.items()})
+    assert took["static"] < took["dynamic"], took
 
 
 def test_broker_down_30s(stack: Stack, corpus: list[bytes], tmp_path: Path) -> None:

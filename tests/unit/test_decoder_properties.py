@@ -3,6 +3,8 @@ nothing else, whatever the damage."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +17,10 @@ from alerts.synthetic import make_alert
 
 GOOD = make_alert(2_400_000_000_000_000_100, n_prv=5).message
 CACHE = SchemaCache()
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The mutation fuzzer's budget: short in CI; a longer run is `STAMPSTREAM_FUZZ_EXAMPLES=20000
+# .venv/bin/python -m pytest tests/unit/test_decoder_properties.py` (docs/faults.md).
+EXAMPLES = int(os.environ.get("STAMPSTREAM_FUZZ_EXAMPLES", "300"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _decode_or_named_error(data: bytes) -> None:
@@ -95,7 +100,7 @@ def test_mutated_real_alerts_of_every_schema_decode_or_raise_named_error(data: s
 PATH_SAMPLES = [GOOD, make_alert(2_400_000_000_000_000_101, n_prv=0).message, *REAL]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fast_path_equals_general_path_on_mutated_alerts(data: st.DataObject) -> None:
     """Mutated real and generated alert bytes: the fast path either raises a named error or returns
