@@ -222,6 +222,32 @@ def _row_logreg(cols: list[int] | None, with_z: bool, c: float = 0.3) -> Predict
     return run
 
 
+def _train_and_predict(
+    net: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, n_classes: int,
+    epochs: int, weight_decay: float,
+) -> np.ndarray:
+    """Class-balanced cross-entropy, AdamW, minibatches of 64 -> test probabilities."""
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=weight_decay)
+    xt, yt = torch.from_numpy(x_train).float(), torch.from_numpy(y_train).long()
+    counts = np.bincount(y_train, minlength=n_classes)
+    weight = torch.tensor(len(y_train) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    gen = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**31)
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(y_train), generator=gen)
+        for start in range(0, len(y_train), 64):
+            idx = order[start : start + 64]
+            opt.zero_grad()
+            loss: torch.Tensor = loss_fn(net(xt[idx]), yt[idx])
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        out: np.ndarray = torch.softmax(net(torch.from_numpy(x_test).float()), 1).numpy()
+    return out
+
+
 def _row_mlp(hidden: int = 128, epochs: int = 200) -> Predictor:
     def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
         a, b = _impute_scale(np.concatenate([d.features, d.z], 1)[tr], np.concatenate([d.features, d.z], 1)[te])
@@ -231,24 +257,7 @@ def _row_mlp(hidden: int = 128, epochs: int = 200) -> Predictor:
             torch.nn.Linear(a.shape[1], hidden), torch.nn.GELU(), torch.nn.Dropout(0.5),
             torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Dropout(0.5), torch.nn.Linear(hidden, n_classes),
         )  # fmt: skip
-        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
-        xt, yt = torch.from_numpy(a).float(), torch.from_numpy(d.y[tr]).long()
-        counts = np.bincount(d.y[tr], minlength=n_classes)
-        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(len(tr) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32))
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            net.train()
-            order = torch.randperm(len(tr), generator=gen)
-            for start in range(0, len(tr), 64):
-                idx = order[start : start + 64]
-                opt.zero_grad()
-                loss: torch.Tensor = loss_fn(net(xt[idx]), yt[idx])
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
-        net.eval()
-        with torch.no_grad():
-            out: np.ndarray = torch.softmax(net(torch.from_numpy(b).float()), 1).numpy()
-        return out
+        return _train_and_predict(net, a, d.y[tr], b, n_classes, epochs, weight_decay=1e-2)
 
     return run
 
@@ -274,24 +283,7 @@ def _row_gru(epochs: int = 60) -> Predictor:
         torch.manual_seed(seed)
         n_classes = len(d.class_names)
         net = _SequenceNet(d.sequences.shape[2], n_classes)
-        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-3)
-        xt, yt = torch.from_numpy(d.sequences[tr]).float(), torch.from_numpy(d.y[tr]).long()
-        counts = np.bincount(d.y[tr], minlength=n_classes)
-        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(len(tr) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32))
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            net.train()
-            order = torch.randperm(len(tr), generator=gen)
-            for start in range(0, len(tr), 64):
-                idx = order[start : start + 64]
-                opt.zero_grad()
-                loss: torch.Tensor = loss_fn(net(xt[idx]), yt[idx])
-                loss.backward()  # type: ignore[no-untyped-call]
-                opt.step()
-        net.eval()
-        with torch.no_grad():
-            out: np.ndarray = torch.softmax(net(torch.from_numpy(d.sequences[te]).float()), 1).numpy()
-        return out
+        return _train_and_predict(net, d.sequences[tr], d.y[tr], d.sequences[te], n_classes, epochs, weight_decay=1e-3)
 
     return run
 
