@@ -39,6 +39,7 @@ from alerts.flat_reader import ERR_TOO_MANY, ERROR_TEXT, PackedLayout, Rows, rea
 from alerts.framing import SYNC_SIZE, read_container_header, read_long
 from alerts.layout import compile_layout
 from alerts.limits import SUPPORTED_CODECS, DecodeLimits
+from alerts.official_schemas import official_version
 from alerts.schema_policy import SchemaPolicyError, check_raw, check_structure, check_ztf_fields
 
 __all__ = ["Alert", "History", "SchemaCache", "alert_from_record", "decode_alert", "decode_alert_reference", "decode_alerts"]
@@ -64,6 +65,7 @@ class _SchemaPlan:
     reader: Any  # parsed projected reader schema, or None when no projection was possible
     version: str
     layout: PackedLayout | None  # fast path; None: general path only
+    official: bool = False  # an official ZTF schema (by fingerprint): the policy's rules skipped
 
 
 def _field(schema: Mapping[str, Any], name: str) -> dict[str, Any] | None:
@@ -179,9 +181,11 @@ def _compile(schema_json: bytes, limits: DecodeLimits) -> _SchemaPlan:
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise AlertDecodeError(f"writer schema is not JSON: {e}", reason="not_avro") from e
     try:
-        check_structure(writer_json)
         _check_alert_schema(writer_json)
-        check_ztf_fields(writer_json, _field)
+        official = official_version(writer_json) is not None  # depth and size already checked
+        if not official:
+            check_structure(writer_json)
+            check_ztf_fields(writer_json, _field)
     except SchemaPolicyError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a JSON that is no Avro schema at all
@@ -196,7 +200,7 @@ def _compile(schema_json: bytes, limits: DecodeLimits) -> _SchemaPlan:
         reader = None  # named-type references broke by the projection: decode everything
     version = str(writer_json.get("version") or writer_json.get("doc", "")[:16] or "unknown")
     layout = compile_layout(writer_json, _TOP_COLUMNS, "prv_candidates", HISTORY_FIELDS)
-    return _SchemaPlan(writer, reader, version, layout)
+    return _SchemaPlan(writer, reader, version, layout, official)
 
 
 # ---- the general path ------------------------------------------------------------------------

@@ -21,16 +21,17 @@ import numba
 import numpy as np
 
 # Field kinds (one per Avro primitive we read; strings, bytes and fixed report (start, length)).
-K_NULL, K_BOOL, K_LONG, K_FLOAT, K_DOUBLE, K_BYTES, K_FIXED = 0, 1, 2, 3, 4, 5, 6
+K_NULL, K_BOOL, K_LONG, K_FLOAT, K_DOUBLE, K_BYTES, K_FIXED, K_STRING = 0, 1, 2, 3, 4, 5, 6, 7
 PRIMITIVE_KINDS = {
     "null": K_NULL, "boolean": K_BOOL, "int": K_LONG, "long": K_LONG, "float": K_FLOAT,
-    "double": K_DOUBLE, "string": K_BYTES, "bytes": K_BYTES, "enum": K_LONG,
+    "double": K_DOUBLE, "string": K_STRING, "bytes": K_BYTES, "enum": K_LONG,
 }  # fmt: skip
 MAX_BRANCHES = 8
 
 # Error codes of the kernel (0 = fine).
-OK, ERR_TRUNCATED, ERR_VARINT, ERR_BRANCH, ERR_TOO_MANY, ERR_NEGATIVE = 0, 1, 2, 3, 4, 5
+OK, ERR_TRUNCATED, ERR_VARINT, ERR_BRANCH, ERR_TOO_MANY, ERR_NEGATIVE, ERR_UTF8 = 0, 1, 2, 3, 4, 5, 6
 ERROR_TEXT = {
+    ERR_UTF8: "a string field is not valid UTF-8",
     ERR_TRUNCATED: "a field runs past the end of the record",
     ERR_VARINT: "varint longer than 10 bytes",
     ERR_BRANCH: "union branch index out of range",
@@ -98,6 +99,44 @@ def _varint(buf: np.ndarray, pos: int, end: int) -> tuple[int, int, int]:
 
 
 @numba.njit(cache=True, nogil=True)
+def _utf8_ok(buf: np.ndarray, start: int, n: int) -> bool:
+    """Strict UTF-8 (as Python decodes it: no overlong forms, no surrogates, <= U+10FFFF), so
+    that a string field the fast path skips is refused exactly where fastavro would refuse it."""
+    i = start
+    end = start + n
+    while i < end:
+        c = buf[i]
+        if c < 0x80:
+            i += 1
+            continue
+        if 0xC2 <= c <= 0xDF:
+            k, lo, hi = 1, 0x80, 0xBF
+        elif c == 0xE0:
+            k, lo, hi = 2, 0xA0, 0xBF
+        elif 0xE1 <= c <= 0xEC or 0xEE <= c <= 0xEF:
+            k, lo, hi = 2, 0x80, 0xBF
+        elif c == 0xED:
+            k, lo, hi = 2, 0x80, 0x9F
+        elif c == 0xF0:
+            k, lo, hi = 3, 0x90, 0xBF
+        elif 0xF1 <= c <= 0xF3:
+            k, lo, hi = 3, 0x80, 0xBF
+        elif c == 0xF4:
+            k, lo, hi = 3, 0x80, 0x8F
+        else:
+            return False
+        if i + k >= end:  # the sequence needs bytes i+1 .. i+k
+            return False
+        if not (lo <= buf[i + 1] <= hi):
+            return False
+        for j in range(2, k + 1):
+            if not (0x80 <= buf[i + j] <= 0xBF):
+                return False
+        i += k + 1
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
 def _record(buf, pos, end, nb, kinds, sizes, outcol, vals, ints, lens, row):  # type: ignore[no-untyped-def]
     """One flat record at ``pos`` into row ``row`` of the outputs; -> (pos, error)."""
     for f in range(nb.shape[0]):
@@ -144,17 +183,19 @@ def _record(buf, pos, end, nb, kinds, sizes, outcol, vals, ints, lens, row):  # 
                 vals[row, col] = buf[pos : pos + 8].view(np.float64)[0]
                 lens[row, col] = 0
             pos += 8
-        else:  # K_BYTES (length-prefixed) or K_FIXED
-            if kind == K_BYTES:
+        else:  # K_BYTES / K_STRING (length-prefixed) or K_FIXED
+            if kind == K_FIXED:
+                n = size
+            else:
                 n, pos, err = _varint(buf, pos, end)
                 if err != OK:
                     return pos, err
-            else:
-                n = size
             if n < 0:
                 return pos, ERR_NEGATIVE
             if pos + n > end:
                 return pos, ERR_TRUNCATED
+            if kind == K_STRING and not _utf8_ok(buf, pos, n):
+                return pos, ERR_UTF8
             if col >= 0:
                 ints[row, col] = pos
                 lens[row, col] = n

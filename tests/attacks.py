@@ -96,6 +96,13 @@ def long_object_id(candid: int) -> bytes:
     return _message(ALERT_SCHEMA, _record(candid) | {"objectId": "ZTF" + "a" * 5000})
 
 
+def oversized_schema(candid: int, size: int = 600_000) -> bytes:
+    """A valid alert whose writer schema carries ``size`` bytes of padding (a flood of distinct
+    ~0.9 MB schemas once kept ~16 MB resident each)."""
+    schema = json.loads(SCHEMA_JSON) | {"doc": f"flood {candid} " + "x" * size}
+    return _message(schema, _record(candid))
+
+
 def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
     """(name, message, expected dead-letter reason) for every attack class."""
     return [
@@ -108,4 +115,5 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("infinite jd", infinite_jd(start + 6), "bad_value"),
         ("candid as a double", candid_as_double(start + 7), "schema_policy"),
         ("over-long objectId", long_object_id(start + 8), "bad_value"),
+        ("oversized writer schema (flood)", oversized_schema(start + 9), "schema_policy"),
     ]

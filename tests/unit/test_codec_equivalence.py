@@ -133,3 +133,17 @@ def test_fits_reader_takes_the_float_cases_it_exists_for() -> None:
 def test_gunzip_equals_gzip_module(level: int) -> None:
     data = np.random.default_rng(level).normal(size=5000).astype(">f4").tobytes()
     assert gunzip(gzip.compress(data, compresslevel=level)) == data
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=12) | st.text(max_size=6).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_utf8_check_equals_python(raw: bytes) -> None:
+    """The compiled reader refuses exactly the strings Python's (and so fastavro's) UTF-8 refuses."""
+    from alerts.flat_reader import _utf8_ok
+
+    try:
+        raw.decode("utf-8")
+        expected = True
+    except UnicodeDecodeError:
+        expected = False
+    assert _utf8_ok(np.frombuffer(raw, np.uint8), 0, len(raw)) == expected

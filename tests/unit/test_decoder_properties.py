@@ -127,3 +127,85 @@ def test_fast_path_is_taken_for_the_samples() -> None:
     for msg in PATH_SAMPLES:
         decode_message(msg, cache)
     assert cache.fast_hits == len(PATH_SAMPLES) and cache.fast_misses == 0
+
+
+# ---- mutated writer schemas ----------------------------------------------------------------------
+
+_FILL = {"float": 0.0, "double": 0.0, "int": 0, "long": 0, "string": "", "boolean": False, "bytes": b""}
+
+
+def _records_of(msg: bytes) -> tuple[dict, dict]:
+    import io
+    import json
+
+    import fastavro
+
+    from alerts.framing import read_container_header
+
+    schema = json.loads(read_container_header(msg).schema_json)
+    return schema, next(iter(fastavro.reader(io.BytesIO(msg))))
+
+
+def _mutate(schema: dict, record: dict, data: st.DataObject) -> None:
+    """One structural change of a writer schema, with the record adjusted to stay valid."""
+    cand_type = next(f for f in schema["fields"] if f["name"] == "candidate")["type"]
+    cand_rec = cand_type if isinstance(cand_type, dict) else next(t for t in cand_type if isinstance(t, dict))
+    where = data.draw(st.sampled_from(["top", "candidate"]))
+    fields = schema["fields"] if where == "top" else cand_rec["fields"]
+    values = record if where == "top" else record["candidate"]
+    kind = data.draw(st.sampled_from(["swap_union", "not_null", "widen", "insert", "remove"]))
+    i = data.draw(st.integers(0, len(fields) - 1))
+    f = fields[i]
+    t = f["type"]
+    protected = {"objectId", "candid", "candidate", "jd", "fid", "ra", "dec", "cutoutScience", "cutoutDifference"}
+    if kind == "swap_union" and isinstance(t, list) and len(t) == 2:
+        f["type"] = [t[1], t[0]]
+        f.pop("default", None)
+    elif kind == "not_null" and isinstance(t, list) and "null" in t and len(t) == 2:
+        other = next(b for b in t if b != "null")
+        if isinstance(other, str) and other in _FILL:
+            f["type"] = other
+            f.pop("default", None)
+            if values.get(f["name"]) is None:
+                values[f["name"]] = _FILL[other]
+    elif kind == "widen" and t in ("float", ["null", "float"]):
+        f["type"] = "double" if t == "float" else ["null", "double"]
+    elif kind == "insert":
+        new_type = data.draw(st.sampled_from(["int", "long", "float", "double", "string", "boolean", "bytes"]))
+        name = f"extra_{len(fields)}_{i}"
+        if any(x["name"] == name for x in fields):
+            return
+        fields.insert(i, {"name": name, "type": new_type})
+        values[name] = _FILL[new_type]
+    elif kind == "remove" and f["name"] not in protected:
+        del fields[i]
+        values.pop(f["name"], None)
+
+
+@settings(max_examples=max(60, EXAMPLES // 5), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fast_path_equals_general_path_on_mutated_schemas(data: st.DataObject) -> None:
+    import io
+    import json
+
+    import fastavro
+
+    from alerts.decoder import decode_alert
+    from alerts.framing import ContainerFramer
+
+    schema, record = _records_of(data.draw(st.sampled_from(PATH_SAMPLES)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        _mutate(schema, record, data)
+    body = io.BytesIO()
+    try:
+        fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
+    except (TypeError, ValueError, fastavro.schema.SchemaParseException):
+        return  # the mutation made a schema the record cannot be written in: not a case
+    message = ContainerFramer(json.dumps(schema).encode()).frame(body.getvalue())
+    cache = SchemaCache()
+    try:
+        fast = decode_alert(message, cache)
+    except BadAlertError:
+        return
+    assert cache.fast_hits == 1, "a mutated ZTF-like schema still takes the fast path"
+    assert decode_alert(message, cache, fast=False) == fast

@@ -152,3 +152,17 @@ def test_a_flood_of_distinct_schemas_stays_bounded_in_bytes() -> None:
         schema = json.loads(SCHEMA_JSON) | {"doc": f"padding {i} " + "x" * 20_000}
         decode_alert(_message(schema, _record()), cache)
     assert cache._bytes <= 200_000 and len(cache) < 60
+
+
+def test_official_schemas_pass_by_fingerprint_and_others_by_the_rules(corpus: list[bytes]) -> None:
+    from conftest import HAVE_SHARED
+
+    from alerts.framing import read_container_header
+
+    cache = SchemaCache()
+    for msg in corpus:
+        decode_alert(msg, cache)
+    plans = [cache.plan(read_container_header(m).schema_json) for m in corpus[:: max(1, len(corpus) // 50)]]
+    if HAVE_SHARED:
+        assert all(p.official for p in plans), "every real writer schema is an official one"
+    assert not SchemaCache().plan(SCHEMA_JSON).official, "the generated test schema is judged by the rules"
