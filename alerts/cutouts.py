@@ -62,26 +62,26 @@ def gunzip(data: bytes, max_bytes: int = MAX_STAMP_BYTES) -> bytes:
     return bytes(out)
 
 
+def _header_cards(raw: bytes) -> tuple[dict[str, str], int | None]:
+    """The primary header's ``KEY = value`` cards (at most 40 blocks) and the offset of the data
+    after its END card (None when there is no END within them)."""
+    cards: dict[str, str] = {}
+    limit = min(len(raw) - len(raw) % _FITS_BLOCK, 40 * _FITS_BLOCK)
+    for pos in range(0, limit, _CARD):
+        key = raw[pos : pos + 8].rstrip()
+        if key == b"END":
+            return cards, pos - pos % _FITS_BLOCK + _FITS_BLOCK
+        if raw[pos + 8 : pos + 10] == b"= ":
+            value = raw[pos + 10 : pos + _CARD].split(b"/", 1)[0].strip()
+            cards[key.decode("ascii", "replace")] = value.decode("ascii", "replace")
+    return cards, None
+
+
 def _fast_fits(raw: bytes) -> np.ndarray | None:
     """Primary-HDU float image by direct parse, or None to fall back to astropy."""
-    cards: dict[str, str] = {}
-    pos = 0
-    end_found = False
-    while not end_found:
-        if pos + _FITS_BLOCK > len(raw):
-            return None
-        block = raw[pos : pos + _FITS_BLOCK]
-        pos += _FITS_BLOCK
-        for i in range(0, _FITS_BLOCK, _CARD):
-            key = block[i : i + 8].rstrip()
-            if key == b"END":
-                end_found = True
-                break
-            if block[i + 8 : i + 10] == b"= ":
-                value = block[i + 10 : i + _CARD].split(b"/", 1)[0].strip()
-                cards[key.decode("ascii", "replace")] = value.decode("ascii", "replace")
-        if pos > 40 * _FITS_BLOCK:
-            return None
+    cards, pos = _header_cards(raw)
+    if pos is None:
+        return None
     try:
         bitpix = int(cards["BITPIX"])
         naxis = int(cards["NAXIS"])
@@ -103,18 +103,12 @@ def _fast_fits(raw: bytes) -> np.ndarray | None:
 def _header_size_check(raw: bytes) -> None:
     """Refuse an image whose header claims more than MAX_PIXELS before astropy allocates it
     (astropy scales BSCALE images to floats first: +580 MB from a 65 KB stamp)."""
-    cards: dict[bytes, bytes] = {}
-    for pos in range(0, min(len(raw), 40 * _FITS_BLOCK), _CARD):
-        key = raw[pos : pos + 8].rstrip()
-        if key == b"END":
-            break
-        if raw[pos + 8 : pos + 10] == b"= ":
-            cards[key] = raw[pos + 10 : pos + _CARD].split(b"/", 1)[0].strip()
+    cards, _ = _header_cards(raw)
     try:
-        naxis = int(cards.get(b"NAXIS", b"0"))
+        naxis = int(cards.get("NAXIS", "0"))
         size = 1
         for i in range(1, min(naxis, 999) + 1):
-            size *= max(int(cards.get(b"NAXIS%d" % i, b"0")), 0)
+            size *= max(int(cards.get(f"NAXIS{i}", "0")), 0)
     except ValueError as e:
         raise CutoutError(f"cutout FITS header is not readable: {e}", reason="cutout_bad_fits") from e
     if size > MAX_PIXELS:

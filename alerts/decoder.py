@@ -24,7 +24,6 @@ import math
 import re
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +39,15 @@ from alerts.framing import SYNC_SIZE, read_container_header, read_long
 from alerts.layout import compile_layout
 from alerts.limits import SUPPORTED_CODECS, DecodeLimits
 from alerts.official_schemas import official_version
-from alerts.schema_policy import SchemaPolicyError, check_raw, check_structure, check_ztf_fields
+from alerts.schema_policy import (
+    SchemaPolicyError,
+    check_alert_fields,
+    check_raw,
+    check_structure,
+    check_ztf_types,
+    field_of,
+    record_of,
+)
 
 __all__ = ["Alert", "History", "SchemaCache", "alert_from_record", "decode_alert", "decode_alert_reference", "decode_alerts"]
 
@@ -68,56 +75,22 @@ class _SchemaPlan:
     official: bool = False  # an official ZTF schema (by fingerprint): the policy's rules skipped
 
 
-def _field(schema: Mapping[str, Any], name: str) -> dict[str, Any] | None:
-    for f in schema.get("fields", ()):
-        if isinstance(f, dict) and f.get("name") == name:
-            return f
-    return None
-
-
-def _record_type(tp: Any) -> dict[str, Any] | None:
-    """The record inside a field type (plain or a union with null)."""
-    if isinstance(tp, dict) and tp.get("type") == "record":
-        return tp
-    if isinstance(tp, list):
-        for t in tp:
-            if isinstance(t, dict) and t.get("type") == "record":
-                return t
-    return None
-
-
 def _projection(writer: dict[str, Any]) -> dict[str, Any]:
     """The reader schema of the general path: only the allowlisted fields."""
     reader = copy.deepcopy(writer)
     reader["fields"] = [f for f in reader["fields"] if f["name"] in _TOP_FIELDS]
-    cand = _field(reader, "candidate")
-    rec = _record_type(cand["type"]) if cand else None
+    cand = field_of(reader, "candidate")
+    rec = record_of(cand["type"]) if cand else None
     if rec is not None:
         keep = {"candid", *CANDIDATE_FIELDS, *CANDIDATE_STRINGS}
         rec["fields"] = [f for f in rec["fields"] if f["name"] in keep]
-    prv = _field(reader, "prv_candidates")
+    prv = field_of(reader, "prv_candidates")
     if prv is not None:
         branches = prv["type"] if isinstance(prv["type"], list) else [prv["type"]]
         for b in branches:
             if isinstance(b, dict) and b.get("type") == "array" and isinstance(b.get("items"), dict):
                 b["items"]["fields"] = [f for f in b["items"]["fields"] if f["name"] in HISTORY_FIELDS]
     return reader
-
-
-def _check_alert_schema(writer: Any) -> None:
-    """Any record schema with the ZTF fields we read is accepted (by name, so Spark-written
-    'topLevelRecord' files read too); anything else is an unknown schema."""
-    if not isinstance(writer, dict) or writer.get("type") != "record":
-        raise AlertDecodeError("writer schema is not a record", reason="unknown_schema")
-    missing = [n for n in ("objectId", "candidate", "cutoutScience", "cutoutDifference") if not _field(writer, n)]
-    cand = _field(writer, "candidate")
-    rec = _record_type(cand["type"]) if cand else None
-    if rec is None:
-        missing.append("candidate(record)")
-    else:
-        missing += [f"candidate.{n}" for n in ("jd", "fid", "ra", "dec") if not _field(rec, n)]
-    if missing:
-        raise AlertDecodeError(f"writer schema lacks ZTF alert fields {missing}", reason="unknown_schema")
 
 
 class SchemaCache:
@@ -181,11 +154,11 @@ def _compile(schema_json: bytes, limits: DecodeLimits) -> _SchemaPlan:
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise AlertDecodeError(f"writer schema is not JSON: {e}", reason="not_avro") from e
     try:
-        _check_alert_schema(writer_json)
+        check_alert_fields(writer_json)
         official = official_version(writer_json) is not None  # depth and size already checked
         if not official:
             check_structure(writer_json)
-            check_ztf_fields(writer_json, _field)
+            check_ztf_types(writer_json)
     except SchemaPolicyError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a JSON that is no Avro schema at all
@@ -282,7 +255,7 @@ def _decode_full(message: bytes) -> list[Alert]:
     try:
         reader = fastavro.reader(io.BytesIO(message))
         writer_schema: Any = reader.writer_schema
-        _check_alert_schema(writer_schema)
+        check_alert_fields(writer_schema)
         version = str(writer_schema.get("version", "unknown"))
         records = [_as_record(r) for r in reader]
     except AlertDecodeError:

@@ -82,21 +82,28 @@ def ecliptic_latitude(ra_deg: float, dec_deg: float) -> float:
 
 
 @numba.njit(cache=True, nogil=True)
-def _history_stats(jd0, fid0, mag0, pos0, jd, fid, mag, diffmaglim, positive, window, out):  # type: ignore[no-untyped-def]
-    """The history features into ``out`` (NaN where undefined). The current detection (jd0, fid0,
-    mag0, pos0) is the latest point; history entries outside (jd0 - window, jd0) or sharing their
-    jd with another entry are ignored."""
+def history_mask(jd: np.ndarray, jd0: float, window: float) -> np.ndarray:
+    """The history entries that count (the cleaning rule of the module docstring, shared by the
+    statistics and the sequence): in (jd0 - window, jd0), and no other entry with the same jd."""
     n = jd.shape[0]
+    order = np.argsort(jd)
     keep = np.zeros(n, dtype=np.bool_)
-    for i in range(n):
+    for k in range(n):
+        i = order[k]
         if not (jd[i] < jd0 and jd[i] > jd0 - window):
             continue
-        dup = False
-        for j in range(n):
-            if j != i and jd[j] == jd[i]:
-                dup = True
-                break
-        keep[i] = not dup
+        same_before = k > 0 and jd[order[k - 1]] == jd[i]
+        same_after = k + 1 < n and jd[order[k + 1]] == jd[i]
+        keep[i] = not (same_before or same_after)
+    return keep
+
+
+@numba.njit(cache=True, nogil=True)
+def _history_stats(jd0, fid0, mag0, pos0, jd, fid, mag, diffmaglim, positive, window, out):  # type: ignore[no-untyped-def]
+    """The history features into ``out`` (NaN where undefined). The current detection (jd0, fid0,
+    mag0, pos0) is the latest point; only the entries of ``history_mask`` count."""
+    n = jd.shape[0]
+    keep = history_mask(jd, jd0, window)
     nb = 13
     all_n_det = 0
     all_n_nondet = 0
@@ -258,11 +265,7 @@ def history_sequence(alert: Alert, length: int = SEQUENCE_LENGTH) -> np.ndarray:
     h = alert.history
     jd0 = alert.jd
     mag0 = alert.magpsf if alert.magpsf is not None else np.nan
-    ok = (h.jd < jd0) & (h.jd > jd0 - HISTORY_WINDOW_DAYS)
-    _, first, counts = np.unique(h.jd, return_index=True, return_counts=True)
-    unique = np.zeros(len(h), bool)
-    unique[first[counts == 1]] = True
-    keep = np.flatnonzero(ok & unique)
+    keep = np.flatnonzero(history_mask(h.jd, jd0, HISTORY_WINDOW_DAYS))
     keep = keep[np.argsort(h.jd[keep], kind="stable")]
     detected = np.isfinite(h.magpsf[keep])
     mag = np.where(detected, h.magpsf[keep], h.diffmaglim[keep])

@@ -158,6 +158,38 @@ def _can_be_empty(t: Any, ns: str, defined: Mapping[str, Mapping[str, Any]]) -> 
     return True
 
 
+def field_of(schema: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The field of a record schema with this name, or None."""
+    for f in schema.get("fields", ()):
+        if isinstance(f, dict) and f.get("name") == name:
+            return f
+    return None
+
+
+def record_of(tp: Any) -> dict[str, Any] | None:
+    """The record inside a field type (plain or a union with null)."""
+    for t in _branches(tp):
+        if isinstance(t, dict) and t.get("type") == "record":
+            return t
+    return None
+
+
+def check_alert_fields(writer: Any) -> None:
+    """The ZTF fields the service reads are there, by name (so Spark-written 'topLevelRecord'
+    files read too); anything else is an unknown schema."""
+    if not isinstance(writer, dict) or writer.get("type") != "record":
+        raise AlertDecodeError("writer schema is not a record", reason="unknown_schema")
+    missing = [n for n in ("objectId", "candidate", "cutoutScience", "cutoutDifference") if not field_of(writer, n)]
+    cand = field_of(writer, "candidate")
+    rec = record_of(cand["type"]) if cand else None
+    if rec is None:
+        missing.append("candidate(record)")
+    else:
+        missing += [f"candidate.{n}" for n in ("jd", "fid", "ra", "dec") if not field_of(rec, n)]
+    if missing:
+        raise AlertDecodeError(f"writer schema lacks ZTF alert fields {missing}", reason="unknown_schema")
+
+
 def _branches(t: Any) -> list[Any]:
     return t if isinstance(t, list) else [t]
 
@@ -168,7 +200,7 @@ def _type_name(t: Any) -> str:
     return str(t)
 
 
-def check_ztf_fields(schema: Mapping[str, Any], field: Any) -> None:
+def check_ztf_types(schema: Mapping[str, Any]) -> None:
     """The fields the service reads, with their types: objectId string, candid long (or int),
     candidate a record whose jd/ra/dec are doubles (or floats) and fid an int."""
 
@@ -180,8 +212,8 @@ def check_ztf_fields(schema: Mapping[str, Any], field: Any) -> None:
         raise SchemaPolicyError("objectId is not a string")
     if "candid" in top and not types(top["candid"]) <= {"long", "int"}:
         raise SchemaPolicyError("candid is not an integer")
-    cand = field(schema, "candidate")
-    rec = next((b for b in _branches(cand["type"]) if isinstance(b, Mapping) and b.get("type") == "record"), None) if cand else None
+    cand = field_of(schema, "candidate")
+    rec = record_of(cand["type"]) if cand else None
     if rec is None:
         return  # reported as a missing field by the decoder
     cfields = {f.get("name"): f.get("type") for f in rec.get("fields", ()) if isinstance(f, Mapping)}

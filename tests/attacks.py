@@ -18,11 +18,11 @@ from alerts.framing import MAGIC, ContainerFramer, zigzag
 from alerts.synthetic import ALERT_SCHEMA, SCHEMA_JSON, make_alert
 
 
-def _record(candid: int, n_prv: int = 3) -> dict:
+def record_of(candid: int, n_prv: int = 3) -> dict:
     return next(iter(fastavro.reader(io.BytesIO(make_alert(candid, n_prv=n_prv).message))))
 
 
-def _message(schema: dict, record: dict) -> bytes:
+def message_of(schema: dict, record: dict) -> bytes:
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
     return ContainerFramer(json.dumps(schema).encode()).frame(body.getvalue())
@@ -37,14 +37,14 @@ def deep_recursive_schema(depth: int = 10_000) -> bytes:
 def zero_byte_items(candid: int) -> bytes:
     schema = json.loads(SCHEMA_JSON)
     schema["fields"].insert(2, {"name": "nothing", "type": {"type": "array", "items": "null"}})
-    record = _record(candid) | {"nothing": []}
-    msg = _message(schema, record)
+    record = record_of(candid) | {"nothing": []}
+    msg = message_of(schema, record)
     i = msg.index(record["objectId"].encode()) - 1
     return msg[: i - 1] + zigzag(2**62) + msg[i - 1 :]
 
 
 def huge_history_count(candid: int) -> bytes:
-    record = _record(candid, n_prv=1)
+    record = record_of(candid, n_prv=1)
     record["prv_candidates"][0]["jd"] = 1234.5678
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(ALERT_SCHEMA), record)
@@ -61,10 +61,10 @@ def bzip2_bomb() -> bytes:
 
 
 def gzip_stamp_bomb(candid: int) -> bytes:
-    record = _record(candid)
+    record = record_of(candid)
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
     record["cutoutScience"]["stampData"] = c.compress(b"\x00" * (64 * 1024 * 1024)) + c.flush()
-    return _message(ALERT_SCHEMA, record)
+    return message_of(ALERT_SCHEMA, record)
 
 
 def fits_size_bomb(candid: int) -> bytes:
@@ -74,33 +74,33 @@ def fits_size_bomb(candid: int) -> bytes:
     hdu.writeto(raw)
     text = raw.getvalue().replace(b"NAXIS1  =                   10", b"NAXIS1  =                12000")
     text = text.replace(b"NAXIS2  =                   10", b"NAXIS2  =                12000")
-    record = _record(candid)
+    record = record_of(candid)
     record["cutoutScience"]["stampData"] = gzip.compress(text)
-    return _message(ALERT_SCHEMA, record)
+    return message_of(ALERT_SCHEMA, record)
 
 
 def infinite_jd(candid: int) -> bytes:
-    record = _record(candid)
+    record = record_of(candid)
     record["candidate"]["jd"] = float("inf")
-    return _message(ALERT_SCHEMA, record)
+    return message_of(ALERT_SCHEMA, record)
 
 
 def candid_as_double(candid: int) -> bytes:
     schema = json.loads(SCHEMA_JSON)
     next(f for f in schema["fields"] if f["name"] == "candid")["type"] = "double"
-    record = _record(candid) | {"candid": 1e30}
-    return _message(schema, record)
+    record = record_of(candid) | {"candid": 1e30}
+    return message_of(schema, record)
 
 
 def long_object_id(candid: int) -> bytes:
-    return _message(ALERT_SCHEMA, _record(candid) | {"objectId": "ZTF" + "a" * 5000})
+    return message_of(ALERT_SCHEMA, record_of(candid) | {"objectId": "ZTF" + "a" * 5000})
 
 
 def oversized_schema(candid: int, size: int = 600_000) -> bytes:
     """A valid alert whose writer schema carries ``size`` bytes of padding (a flood of distinct
     ~0.9 MB schemas once kept ~16 MB resident each)."""
     schema = json.loads(SCHEMA_JSON) | {"doc": f"flood {candid} " + "x" * size}
-    return _message(schema, _record(candid))
+    return message_of(schema, record_of(candid))
 
 
 def all_attacks(start: int) -> list[tuple[str, bytes, str]]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import bz2
 import io
 import json
 import time
@@ -11,27 +10,22 @@ import zlib
 
 import fastavro
 import pytest
+from attacks import bzip2_bomb, deep_recursive_schema, message_of, record_of, zero_byte_items
 
 from alerts.cutouts import gunzip
 from alerts.decoder import SchemaCache, decode_alert, decode_alert_reference
 from alerts.errors import AlertDecodeError, BadAlertError
-from alerts.framing import MAGIC, ContainerFramer, zigzag
+from alerts.framing import ContainerFramer, read_container_header
 from alerts.limits import DecodeLimits
 from alerts.message import decode_message
 from alerts.schema_policy import json_depth
 from alerts.synthetic import ALERT_SCHEMA, SCHEMA_JSON, make_alert
 
-GOOD = make_alert(2_400_000_000_000_007_000, n_prv=3)
+CANDID = 2_400_000_000_000_007_000
 
 
 def _record() -> dict:
-    return next(iter(fastavro.reader(io.BytesIO(GOOD.message))))
-
-
-def _message(schema: dict, record: dict) -> bytes:
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
-    return ContainerFramer(json.dumps(schema).encode()).frame(body.getvalue())
+    return record_of(CANDID)
 
 
 def _reason(msg: bytes, cache: SchemaCache | None = None) -> str:
@@ -41,14 +35,11 @@ def _reason(msg: bytes, cache: SchemaCache | None = None) -> str:
 
 
 def test_deeply_nested_self_referencing_schema_is_refused_before_parsing() -> None:
-    depth = 20_000
-    inner = '{"type": "record", "name": "n", "fields": [{"name": "x", "type": ' * depth + '"n"' + "}]}" * depth
-    schema = json.dumps(ALERT_SCHEMA).replace('"publisher", "type": "string"', f'"publisher", "type": {inner}')
-    msg = ContainerFramer(schema.encode()).frame(b"\x00" * 10)
+    msg = deep_recursive_schema(20_000)
     t = time.monotonic()
     assert _reason(msg) == "schema_policy"
     assert time.monotonic() - t < 2.0
-    assert json_depth(schema.encode()) > 32
+    assert json_depth(read_container_header(msg).schema_json) > 32
 
 
 def test_recursive_named_type_is_refused() -> None:
@@ -59,12 +50,7 @@ def test_recursive_named_type_is_refused() -> None:
 
 
 def test_array_of_zero_byte_items_is_refused() -> None:
-    schema = json.loads(SCHEMA_JSON)
-    schema["fields"].insert(2, {"name": "nothing", "type": {"type": "array", "items": "null"}})
-    record = _record() | {"nothing": []}
-    msg = _message(schema, record)
-    i = msg.index(record["objectId"].encode()) - 1  # the empty array sits right before objectId
-    hostile = msg[:i - 1] + zigzag(2**62) + msg[i - 1:]
+    hostile = zero_byte_items(CANDID)
     t = time.monotonic()
     assert _reason(hostile) == "schema_policy"
     assert time.monotonic() - t < 2.0
@@ -96,12 +82,8 @@ def test_compressed_blocks_are_refused_by_default_and_bounded_when_allowed() -> 
 
 def test_a_bzip2_bomb_is_stopped_at_the_cap() -> None:
     """2.6 KB of bzip2 that would inflate to ~770 MB: read up to the cap, then refused."""
-    bomb = bz2.compress(b"\x00" * (200 * 1024 * 1024))
-    assert len(bomb) < 4096
-    header = ContainerFramer(SCHEMA_JSON).header.replace(b"\x08null", b"\x0abzip2")
-    header = header.replace(zigzag(len(b"null")) + b"null", zigzag(5) + b"bzip2")
-    sync = header[-16:]
-    msg = MAGIC + header[4:] + zigzag(1) + zigzag(len(bomb)) + bomb + sync
+    msg = bzip2_bomb()
+    assert len(msg) < 4096
     cache = SchemaCache(DecodeLimits(allowed_codecs=("bzip2",)))
     t = time.monotonic()
     assert _reason(msg, cache) == "too_large"
@@ -140,7 +122,7 @@ def test_values_are_checked_at_decode_time(path: tuple[str, ...], value: object,
     for p in path[:-1]:
         target = target[p]
     target[path[-1]] = value
-    msg = _message(ALERT_SCHEMA, rec)
+    msg = message_of(ALERT_SCHEMA, rec)
     assert _reason(msg) == reason
     with pytest.raises(AlertDecodeError):
         decode_alert(msg, SchemaCache(), fast=False)
@@ -150,7 +132,7 @@ def test_a_flood_of_distinct_schemas_stays_bounded_in_bytes() -> None:
     cache = SchemaCache(DecodeLimits(max_schema_cache_bytes=200_000))
     for i in range(60):
         schema = json.loads(SCHEMA_JSON) | {"doc": f"padding {i} " + "x" * 20_000}
-        decode_alert(_message(schema, _record()), cache)
+        decode_alert(message_of(schema, _record()), cache)
     assert cache._bytes <= 200_000 and len(cache) < 60
 
 
