@@ -312,7 +312,8 @@ def prv_cost(templates: list[bytes]) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     rows = [("(a) floor: consume + gunzip", res["floor"]), ("(b) naive pipeline", res["naive"]),
-            ("(c) ours, 1 process", res["ours_1"]), ("(c) ours, 2 processes", res["ours_2"])]  # fmt: skip
+            ("(c) ours, 1 process", res["ours_1"]), ("(c) ours, 2 processes", res["ours_2"]),
+            ("(c) ours, 1 process, similarity index off", res["ours_1_noindex"])]  # fmt: skip
     lines = ["| path | alerts | alerts/s | µs/alert | CPU µs/alert: path / broker / Redis | peak RSS MiB |", "|---|---|---|---|---|---|"]
     for name, r in rows:
         rss = "/".join(f"{m['peak_rss_mb']:.0f}" for m in r.get("memory", [])) or "-"
@@ -322,7 +323,8 @@ def table(res: dict[str, Any]) -> str:
     lines += ["", "| ratio | value | target |", "|---|---|---|",
               f"| (c) / (a) alerts/s | {rt['ours_over_floor']:.2f} | ≥ 0.5 |",
               f"| (c) / (b) alerts/s | {rt['ours_over_naive']:.1f} | ≥ 8 |",
-              f"| 2 processes / 1 process | {rt['two_over_one']:.2f} | ≥ 1.7 |", ""]  # fmt: skip
+              f"| 2 processes / 1 process | {rt['two_over_one']:.2f} | ≥ 1.7 |",
+              f"| (c) index on / off alerts/s | {rt['index_on_over_off']:.2f} | |", ""]  # fmt: skip
     stage = res["ours_1"]["stage_s"]
     n = res["ours_1"]["alerts"]
     lines += ["Stage breakdown of (c), 1 process (µs/alert; infer runs on a worker thread, overlapped):", "",
@@ -398,17 +400,22 @@ def main() -> int:
         res["naive"]["cpu_s"] = meter.shares()
     import yaml
 
-    for procs in (1,) if a.quick else (1, 2):
+    # (c) with the config's similarity index (on where Redis has vector sets), and once more
+    # without it, so the index's cost shows in the same run
+    runs = [(1, "auto"), (1, "off")] if a.quick else [(1, "auto"), (2, "auto"), (1, "off")]
+    for procs, index in runs:
         data = json.loads(json.dumps(cfg_data))
-        data["kafka"]["group_id"] = f"bench-ours{procs}-{tag}"
-        cfg_path = work / f"config-{procs}.yaml"
+        data["kafka"]["group_id"] = f"bench-ours{procs}{index}-{tag}"
+        data["redis"]["index"] = {"mode": index}
+        name = f"ours_{procs}" + ("_noindex" if index == "off" else "")
+        cfg_path = work / f"config-{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(data))
-        print(f"(c) ours, {procs} process(es) ...", flush=True)
+        print(f"(c) ours, {procs} process(es), similarity index {index} ...", flush=True)
         with CpuMeter(ports) as meter:
-            res[f"ours_{procs}"] = ours(cfg_path, procs, total, work)
-        res[f"ours_{procs}"]["cpu_s"] = meter.shares(res[f"ours_{procs}"]["cpu_s"])
+            res[name] = ours(cfg_path, procs, total, work)
+        res[name]["cpu_s"] = meter.shares(res[name]["cpu_s"])
     if a.quick:
-        r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", "ours_1")}
+        r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", "ours_1", "ours_1_noindex")}
         print(json.dumps({k: round(v) for k, v in r.items()} | {"ours_over_floor": r["ours_1"] / r["floor"],
                           "rss_mb": {k: round(v) for k, v in res["ours_1"]["memory"][0].items()},
                           "cpu_us": {k: {c: round(v / res[k]["alerts"] * 1e6) for c, v in res[k]["cpu_s"].items()} for k in ("floor", "ours_1")},
@@ -420,6 +427,7 @@ def main() -> int:
         "ours_over_floor": rate["ours_1"] / rate["floor"],
         "ours_over_naive": rate["ours_1"] / rate["naive"],
         "two_over_one": rate["ours_2"] / rate["ours_1"],
+        "index_on_over_off": rate["ours_1"] / (res["ours_1_noindex"]["alerts"] / res["ours_1_noindex"]["seconds"]),
     }
     text = table(res)
     print(text)

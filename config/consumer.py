@@ -53,6 +53,25 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class VectorIndexConfig:
+    """Similar-alert search (consumer/vector_index.py): every embedding also goes into a Redis 8
+    vector set (HNSW), one per model and time bucket, so that the index expires with the alerts.
+    Defaults chosen by bench/similarity.py (docs/similarity.md)."""
+
+    # auto: index when the server has vector sets (Redis >= 8), plain hashes otherwise;
+    # on: refuse to start without them; off: never index.
+    mode: Literal["auto", "on", "off"] = "auto"
+    # Stored precision of each vector: float32 (noquant), int8 (q8) or 1 bit (bin).
+    quantisation: Literal["noquant", "q8", "bin"] = "noquant"
+    m: int = 8  # HNSW links per node
+    ef_construction: int = 40  # candidates explored per insert
+    query_ef: int = 400  # candidates explored per query (consumer similar)
+    # One vector set per bucket of processing time: a bucket's key expires TTL after the bucket's
+    # end, so an indexed alert stays findable between TTL and TTL + bucket_seconds.
+    bucket_seconds: int = 86400
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     password: str = field(default="", repr=False)
@@ -60,6 +79,7 @@ class RedisConfig:
     key_prefix: str = "stamp"
     ttl_seconds: int = 7 * 24 * 3600
     socket_timeout_s: float = 10.0
+    index: VectorIndexConfig = VectorIndexConfig()
 
 
 @dataclass(frozen=True)
@@ -136,6 +156,11 @@ def _validate(cfg: ConsumerConfig) -> None:
         raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
     if not cfg.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one topic")
+    ix = cfg.redis.index
+    if not (2 <= ix.m <= 512 and 1 <= ix.ef_construction <= 100_000 and 1 <= ix.query_ef <= 100_000):
+        raise ConfigError("redis.index: m in 2..512, ef_construction and query_ef in 1..100000")
+    if ix.bucket_seconds < 1:
+        raise ConfigError("redis.index.bucket_seconds must be >= 1")
 
 
 def _apply_env(cfg: ConsumerConfig, env: Mapping[str, str]) -> ConsumerConfig:

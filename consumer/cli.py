@@ -1,4 +1,5 @@
-"""`consumer run | replay | peek` - the daemon, the replay tool and a look at the results."""
+"""`consumer run | replay | peek | similar | subscribe` - the daemon, the replay tool, a look at the
+results, similar-alert search and a filtered live view of the output topic."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from consumer.log_limit import RateLimitFilter
     from consumer.metrics import Metrics, serve
     from consumer.redis_sink import RedisSink
+    from consumer.vector_index import resolve_index
 
     cfg = load_consumer_config(args.config)
     setup_logging(cfg.metrics.log_format, cfg.metrics.log_level)
@@ -96,7 +98,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     kafka_log = {"logger": kafka_logger, "error_cb": on_client_error}
     consumer = Consumer(consumer_settings(cfg.kafka) | kafka_log)
     producer = Producer(producer_settings(cfg.kafka) | kafka_log)
-    rsink = RedisSink(redis_client(cfg.redis), cfg.redis.key_prefix, cfg.redis.ttl_seconds)
+    rclient = redis_client(cfg.redis)
+    index = resolve_index(rclient, cfg.redis.index)  # IndexUnavailable (mode "on", Redis < 8) stops here
+    if index is not None:
+        desc = f"vector sets ({index.quantisation}, M {index.m}, EF {index.ef_construction}, bucket {index.bucket_seconds} s)"
+    else:
+        desc = "off" if cfg.redis.index.mode == "off" else "off: the server has no vector sets (Redis < 8)"
+    log.info("similarity index: %s", desc)
+    rsink = RedisSink(rclient, cfg.redis.key_prefix, cfg.redis.ttl_seconds, index)
     ksink = KafkaSink(producer, cfg.kafka.dead_letter_topic, cfg.kafka.dead_letter_max_bytes,
                       on_rejected=lambda where: metrics.produce_rejected.labels(where).inc())  # fmt: skip
     proc = StreamProcessor(cfg, consumer, ksink, rsink, runner, metrics)
@@ -205,6 +214,59 @@ def cmd_peek(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_similar(args: argparse.Namespace) -> int:
+    """The alerts most like one alert, from the vector index in Redis."""
+    from consumer.clients import redis_client
+    from consumer.vector_index import NotFound, similar
+
+    cfg = load_consumer_config(args.config)
+    try:
+        ans = similar(
+            redis_client(cfg.redis), cfg.redis.key_prefix, cfg.redis.index, cfg.redis.ttl_seconds,
+            candid=args.candid, object_id=args.objectId, k=args.k, cls=args.cls,
+            include_same_object=args.include_same_object,
+        )  # fmt: skip
+    except NotFound as e:
+        print(f"similar: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"candid": ans.candid, "objectId": ans.object_id, "model": ans.model,
+                          "neighbours": [n.as_dict() for n in ans.neighbours]}))  # fmt: skip
+        return 0
+    print(f"neighbours of candid {ans.candid} ({ans.object_id}), model {ans.model}, {ans.searched_sets} sets searched")
+    print(f"{'#':>3}  {'distance':>8}  {'candid':<20}  {'objectId':<13}  {'class':<9}  {'p':>5}  {'jd':>15}")
+    for i, n in enumerate(ans.neighbours, 1):
+        print(f"{i:>3}  {n.distance:8.4f}  {n.candid:<20}  {n.object_id:<13}  {n.predicted_class:<9}  "
+              f"{n.probability:5.3f}  {n.jd:15.5f}")  # fmt: skip
+    if not ans.neighbours:
+        print("  (none: is the index on? see `similarity index` in the daemon's log)")
+    return 0
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    """A filtered live view of the output topic: a table, or JSON lines."""
+    from consumer.subscribe import ResultFilter, json_ready, subscribe, table_header, table_row
+
+    cfg = load_consumer_config(args.config)
+    flt = ResultFilter(tuple(args.cls or ()), args.min_probability)
+    n = 0
+    if not args.json:
+        print(table_header(), flush=True)
+    try:
+        for rec in subscribe(cfg, flt, from_beginning=args.from_beginning, group_id=args.group,
+                             idle_timeout_s=args.idle_exit):  # fmt: skip
+            if args.json:
+                print(json.dumps(json_ready(rec)), flush=True)
+            else:
+                print(table_row(rec), flush=True)
+            n += 1
+            if args.max and n >= args.max:
+                break
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="consumer", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -229,6 +291,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     pk.add_argument("--config", required=True)
     pk.add_argument("-n", type=int, default=10)
     pk.set_defaults(func=cmd_peek)
+    sm = sub.add_parser("similar", help="the alerts most similar to one alert (vector index in Redis)")
+    sm.add_argument("--config", required=True)
+    which = sm.add_mutually_exclusive_group(required=True)
+    which.add_argument("--candid", type=int)
+    which.add_argument("--objectId", help="the object's latest alert")
+    sm.add_argument("-k", type=int, default=10)
+    sm.add_argument("--class", dest="cls", default=None, help="only neighbours predicted as this class")
+    sm.add_argument("--include-same-object", action="store_true", help="keep the query's own object's alerts")
+    sm.add_argument("--json", action="store_true")
+    sm.set_defaults(func=cmd_similar)
+    sb = sub.add_parser("subscribe", help="follow the output topic, filtered (own consumer group)")
+    sb.add_argument("--config", required=True)
+    sb.add_argument("--class", dest="cls", action="append", help="predicted class to keep (repeatable)")
+    sb.add_argument("--min-probability", type=float, default=0.0)
+    sb.add_argument("--from-beginning", action="store_true")
+    sb.add_argument("--group", default=None, help="a named group resumes where it stopped (default: a fresh one)")
+    sb.add_argument("--json", action="store_true", help="JSON lines instead of the table")
+    sb.add_argument("--max", type=int, default=0, help="stop after N records")
+    sb.add_argument("--idle-exit", type=float, default=None, help="stop after SECONDS without a message")
+    sb.set_defaults(func=cmd_subscribe)
     args = p.parse_args(argv)
     return int(args.func(args))
 

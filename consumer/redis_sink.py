@@ -5,8 +5,9 @@ writes them, and the hand-packed command that sends it.
 |---|---|---|
 | ``{prefix}:cand:{candid}`` | hash | ``redis_fields`` of the result |
 | ``{prefix}:obj:{objectId}`` | hash | the same, for the latest alert of the object (by jd, then candid) |
+| ``{prefix}:vec:{model}:{quantisation}:{bucket}`` | vector set (Redis >= 8) | element candid, the embedding, attributes (consumer/vector_index.py) |
 
-Every key gets the TTL. A retry of a whole batch is harmless: HSETs keyed by candid, and a
+Every hash gets the TTL; a vector set expires TTL after the end of its time bucket. A retry of a whole batch is harmless: HSETs keyed by candid, and a
 compare-by-jd update of the per-object entry (a replay overwrites, never duplicates, and never
 moves "latest" backwards).
 """
@@ -20,8 +21,10 @@ from typing import Any
 import numpy as np
 import redis
 
+from config.consumer import VectorIndexConfig
 from consumer.results import Result
 from consumer.retry import SinkError
+from consumer.vector_index import QUANT_ARG, attributes, bucket_start, expire_at, index_key
 
 
 def redis_fields(r: Result) -> dict[str, str | bytes]:
@@ -59,26 +62,36 @@ def embedding_from_redis(raw: bytes) -> np.ndarray:
 
 # One call per batch. For each alert: the per-candid hash (HSET + EXPIRE), then the per-object
 # entry, updated only if this alert is not older than what is stored (by jd, then candid), so that
-# a replay of old alerts, or partitions processed out of order, never move "latest" backwards.
-# Idempotent: the same batch twice leaves the same hashes.
-# KEYS: the N candid keys, then the N object keys. ARGV: ttl, k, the k field names, then the k
-# field values of each alert in turn; ARGV[4 + k...] for alert i starts at 3 + k + (i - 1) * k.
+# a replay of old alerts, or partitions processed out of order, never move "latest" backwards;
+# then, when indexing, the embedding into its vector set (VADD: a known candid is updated).
+# Idempotent: the same batch twice leaves the same keys.
+# KEYS: the N candid keys, the N object keys, and when indexing the N vector-set keys.
+# ARGV: ttl, k, quantisation ('' = no index), ef, m, the k field names, then per alert its k field
+# values, and when indexing its attributes and the set's expire-at time.
 # The field names go once per batch and every reply is folded into one: this is what makes the
 # Redis sink cost ~10 us per alert instead of ~60 (docs/benchmarks.md).
 _BATCH_LUA = """
 local ttl = tonumber(ARGV[1])
 local k = tonumber(ARGV[2])
+local quant = ARGV[3]
+local ef, m = ARGV[4], ARGV[5]
+local head = 5
+local indexing = quant ~= ''
+local per = k
 local n = #KEYS / 2
-local jd_at, candid_at
+if indexing then per = k + 2; n = #KEYS / 3 end
+local jd_at, candid_at, emb_at
 for j = 1, k do
-  if ARGV[2 + j] == 'jd' then jd_at = j end
-  if ARGV[2 + j] == 'candid' then candid_at = j end
+  local name = ARGV[head + j]
+  if name == 'jd' then jd_at = j end
+  if name == 'candid' then candid_at = j end
+  if name == 'embedding' then emb_at = j end
 end
 local args = {}
 for i = 1, n do
-  local off = 2 + k + (i - 1) * k
+  local off = head + k + (i - 1) * per
   for j = 1, k do
-    args[2 * j - 1] = ARGV[2 + j]
+    args[2 * j - 1] = ARGV[head + j]
     args[2 * j] = ARGV[off + j]
   end
   redis.call('HSET', KEYS[i], unpack(args))
@@ -92,6 +105,12 @@ for i = 1, n do
     redis.call('HSET', okey, unpack(args))
   end
   redis.call('EXPIRE', okey, ttl)
+  if indexing then
+    local vkey = KEYS[2 * n + i]
+    redis.call('VADD', vkey, 'FP32', ARGV[off + emb_at], ARGV[off + candid_at], quant,
+               'EF', ef, 'M', m, 'SETATTR', ARGV[off + k + 1])
+    redis.call('EXPIREAT', vkey, ARGV[off + k + 2])
+  end
 end
 return n
 """
@@ -120,19 +139,27 @@ class RedisRequest:
 
 
 class RedisSink:
-    """One round trip and one script call per batch: per alert, the per-candid hash and the
-    compare-and-set of the per-object entry (see _BATCH_LUA).
+    """One round trip and one script call per batch: per alert, the per-candid hash, the
+    compare-and-set of the per-object entry and, with ``index`` (settings resolved against the
+    server by ``vector_index.resolve_index``), the embedding into its vector set (see _BATCH_LUA).
 
     The command is packed by hand into one buffer: redis-py's pipeline spends ~90 us per alert
     packing its ~60 arguments one by one, more than all the other work of a result. An error
     reply fails the whole batch (which is then retried whole: every write is idempotent). The
     script runs atomically, so Redis serves no other client for its ~10-20 ms per 512 alerts."""
 
-    def __init__(self, client: redis.Redis, prefix: str, ttl_seconds: int) -> None:
+    def __init__(
+        self, client: redis.Redis, prefix: str, ttl_seconds: int, index: VectorIndexConfig | None = None
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl = ttl_seconds
+        self.index = index
         self._ttl = str(ttl_seconds).encode()
+        if index is None:
+            self._index_args = [b"", b"0", b"0"]
+        else:
+            self._index_args = [QUANT_ARG[index.quantisation].encode(), b"%d" % index.ef_construction, b"%d" % index.m]
         self._sha = b""  # of the batch script, loaded on first use
 
     def _pack(self, results: Sequence[Result]) -> bytes:
@@ -140,12 +167,26 @@ class RedisSink:
         names = list(rows[0])
         if any(list(f) != names for f in rows):
             raise ValueError("results of one batch must have the same fields (same model classes)")
-        args: list[bytes] = [b"EVALSHA", self._sha, b"%d" % (2 * len(results))]
+        ix = self.index
+        args: list[bytes] = [b"EVALSHA", self._sha, b"%d" % ((2 if ix is None else 3) * len(results))]
         args += [candid_key(self.prefix, r.candid).encode() for r in results]
         args += [object_key(self.prefix, r.object_id).encode() for r in results]
-        args += [self._ttl, b"%d" % len(names), *(n.encode() for n in names)]
-        for f in rows:
-            args += [v if isinstance(v, bytes) else v.encode() for v in f.values()]
+        if ix is not None:
+            buckets = [bucket_start(r.processed_at_ms, ix.bucket_seconds) for r in results]
+            keys: dict[tuple[str, str, int], bytes] = {}  # a batch has one model and one or two buckets
+            for r, b in zip(results, buckets, strict=True):
+                k = (r.model_name, r.model_version, b)
+                if k not in keys:
+                    keys[k] = index_key(self.prefix, f"{r.model_name}:{r.model_version}", ix.quantisation, b).encode()
+                args.append(keys[k])
+        args += [self._ttl, b"%d" % len(names), *self._index_args, *(n.encode() for n in names)]
+        if ix is None:
+            for f in rows:
+                args += [v if isinstance(v, bytes) else v.encode() for v in f.values()]
+        else:
+            for f, r, b in zip(rows, results, buckets, strict=True):
+                args += [v if isinstance(v, bytes) else v.encode() for v in f.values()]
+                args += [attributes(r), b"%d" % expire_at(b, ix.bucket_seconds, self.ttl)]
         return resp_command(*args)
 
     def send(self, results: Sequence[Result]) -> RedisRequest:

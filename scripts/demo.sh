@@ -17,3 +17,11 @@ TOPIC=$(python -c "from config import load_consumer_config; print(load_consumer_
 consumer replay "$ALERTS" --topic "$TOPIC" --config "$CONFIG"
 consumer run --config "$CONFIG" --idle-exit 8
 consumer peek --config "$CONFIG" -n 15
+# Similar-alert search (Redis 8 vector sets) for one of the alerts just processed, then the live
+# subscriber's view of the output topic: the SNe above 0.8, from the beginning.
+CANDID=$(python -c "
+import redis; from config import load_consumer_config
+c = load_consumer_config('$CONFIG'); r = redis.Redis.from_url(c.redis.url)
+print(next(r.scan_iter(c.redis.key_prefix + ':cand:*', count=1000)).decode().rsplit(':', 1)[1])")
+consumer similar --config "$CONFIG" --candid "$CANDID" -k 5
+consumer subscribe --config "$CONFIG" --class SN --min-probability 0.8 --from-beginning --max 10 --idle-exit 5

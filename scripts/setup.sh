@@ -30,4 +30,7 @@ if ! .venv/bin/python -c "import torch, confluent_kafka, fastavro, redis, consum
   cp requirements.txt .venv/.requirements.installed
 fi
 deploy/local/stack.sh jars
+# Redis 8 for the similarity index; without it (no pinned build for this CPU) the stack runs
+# Debian's 7.0 and the consumer writes plain hashes.
+deploy/local/stack.sh redis8 || echo "[setup] no Redis 8: similar-alert search stays off"
 echo "[setup] ready"

@@ -1,6 +1,7 @@
 """`trainer report RUN_DIR`: report.md with PNGs a person can look at: the classifier comparison
 table (cross-validated), per-class scores, confusion matrices, the reliability diagram of the
-fused classifier, training curves, UMAP of the latent space coloured by class, reconstructions."""
+fused classifier, training curves, UMAP of the latent space coloured by class, reconstructions, and
+clusters of the latent space (trainer/clusters.py) with a mosaic of member stamps per cluster."""
 
 from __future__ import annotations
 
@@ -53,16 +54,18 @@ def _confusion(cm: list[list[int]], names: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def _umap(z: np.ndarray, y: np.ndarray, names: list[str], out: Path) -> str:
+def _projection(z: np.ndarray) -> tuple[np.ndarray, str]:
+    """2-D view of the latent space: UMAP, or PCA where UMAP is missing or fails."""
     try:
         import umap
 
-        xy = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=0).fit_transform(z)
-        method = "UMAP"
+        return np.asarray(umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=0).fit_transform(z)), "UMAP"
     except Exception:  # umap/numba missing or failing: a PCA view is better than none
         zc = z - z.mean(0)
-        xy = zc @ np.linalg.svd(zc, full_matrices=False)[2][:2].T
-        method = "PCA (UMAP unavailable)"
+        return zc @ np.linalg.svd(zc, full_matrices=False)[2][:2].T, "PCA (UMAP unavailable)"
+
+
+def _umap(xy: np.ndarray, method: str, y: np.ndarray, names: list[str], out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 5))
     lab = y < 0
     ax.scatter(xy[lab, 0], xy[lab, 1], s=3, c="lightgray", label="unlabelled")
@@ -171,6 +174,99 @@ def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
     return lines
 
 
+def _stamps_of(run: rf.Run, candids: np.ndarray) -> dict[int, np.ndarray] | None:
+    """Normalised stamps of these alerts, read again from the run's data (None where it is gone)."""
+    from trainer.data import load_dataset
+
+    try:
+        ds = load_dataset(run.config.data, {})
+    except (OSError, ValueError):
+        return None
+    want = set(int(c) for c in candids)
+    return {int(c): ds.x[i] for i, c in enumerate(ds.candid) if int(c) in want}
+
+
+def _cluster_mosaic(stamps: dict[int, np.ndarray], rows: list[tuple[str, np.ndarray]], out: Path) -> None:
+    """One row per cluster: its members closest to the cluster's centre, science over difference."""
+    n = max(len(c) for _, c in rows)
+    fig, axes = plt.subplots(2 * len(rows), n, figsize=(0.8 * n + 1.5, 1.6 * len(rows)), squeeze=False)
+    for r, (title, cands) in enumerate(rows):
+        for j in range(n):
+            for ch in (0, 1):
+                ax = axes[2 * r + ch, j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j < len(cands) and int(cands[j]) in stamps:
+                    ax.imshow(stamps[int(cands[j])][ch], cmap="viridis" if ch == 0 else "RdBu_r", vmin=0, vmax=1)
+                else:
+                    ax.axis("off")
+            if j == 0:
+                axes[2 * r, 0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
+    fig.tight_layout(h_pad=0.1, w_pad=0.1)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _clusters_section(run: rf.Run, run_dir: Path, xy: np.ndarray, method: str, names: list[str]) -> list[str]:
+    """Clusters of the latent space, chosen by AMI against the labels (trainer/clusters.py)."""
+    from trainer.clusters import NOISE, best, candidates, representatives
+
+    emb = run.embeddings
+    cands = candidates(emb.z, emb.y)
+    if not cands:
+        return []
+    chosen = best(cands)
+    lines = [
+        "## Clusters of the latent space",
+        "",
+        "Candidates on the L2-normalised z, scored against the labels of the labelled alerts: adjusted mutual "
+        "information (AMI, corrected for chance and for the number of clusters), purity (labelled members in their "
+        "cluster's majority class), coverage (labelled alerts not called noise), cosine silhouette. "
+        f"Kept: **{chosen.method}** (highest AMI).",
+        "",
+        "| method | clusters | AMI | purity % | coverage % | silhouette |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in cands:
+        bold = "**" if c is chosen else ""
+        lines.append(f"| {bold}{c.method}{bold} | {c.clusters} | {c.ami:.3f} | {100 * c.purity:.1f} | "
+                     f"{100 * c.coverage:.1f} | {c.silhouette:.3f} |")  # fmt: skip
+    labels = chosen.labels
+    ids = [c for c in np.unique(labels) if c != NOISE]
+    ids.sort(key=lambda c: -int((labels == c).sum()))
+    lines += ["", "| cluster | alerts | labelled | majority class | purity % |", "|---|---|---|---|---|"]
+    mosaic_rows: list[tuple[str, np.ndarray]] = []
+    for c in ids:
+        m = labels == c
+        lab = emb.y[m][emb.y[m] >= 0]
+        major = names[int(np.bincount(lab).argmax())] if len(lab) else "-"
+        pur = f"{100 * np.bincount(lab).max() / len(lab):.0f}" if len(lab) else "-"
+        lines.append(f"| {c} | {int(m.sum())} | {len(lab)} | {major} | {pur} |")
+        if len(mosaic_rows) < 16:
+            mosaic_rows.append((f"#{c} n={int(m.sum())}\n{major} {pur}%", emb.candid[representatives(emb.z, labels, c, 8)]))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    cmap = plt.get_cmap("tab20")
+    for i, c in enumerate(ids):
+        m = labels == c
+        ax.scatter(xy[m, 0], xy[m, 1], s=3, color=cmap(i % 20))
+    ax.scatter(xy[labels == NOISE, 0], xy[labels == NOISE, 1], s=2, c="lightgray")
+    ax.set_title(f"{chosen.method} on {method}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(run_dir / "latent_clusters.png", dpi=110)
+    plt.close(fig)
+    lines += ["", f"Clusters on the {method} view: ![clusters](latent_clusters.png)", ""]
+    stamps = _stamps_of(run, np.concatenate([c for _, c in mosaic_rows]))
+    if stamps:
+        _cluster_mosaic(stamps, mosaic_rows, run_dir / "cluster_mosaics.png")
+        lines += ["Members nearest each cluster's centre (16 largest clusters; per cluster: science row over "
+                  "difference row): ![mosaics](cluster_mosaics.png)", ""]  # fmt: skip
+    else:
+        lines += ["(No mosaics: the run's data is not readable here.)", ""]
+    return lines
+
+
 def _class_table(m: dict[str, Any]) -> list[str]:
     lines = ["| class | precision % | recall % | F1 % | test alerts |", "|---|---|---|---|---|"]
     for name, s in m["per_class"].items():
@@ -187,7 +283,8 @@ def write_report(run_dir: Path) -> Path:
     names = probe["class_names"]
     _curves(history, run_dir / "curves.png")
     _confusion(probe["confusion_matrix"], names, run_dir / "confusion.png")
-    method = _umap(emb.z, emb.y, names, run_dir / "latent_umap.png")
+    xy, method = _projection(emb.z)
+    _umap(xy, method, emb.y, names, run_dir / "latent_umap.png")
     _reconstructions(run, names, run_dir / "reconstructions.png")
     raw = metrics.get("raw_pixels_logreg")
     t = run.config.trainer
@@ -235,6 +332,7 @@ def write_report(run_dir: Path) -> Path:
         "",
         "Reconstructions (rows: science, its reconstruction, difference, its reconstruction): ![recon](reconstructions.png)",
         "",
+        *_clusters_section(run, run_dir, xy, method, names),
     ]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))

