@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alerts.message import warm_up
 
     warm_up()  # the compiled decoder, before the first batch (and before the health clock starts)
-    runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s)
+    runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s,
+                         cfg.model.cpu_precision)  # fmt: skip
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None
     try:
@@ -113,8 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: proc.request_stop())
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks of all threads to stderr
     log.info(
-        "consumer starting: topics=%s group=%s model=%s:%s device=%s batch=%d/%dms metrics=%s",
+        "consumer starting: topics=%s group=%s model=%s:%s device=%s%s batch=%d/%dms metrics=%s",
         list(cfg.kafka.input_topics), cfg.kafka.group_id, runner.name, runner.version, runner.device,
+        " (bf16)" if runner.bf16 else "",
         cfg.batching.max_batch, cfg.batching.max_wait_ms,
         f"http://{cfg.metrics.host}:{server.server_port}/metrics" if server else "off",
     )  # fmt: skip

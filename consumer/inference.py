@@ -19,7 +19,7 @@ import torch
 from alerts.features import FEATURE_NAMES, FEATURES_VERSION
 from consumer.batches import ModelMeta
 from model.bundle import Bundle, BundleError, load_bundle
-from model.device import select_device
+from model.device import cpu_bf16, select_device
 from model.fused import AlertModel
 from model.preprocess import normalise
 
@@ -64,9 +64,12 @@ class ModelRunner:
         device: str = "auto",
         tta_override: bool | None = None,
         reload_check_s: float = 10.0,
+        cpu_precision: str = "fp32",
     ) -> None:
         self.bundle_path = bundle_path
         self.device = select_device(device)
+        # bfloat16 autocast on the CPU (model.cpu_precision): fp32 stays the reference
+        self.bf16 = self.device.type == "cpu" and cpu_bf16(cpu_precision)
         self.tta_override = tta_override
         self.reload_check_s = reload_check_s
         self._signature = _file_signature(bundle_path)
@@ -145,7 +148,8 @@ class ModelRunner:
                 dev = self.device
                 z, ps, p = model(t.pin_memory().to(dev, non_blocking=True), ft.pin_memory().to(dev, non_blocking=True))
             else:
-                outs = [model(t[i : i + CHUNK], ft[i : i + CHUNK]) for i in range(0, rows, CHUNK)]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                    outs = [model(t[i : i + CHUNK], ft[i : i + CHUNK]) for i in range(0, rows, CHUNK)]
                 z, ps, p = (torch.cat([o[k] for o in outs]) for k in (0, 1, 2))
         return z[:n].float().cpu().numpy(), ps[:n].float().cpu().numpy(), p[:n].float().cpu().numpy()
 

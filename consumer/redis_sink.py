@@ -1,15 +1,21 @@
 """The Redis layout and its sink: which keys and fields hold a result, the batch script that
 writes them, and the hand-packed command that sends it.
 
-| key | type | fields |
+| key | type | content |
 |---|---|---|
-| ``{prefix}:cand:{candid}`` | hash | ``redis_fields`` of the result |
-| ``{prefix}:obj:{objectId}`` | hash | the same, for the latest alert of the object (by jd, then candid) |
+| ``{prefix}:cand:{candid}`` | hash | ``redis_fields`` of the result (short strings: a compact listpack) |
+| ``{prefix}:obj:{objectId}`` | hash | ``candid`` and ``jd`` of the object's latest alert (by jd, then candid) |
 | ``{prefix}:vec:{model}:{quantisation}:{bucket}`` | vector set (Redis >= 8) | element candid, the embedding, attributes (consumer/vector_index.py) |
+| ``{prefix}:emb:{candid}`` | string (Redis 7, no index) | the embedding, little-endian float32 |
 
-Every hash gets the TTL; a vector set expires TTL after the end of its time bucket. A retry of a whole batch is harmless: HSETs keyed by candid, and a
-compare-by-jd update of the per-object entry (a replay overwrites, never duplicates, and never
-moves "latest" backwards).
+The embedding is stored once: in the vector set where the server has them, else in its own
+string key. Kept out of the hash, the hash's values all stay under Redis's listpack limit (64
+bytes), so it is stored compactly: ~1.4 KB -> ~0.3 KB per alert (docs/benchmarks.md, "Redis").
+The per-object entry points at the latest alert instead of copying it.
+
+Every hash and embedding key gets the TTL; a vector set expires TTL after the end of its time
+bucket. A retry of a whole batch is harmless: writes keyed by candid, and a compare-by-jd update
+of the per-object entry (a replay overwrites, never duplicates, and never moves "latest" backwards).
 """
 
 from __future__ import annotations
@@ -27,12 +33,10 @@ from consumer.retry import SinkError
 from consumer.vector_index import QUANT_ARG, attributes, bucket_start, expire_at, index_key
 
 
-def redis_fields(r: Result) -> dict[str, str | bytes]:
-    """Hash fields written to Redis for one result (documented in README, "Redis keys").
-
-    ``embedding`` is little-endian float32 bytes, the layout Redis vector search (FT.CREATE ...
-    VECTOR FLOAT32) reads directly."""
-    fields: dict[str, str | bytes] = {
+def redis_fields(r: Result) -> dict[str, str]:
+    """Hash fields written to Redis for one result (documented in README, "Redis keys"); the
+    embedding is stored apart (``embedding_bytes``)."""
+    fields: dict[str, str] = {
         "candid": str(r.candid),
         "objectId": r.object_id,
         "jd": repr(r.jd),
@@ -41,7 +45,6 @@ def redis_fields(r: Result) -> dict[str, str | bytes]:
         "dec": repr(r.dec),
         "class": r.predicted_class,
         "probability": f"{float(r.probabilities[r.predicted_index]):.6f}",
-        "embedding": np.asarray(r.embedding, dtype="<f4").tobytes(),
         "model": f"{r.model_name}:{r.model_version}",
         "padded": "1" if r.cutout_padded else "0",
         "processed_at": str(r.processed_at_ms),
@@ -56,18 +59,23 @@ def redis_fields(r: Result) -> dict[str, str | bytes]:
     return fields
 
 
+def embedding_bytes(r: Result) -> bytes:
+    """Little-endian float32: what VADD ... FP32 reads, and the ``{prefix}:emb:`` key holds."""
+    return np.asarray(r.embedding, dtype="<f4").tobytes()
+
+
 def embedding_from_redis(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4")
 
 
-# One call per batch. For each alert: the per-candid hash (HSET + EXPIRE), then the per-object
-# entry, updated only if this alert is not older than what is stored (by jd, then candid), so that
-# a replay of old alerts, or partitions processed out of order, never move "latest" backwards;
-# then, when indexing, the embedding into its vector set (VADD: a known candid is updated).
-# Idempotent: the same batch twice leaves the same keys.
-# KEYS: the N candid keys, the N object keys, and when indexing the N vector-set keys.
+# One call per batch. For each alert: the per-candid hash (HSET + EXPIRE); the per-object pointer,
+# moved only if this alert is not older than the one it points at (by jd, then candid), so that a
+# replay of old alerts, or partitions processed out of order, never move "latest" backwards; then
+# the embedding: into its vector set when indexing (VADD: a known candid is updated), else into
+# its own string key. Idempotent: the same batch twice leaves the same keys.
+# KEYS: the N candid keys, the N object keys, the N embedding keys (vector sets or strings).
 # ARGV: ttl, k, quantisation ('' = no index), ef, m, the k field names, then per alert its k field
-# values, and when indexing its attributes and the set's expire-at time.
+# values, its embedding, and when indexing its attributes and the set's expire-at time.
 # The field names go once per batch and every reply is folded into one: this is what makes the
 # Redis sink cost ~10 us per alert instead of ~60 (docs/benchmarks.md).
 _BATCH_LUA = """
@@ -77,15 +85,14 @@ local quant = ARGV[3]
 local ef, m = ARGV[4], ARGV[5]
 local head = 5
 local indexing = quant ~= ''
-local per = k
-local n = #KEYS / 2
-if indexing then per = k + 2; n = #KEYS / 3 end
-local jd_at, candid_at, emb_at
+local per = k + 1
+if indexing then per = k + 3 end
+local n = #KEYS / 3
+local jd_at, candid_at
 for j = 1, k do
   local name = ARGV[head + j]
   if name == 'jd' then jd_at = j end
   if name == 'candid' then candid_at = j end
-  if name == 'embedding' then emb_at = j end
 end
 local args = {}
 for i = 1, n do
@@ -97,19 +104,21 @@ for i = 1, n do
   redis.call('HSET', KEYS[i], unpack(args))
   redis.call('EXPIRE', KEYS[i], ttl)
   local okey = KEYS[n + i]
-  local jd = tonumber(ARGV[off + jd_at])
-  local candid = tonumber(ARGV[off + candid_at])
+  local jd_s, candid_s = ARGV[off + jd_at], ARGV[off + candid_at]
+  local jd, candid = tonumber(jd_s), tonumber(candid_s)
   local cur = redis.call('HMGET', okey, 'jd', 'candid')
   local cur_jd = tonumber(cur[1])
   if (not cur_jd) or cur_jd < jd or (cur_jd == jd and tonumber(cur[2]) <= candid) then
-    redis.call('HSET', okey, unpack(args))
+    redis.call('HSET', okey, 'candid', candid_s, 'jd', jd_s)
   end
   redis.call('EXPIRE', okey, ttl)
+  local ekey = KEYS[2 * n + i]
   if indexing then
-    local vkey = KEYS[2 * n + i]
-    redis.call('VADD', vkey, 'FP32', ARGV[off + emb_at], ARGV[off + candid_at], quant,
-               'EF', ef, 'M', m, 'SETATTR', ARGV[off + k + 1])
-    redis.call('EXPIREAT', vkey, ARGV[off + k + 2])
+    redis.call('VADD', ekey, 'FP32', ARGV[off + k + 1], candid_s, quant,
+               'EF', ef, 'M', m, 'SETATTR', ARGV[off + k + 2])
+    redis.call('EXPIREAT', ekey, ARGV[off + k + 3])
+  else
+    redis.call('SET', ekey, ARGV[off + k + 1], 'EX', ttl)
   end
 end
 return n
@@ -122,6 +131,10 @@ def candid_key(prefix: str, candid: int) -> str:
 
 def object_key(prefix: str, object_id: str) -> str:
     return f"{prefix}:obj:{object_id}"
+
+
+def embedding_key(prefix: str, candid: int) -> str:
+    return f"{prefix}:emb:{candid}"
 
 
 def resp_command(*args: bytes) -> bytes:
@@ -140,8 +153,9 @@ class RedisRequest:
 
 class RedisSink:
     """One round trip and one script call per batch: per alert, the per-candid hash, the
-    compare-and-set of the per-object entry and, with ``index`` (settings resolved against the
-    server by ``vector_index.resolve_index``), the embedding into its vector set (see _BATCH_LUA).
+    compare-and-set of the per-object pointer and the embedding: with ``index`` (settings resolved
+    against the server by ``vector_index.resolve_index``) into its vector set, else into a string
+    key (see _BATCH_LUA).
 
     The command is packed by hand into one buffer: redis-py's pipeline spends ~90 us per alert
     packing its ~60 arguments one by one, more than all the other work of a result. An error
@@ -168,10 +182,12 @@ class RedisSink:
         if any(list(f) != names for f in rows):
             raise ValueError("results of one batch must have the same fields (same model classes)")
         ix = self.index
-        args: list[bytes] = [b"EVALSHA", self._sha, b"%d" % ((2 if ix is None else 3) * len(results))]
+        args: list[bytes] = [b"EVALSHA", self._sha, b"%d" % (3 * len(results))]
         args += [candid_key(self.prefix, r.candid).encode() for r in results]
         args += [object_key(self.prefix, r.object_id).encode() for r in results]
-        if ix is not None:
+        if ix is None:
+            args += [embedding_key(self.prefix, r.candid).encode() for r in results]
+        else:
             buckets = [bucket_start(r.processed_at_ms, ix.bucket_seconds) for r in results]
             keys: dict[tuple[str, str, int], bytes] = {}  # a batch has one model and one or two buckets
             for r, b in zip(results, buckets, strict=True):
@@ -181,12 +197,13 @@ class RedisSink:
                 args.append(keys[k])
         args += [self._ttl, b"%d" % len(names), *self._index_args, *(n.encode() for n in names)]
         if ix is None:
-            for f in rows:
-                args += [v if isinstance(v, bytes) else v.encode() for v in f.values()]
+            for f, r in zip(rows, results, strict=True):
+                args += [v.encode() for v in f.values()]
+                args.append(embedding_bytes(r))
         else:
             for f, r, b in zip(rows, results, buckets, strict=True):
-                args += [v if isinstance(v, bytes) else v.encode() for v in f.values()]
-                args += [attributes(r), b"%d" % expire_at(b, ix.bucket_seconds, self.ttl)]
+                args += [v.encode() for v in f.values()]
+                args += [embedding_bytes(r), attributes(r), b"%d" % expire_at(b, ix.bucket_seconds, self.ttl)]
         return resp_command(*args)
 
     def send(self, results: Sequence[Result]) -> RedisRequest:

@@ -187,20 +187,29 @@ def similar(
     Raises NotFound when the alert is not in Redis."""
     if (candid is None) == (object_id is None):
         raise ValueError("give exactly one of candid and object_id")
-    key = f"{prefix}:cand:{candid}" if candid is not None else f"{prefix}:obj:{object_id}"
-    emb, oid, model, cand = client.hmget(key, ["embedding", "objectId", "model", "candid"])
-    if emb is None or model is None or cand is None:
+    if candid is None:  # the object's pointer to its latest alert
+        latest = client.hget(f"{prefix}:obj:{object_id}", "candid")
+        if latest is None:
+            raise NotFound(f"{prefix}:obj:{object_id} is not in Redis (never processed, or expired)")
+        candid = int(latest)
+    key = f"{prefix}:cand:{candid}"
+    oid, model, processed = client.hmget(key, ["objectId", "model", "processed_at"])
+    if oid is None or model is None or processed is None:
         raise NotFound(f"{key} is not in Redis (never processed, or expired)")
     qid = oid.decode() if isinstance(oid, bytes) else str(oid)
     model_s = model.decode() if isinstance(model, bytes) else str(model)
+    emb = read_embedding(client, prefix, cfg, candid, model_s, int(processed))
+    if emb is None:
+        raise NotFound(f"the embedding of {candid} is not in Redis (indexed by another setting, or expired)")
     flt = filter_expression(None if include_same_object else qid, cls)
-    query_candid = int(cand)
+    query_candid = candid
     pipe = client.pipeline(transaction=False)
     buckets = live_buckets(time.time() if now_s is None else now_s, cfg.bucket_seconds, ttl_seconds)
     # Own-object exclusion asks for one more (the alert itself is excluded by id below when included)
     count = k + (1 if include_same_object else 0)
     for b in buckets:
-        args: list[Any] = ["VSIM", index_key(prefix, model_s, cfg.quantisation, b), "FP32", emb, "WITHSCORES", "WITHATTRIBS"]
+        args: list[Any] = ["VSIM", index_key(prefix, model_s, cfg.quantisation, b), "FP32", emb.tobytes(),
+                           "WITHSCORES", "WITHATTRIBS"]  # fmt: skip
         args += ["COUNT", count, "EF", max(cfg.query_ef, count)]
         if flt:
             args += ["FILTER", flt]
@@ -211,6 +220,24 @@ def similar(
     found = [n for n in found if n.candid != query_candid]
     found.sort(key=lambda n: -n.similarity)
     return SimilarAnswer(query_candid, qid, model_s, found[:k], len(buckets))
+
+
+def read_embedding(
+    client: redis.Redis, prefix: str, cfg: VectorIndexConfig, candid: int, model: str, processed_at_ms: int
+) -> np.ndarray | None:
+    """An alert's stored embedding (float32): from its vector set (the bucket of its processing
+    time), or from ``{prefix}:emb:{candid}`` where the sink wrote no index."""
+    raw = client.get(f"{prefix}:emb:{candid}")
+    if raw is not None:
+        return np.frombuffer(raw, dtype="<f4").copy()  # type: ignore[arg-type]
+    key = index_key(prefix, model, cfg.quantisation, bucket_start(processed_at_ms, cfg.bucket_seconds))
+    try:
+        values = client.execute_command("VEMB", key, str(candid))  # type: ignore[no-untyped-call]
+    except redis.ResponseError:  # no vector sets on this server
+        return None
+    if not values:
+        return None
+    return np.array([float(v) for v in values], dtype="<f4")
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

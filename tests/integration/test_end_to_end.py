@@ -14,8 +14,8 @@ from alerts.decoder import SchemaCache, decode_alert
 from alerts.synthetic import make_alert
 from config import load_consumer_config
 from consumer.peek import read_output_topic
-from consumer.redis_sink import embedding_from_redis
 from consumer.results import decode_result
+from consumer.vector_index import read_embedding
 
 from .helpers import create_topic, outcome, produce, run_consumer
 
@@ -63,16 +63,18 @@ def test_replay_consume_publish_commit(stack: Stack, corpus: list[bytes], tmp_pa
     assert o.committed == o.end_offsets, "committed offsets reach the end of the input topic"
     print("\nend-to-end:", o.summary(good, len(bad)))
 
-    # Redis layout: hash per candid with the embedding, latest-per-object entries
+    # Redis layout: hash per candid, its embedding (in the vector index: the stack runs Redis 8),
+    # latest-per-object pointers
     cfg = load_consumer_config(cfg_path, env={})
     r = redis.Redis.from_url(cfg.redis.url)
     some = next(iter(good))
     h = r.hgetall(f"{cfg.redis.key_prefix}:cand:{some}")
     assert int(h[b"candid"]) == some
-    assert embedding_from_redis(h[b"embedding"]).shape == (42,)
+    emb = read_embedding(r, cfg.redis.key_prefix, cfg.redis.index, some, h[b"model"].decode(), int(h[b"processed_at"]))
+    assert emb is not None and emb.shape == (42,)
     assert 0 < r.ttl(f"{cfg.redis.key_prefix}:cand:{some}") <= cfg.redis.ttl_seconds
     obj = r.hgetall(f"{cfg.redis.key_prefix}:obj:{h[b'objectId'].decode()}")
-    assert obj, "latest-per-object entry exists"
+    assert obj and int(obj[b"candid"]) in good, "latest-per-object pointer exists"
 
     # the default bundle's fused classifier: classes from metadata + history + stamps, and the
     # study's stamp-only probe beside them, in both sinks

@@ -266,8 +266,8 @@ def test_partitions_revoked_with_batches_in_flight(alerts: list[bytes]) -> None:
     h = harness(msgs)
     revoked_at: list[int] = []
 
-    def before(n: int) -> None:
-        if n == 3:
+    def before(n: int) -> None:  # once two batches (8 messages) have been handed out
+        if not revoked_at and len(msgs) - len(h.consumer.queue) == 8:
             h.consumer.revoke(1)
             revoked_at.append(len(h.consumer.commits))
 
@@ -342,3 +342,52 @@ def test_second_stop_during_an_outage_aborts_without_commit(alerts: list[bytes])
     with pytest.raises(AbortRequested):
         h.proc.run()
     assert h.consumer.commits == []
+
+
+class TricklingConsumer(FakeConsumer):
+    """librdkafka's consume() semantics: it returns once ``num_messages`` have arrived or at the
+    timeout; messages arrive one every ``gap_s``."""
+
+    def __init__(self, messages: list[Message], partitions: list[int], gap_s: float) -> None:
+        super().__init__(messages, partitions)
+        self.gap_s = gap_s
+        self.start = time.monotonic()
+        self.handed = 0
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]:
+        deadline = time.monotonic() + timeout
+        while True:
+            arrived = min(len(self.queue) + self.handed, int((time.monotonic() - self.start) / self.gap_s))
+            ready = arrived - self.handed
+            if ready >= num_messages or time.monotonic() >= deadline:
+                got, self.queue = self.queue[: min(ready, num_messages)], self.queue[min(ready, num_messages) :]
+                self.handed += len(got)
+                return got
+            time.sleep(0.001)
+
+
+def test_a_batch_closes_max_wait_after_its_first_message(alerts: list[bytes]) -> None:
+    """At a trickle (one message per 10 ms), batches close max_wait_ms (50 ms) after their first
+    message, so ~5 messages each, not the hundreds a long first wait would gather."""
+    msgs = messages(alerts[:40])
+    cfg = parse_consumer_config({
+        "kafka": {"input_topics": [TOPIC], "output_topic": OUT, "dead_letter_topic": DLQ},
+        "batching": {"max_batch": 512, "max_wait_ms": 50},
+        "metrics": {"port": 0, "lag_interval_s": 3600},
+    })  # fmt: skip
+    consumer = TricklingConsumer(msgs, [0, 1], gap_s=0.01)
+    proc = StreamProcessor(cfg, consumer, FakeKafkaSink(), FakeRedisSink(), FakeRunner(), Metrics(), sleep=lambda _s: None)  # type: ignore[arg-type]
+    proc.subscribe()
+    sizes: list[int] = []
+    gather = proc.gather
+
+    def counting(remaining: int | None) -> list[Message]:
+        batch = gather(remaining)
+        if batch:
+            sizes.append(len(batch))
+        return batch
+
+    proc.gather = counting  # type: ignore[method-assign]
+    proc.run(max_alerts=len(msgs))
+    assert sum(sizes) == len(msgs)
+    assert max(sizes) <= 9, sizes  # 50 ms / 10 ms + timing slack; a 0.5 s first wait gave ~50

@@ -97,8 +97,9 @@ def test_exact_neighbours_is_the_cosine_ranking() -> None:
 
 
 def test_packed_batch_with_and_without_the_index() -> None:
-    """KEYS: candid, object and (indexing) vector-set keys; per alert its attributes and the set's
-    expire-at time after its fields; the index settings once in the header."""
+    """KEYS: candid, object and embedding keys (vector sets when indexing, strings otherwise); per
+    alert its fields, its embedding and (indexing) its attributes and the set's expire-at time; the
+    index settings once in the header."""
     day0 = 1_764_000_000 - 1_764_000_000 % 86400
     day1 = day0 + 86400
     rs = [result(1), result(2, processed_at_ms=(day1 + 5) * 1000)]  # two different days
@@ -113,21 +114,26 @@ def test_packed_batch_with_and_without_the_index() -> None:
         return [lines[i] for i in range(2, len(lines) - 1, 2)]
 
     a = parts(plain._pack(rs))  # EVALSHA sha numkeys KEYS... ttl k quant ef m names... values...
-    assert a[2] == b"4" and a[7:12] == [b"600", a[8], b"", b"0", b"0"]
-    ka = int(a[8])
-    assert len(a) == 12 + ka + 2 * ka, "plain: only the field values per alert"
+    assert a[2] == b"6" and a[7:9] == [b"p:emb:1", b"p:emb:2"]
+    assert a[9] == b"600" and a[11:14] == [b"", b"0", b"0"]
+    ka = int(a[10])
+    names = a[14 : 14 + ka]
+    first = a[14 + ka : 14 + 2 * ka + 1]
+    assert first[names.index(b"candid")] == b"1" and np.frombuffer(first[ka], "<f4").tolist() == list(range(42))
+    assert len(a) == 14 + ka + 2 * (ka + 1), "plain: the fields and the embedding per alert"
     b = parts(indexed._pack(rs))
     assert b[2] == b"6"
     assert b[7:9] == [f"p:vec:stampstream-ae:20261126:q8:{day0}".encode(), f"p:vec:stampstream-ae:20261126:q8:{day1}".encode()]
     assert b[9] == b"600" and b[11:14] == [b"Q8", b"50", b"12"]
     k = int(b[10])
     names = b[14 : 14 + k]
-    first = b[14 + k : 14 + 2 * k + 2]
-    assert first[names.index(b"candid")] == b"1"
-    assert json.loads(first[k]) == json.loads(attributes(rs[0]))
-    assert first[k + 1] == str(expire_at(day0, 86400, 600)).encode()
-    second = b[14 + 2 * k + 2 :]
-    assert second[k + 1] == str(expire_at(day1, 86400, 600)).encode() and len(second) == k + 2
+    first = b[14 + k : 14 + 2 * k + 3]
+    assert first[names.index(b"candid")] == b"1" and b"embedding" not in names
+    assert np.frombuffer(first[k], "<f4").tolist() == list(range(42))
+    assert json.loads(first[k + 1]) == json.loads(attributes(rs[0]))
+    assert first[k + 2] == str(expire_at(day0, 86400, 600)).encode()
+    second = b[14 + 2 * k + 3 :]
+    assert second[k + 2] == str(expire_at(day1, 86400, 600)).encode() and len(second) == k + 3
 
 
 def test_subscriber_filter_and_table() -> None:
