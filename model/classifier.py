@@ -49,5 +49,9 @@ class StampClassifier(nn.Module):
         self.probe = LinearProbe(cfg.latent_dim, len(class_names))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = embed_stamps(self.encoder, x, self.tta_dihedral)
-        return z, torch.softmax(self.probe(z), dim=1)
+        z = embed_stamps(self.encoder, x, self.tta_dihedral).float()
+        # The probe in float32 even under reduced-precision autocast: it costs nothing (42 x 5), and
+        # in bfloat16 its near-ties flipped the stamp class of 1.9 % of the real alerts
+        # (bench/inference_engines.py); in float32 the embedding's own rounding is all that is left.
+        with torch.autocast(x.device.type, enabled=False):
+            return z, torch.softmax(self.probe(z), dim=1)

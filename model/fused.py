@@ -38,8 +38,10 @@ class FusedHead(nn.Module):
         self.register_buffer("temperature", torch.ones(()))
 
     def logits(self, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated log-odds (before the temperature)."""
-        out: torch.Tensor = self.trees(features) + self.fusion((z - self.z_mean) / self.z_std)
+        """Uncalibrated log-odds (before the temperature), in float32 even under autocast (a 42 x 5
+        linear layer: nothing to gain from bfloat16, near-ties to lose)."""
+        with torch.autocast(z.device.type, enabled=False):
+            out: torch.Tensor = self.trees(features) + self.fusion((z.float() - self.z_mean) / self.z_std)
         return out
 
     def forward(self, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
