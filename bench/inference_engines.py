@@ -6,7 +6,8 @@
 Rows: torch fp32 (the reference, as the consumer runs it: channels-last, 64-row chunks), torch
 bf16 autocast (``model.cpu_precision``), and, where onnxruntime is importable, ONNX Runtime fp32
 (CPU execution provider) and ONNX Runtime int8 (static QDQ quantisation calibrated on 1,024 real
-alerts). Each: µs per alert of one thread, the predicted stamp class equal to fp32 torch, and the
+alerts), and where openvino is importable, OpenVINO's CPU plugin on the same ONNX graph at f32
+and bf16 inference precision. Each: µs per alert of one thread, the predicted stamp class equal to fp32 torch, and the
 minimum cosine of z. The fused head (trees + linear correction) is timed apart: it is the same
 compiled code in every row. Targets (performance issue): class equal on >= 99.5 % of alerts,
 cosine >= 0.999, <= 80 µs/alert.
@@ -126,6 +127,28 @@ def main() -> int:
             sess = ort.InferenceSession(str(tmp / path), so, providers=["CPUExecutionProvider"])
             z, p = sess.run(None, {"x": x})
             rows.append((name, per_alert_us(lambda b, s=sess: s.run(None, {"x": b}), x), *fidelity(z, p, ref_z, ref_p)))
+        try:
+            import openvino as ov
+        except ImportError:
+            ov = None
+            print("(openvino not installed: OpenVINO rows skipped)")
+        if ov is not None:
+            core = ov.Core()
+            for precision in ("f32", "bf16"):
+                compiled = core.compile_model(str(tmp / "stamp.onnx"), "CPU", {
+                    "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": a.threads,
+                    "PERFORMANCE_HINT": "LATENCY"})  # fmt: skip
+                request = compiled.create_infer_request()
+
+                def run_ov(b: np.ndarray, r: object = request) -> tuple[np.ndarray, np.ndarray]:
+                    res = r.infer({"x": b})  # type: ignore[attr-defined]
+                    return np.asarray(res[0]), np.asarray(res[1])
+
+                parts = [run_ov(x[i : i + 64]) for i in range(0, len(x), 64)]
+                z = np.concatenate([q[0] for q in parts])
+                p = np.concatenate([q[1] for q in parts])
+                rows.append((f"OpenVINO {ov.__version__.split('-')[0]} {precision}", per_alert_us(run_ov, x),
+                             *fidelity(z, p, ref_z, ref_p)))  # fmt: skip
     head = model.head
     zt, ft = torch.from_numpy(ref_z), torch.from_numpy(f)
     head_us = float("nan")

@@ -219,7 +219,7 @@ def cmd_peek(args: argparse.Namespace) -> int:
 def cmd_similar(args: argparse.Namespace) -> int:
     """The alerts most like one alert, from the vector index in Redis."""
     from consumer.clients import redis_client
-    from consumer.vector_index import NotFound, similar
+    from consumer.vector_index import IndexUnavailable, NotFound, similar
 
     cfg = load_consumer_config(args.config)
     try:
@@ -228,7 +228,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
             candid=args.candid, object_id=args.objectId, k=args.k, cls=args.cls,
             include_same_object=args.include_same_object,
         )  # fmt: skip
-    except NotFound as e:
+    except (NotFound, IndexUnavailable) as e:
         print(f"similar: {e}", file=sys.stderr)
         return 1
     if args.json:

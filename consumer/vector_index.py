@@ -187,6 +187,8 @@ def similar(
     Raises NotFound when the alert is not in Redis."""
     if (candid is None) == (object_id is None):
         raise ValueError("give exactly one of candid and object_id")
+    if not server_has_vector_sets(client):
+        raise IndexUnavailable("this Redis has no vector sets (Redis >= 8 needed): nothing to search")
     if candid is None:  # the object's pointer to its latest alert
         latest = client.hget(f"{prefix}:obj:{object_id}", "candid")
         if latest is None:

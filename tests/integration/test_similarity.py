@@ -145,6 +145,9 @@ def test_plain_sink_on_redis_7(tmp_path: Path) -> None:
         res = results(10)
         RedisSink(r7, "plain", 60, resolve_index(r7, VectorIndexConfig())).write(res)
         assert len(r7.keys("plain:cand:*")) == 10 and not r7.keys("plain:vec:*")
+        assert len(r7.keys("plain:emb:*")) == 10, "the embedding in its own key"
+        with pytest.raises(IndexUnavailable):  # a query says why, instead of an unknown-command error
+            similar(r7, "plain", VectorIndexConfig(), 60, candid=res[0].candid)
     finally:
         proc.terminate()
         proc.wait(10)
