@@ -98,13 +98,16 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    bundle_path: str = "model/bundles/default.pt"
+    # .npz: the runtime bundle (ONNX Runtime, CPU, no torch in the process: ~430 MiB peak RSS
+    # against ~900, the same rate on the CPU); .pt: the torch bundle (CUDA when there is a GPU,
+    # bf16 on CPUs with native bf16). Both are made by `trainer export` (model/bundles/README.md).
+    bundle_path: str = "model/bundles/default.npz"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     reload_check_s: float = 10.0
     # Average the embedding over the 8 flips/rotations of the stamp (rotation-invariant pooling).
     # None: use what the bundle was trained with.
     tta_dihedral: bool | None = None
-    # Threads of torch's CPU inference. 0: the CPUs this process may use minus one (at least 1),
+    # Threads of CPU inference (torch, or ONNX Runtime for a .npz runtime bundle). 0: the CPUs this process may use minus one (at least 1),
     # since the main thread needs a core of its own for decoding; torch's default (all of them)
     # made the consumer 20 % slower on 2 cores (docs/benchmarks.md). Set it to the container's CPU
     # limit minus one in Kubernetes, where the process sees the node's CPUs.

@@ -73,14 +73,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_consumer_config(args.config)
     setup_logging(cfg.metrics.log_format, cfg.metrics.log_level)
     log = logging.getLogger("stampstream.consumer")
-    import torch
-
-    torch.set_num_threads(inference_threads(cfg.model.torch_threads))
     from alerts.message import warm_up
 
     warm_up()  # the compiled decoder, before the first batch (and before the health clock starts)
     runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s,
                          cfg.model.cpu_precision)  # fmt: skip
+    runner.set_threads(inference_threads(cfg.model.torch_threads))  # torch's or ONNX Runtime's
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None
     try:

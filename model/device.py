@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a device is chosen: a torch-free consumer never does
+    import torch
 
 log = logging.getLogger("stampstream.model")
 
@@ -19,6 +20,8 @@ _NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 
 def select_device(preference: str) -> torch.device:
     """auto: cuda when torch sees a GPU, else cpu. 'cuda' without a GPU falls back to cpu with a warning."""
+    import torch
+
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
     if preference == "cuda":

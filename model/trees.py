@@ -19,25 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from torch import nn
 
-
-@numba.njit(cache=True, nogil=True)
-def _evaluate(x, feature, threshold, left, right, missing_left, is_leaf, value, tree_class, n_nodes, out):  # type: ignore[no-untyped-def]
-    """out[i, class of tree t] += value of the leaf that row i reaches in tree t."""
-    for i in range(x.shape[0]):
-        for t in range(tree_class.shape[0]):
-            base = t * n_nodes
-            node = base
-            while not is_leaf[node]:
-                v = x[i, feature[node]]
-                go_left = missing_left[node] if np.isnan(v) else v <= threshold[node]
-                node = base + (left[node] if go_left else right[node])
-            out[i, tree_class[t]] += value[node]
-    return out
+from model.tree_kernel import evaluate_trees
 
 
 @dataclass(frozen=True)
@@ -98,15 +84,16 @@ class TreeEnsemble(nn.Module):
             return self._forward_cpu(x)
         return self.forward_tensors(x)
 
+    def tables(self) -> dict[str, np.ndarray]:
+        """The flat per-node arrays of ``model.tree_kernel.evaluate_trees`` (also what the
+        torch-free runtime bundle stores)."""
+        names = ("feature", "threshold", "left", "right", "missing_left", "is_leaf", "value", "baseline")
+        out = {n: getattr(self, n).detach().cpu().numpy() for n in names}
+        out["tree_class"] = self.to_class.argmax(1).cpu().numpy()
+        return out
+
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        n_trees = int(self.offset.shape[0])
-        out = np.tile(self.baseline.numpy().astype(np.float64), (x.shape[0], 1))
-        _evaluate(
-            np.ascontiguousarray(x.detach().numpy(), dtype=np.float32), self.feature.numpy(), self.threshold.numpy(),
-            self.left.numpy(), self.right.numpy(), self.missing_left.numpy(), self.is_leaf.numpy(), self.value.numpy(),
-            self.to_class.argmax(1).numpy(), self.feature.shape[0] // max(n_trees, 1), out,
-        )  # fmt: skip
-        return torch.from_numpy(out.astype(np.float32))
+        return torch.from_numpy(evaluate_trees(x.detach().numpy(), self.tables()))
 
     def forward_tensors(self, x: torch.Tensor) -> torch.Tensor:
         """The same in tensor ops (any device)."""

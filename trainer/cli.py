@@ -70,6 +70,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     pooled = {"auto": None, "on": True, "off": False}[args.pooling]
     bundle = export_bundle(Path(args.run_dir), Path(args.out), name=args.name, version=args.version, pooled=pooled)
     print(f"bundle {bundle.name}:{bundle.version} written to {args.out}")
+    from model.runtime_export import export_runtime
+
+    runtime = Path(args.out).with_suffix(".npz")  # the same model without torch (model/runtime.py)
+    export_runtime(args.out, runtime)
+    print(f"runtime bundle (ONNX Runtime, no torch) written to {runtime}")
     return 0
 
 

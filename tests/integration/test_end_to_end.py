@@ -133,3 +133,36 @@ def test_redis_sink_reloads_its_script_after_a_flush(stack: Stack) -> None:
     r.script_flush()
     sink.write([res])
     assert r.hget("scripttest:obj:ZTF25aaaaaaa", "candid") == b"1"
+
+
+def test_consumer_on_the_torch_free_runtime_bundle(stack: Stack, tmp_path: Path) -> None:
+    """`consumer run` with model/bundles/default.npz (ONNX Runtime, no torch): both sinks get the
+    fused classes, equal to what the torch bundle gives for the same alerts."""
+    import numpy as np
+
+    from consumer.inference import ModelRunner
+
+    alerts = [make_alert(2_400_000_000_000_007_000 + i) for i in range(40)]
+    npz = ROOT / "model" / "bundles" / "default.npz"
+    cfg_path, data = stack.config(tmp_path, model={"bundle_path": str(npz)})
+    topic = data["kafka"]["input_topics"][0]
+    create_topic(stack.bootstrap, topic, 2)
+    produce(stack.bootstrap, topic, [a.message for a in alerts])
+    assert run_consumer(cfg_path, "--idle-exit", "5", log_path=tmp_path / "c.log") == 0
+    assert "cpu (onnxruntime)" in (tmp_path / "c.log").read_text()
+    cfg = load_consumer_config(cfg_path, env={})
+    records = {decode_result(v)["candid"]: decode_result(v) for v in read_output_topic(cfg, cfg.kafka.output_topic)}
+    assert set(records) == {a.candid for a in alerts}
+    from alerts.decoder import SchemaCache as Cache
+    from alerts.features import alert_features
+    from alerts.message import decode_message
+
+    cache = Cache()
+    decoded = [decode_message(a.message, cache) for a in alerts]
+    ref = ModelRunner(str(ROOT / "model" / "bundles" / "default.pt"), "cpu", cpu_precision="fp32")
+    _, _, p = ref.predict(np.stack([px.pixels for _, px in decoded]), np.stack([alert_features(al) for al, _ in decoded]))
+    for (al, _), probs in zip(decoded, p, strict=True):
+        rec = records[al.candid]
+        assert rec["classifier"] == "fused" and rec["predicted_class"] == ref.class_names[int(probs.argmax())]
+    r = redis.Redis.from_url(cfg.redis.url)
+    assert sum(1 for _ in r.scan_iter(f"{cfg.redis.key_prefix}:cand:*")) == len(alerts)

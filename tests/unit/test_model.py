@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alerts.features import FEATURE_NAMES, FEATURES_VERSION
-from consumer.inference import CHUNK, ModelRunner
+from consumer.inference import CHUNK, BundleRefused, ModelRunner
 from model.autoencoder import Autoencoder, AutoencoderConfig, autoencoder_loss, dihedral_views
 from model.bundle import BundleError, load_bundle, save_bundle, seed_bundle
 from model.classifier import StampClassifier
@@ -185,7 +185,7 @@ def test_fused_bundle_round_trips_and_its_head_changes_the_classes(tmp_path: Pat
 def test_a_head_reading_other_features_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     save_bundle(seed_bundle(feature_names=("a", "b"), features_version=FEATURES_VERSION), path)
-    with pytest.raises(BundleError, match="features"):
+    with pytest.raises(BundleRefused, match="features"):
         ModelRunner(str(path), "cpu")
 
 

@@ -1,0 +1,122 @@
+"""The model without torch: a runtime bundle (one ``.npz``) and its evaluation with ONNX Runtime.
+
+Why: importing torch alone costs a process ~530 MiB of RSS (measured), more than all the rest of
+the consumer, and torch is ~2 GB of an image. The consumer needs only the forward pass: the
+encoder + stamp probe as an ONNX graph (run by ONNX Runtime's CPU provider: 172 µs/alert on one
+thread against torch's 191 in fp32, docs/benchmarks.md), the trees by the same compiled loop as
+the torch module (``model/tree_kernel.py``), and the fusion + temperature in numpy. The outputs
+equal the torch bundle's to float rounding (test: class identical, cosine of z >= 0.9999).
+
+The file holds arrays only (``np.load(..., allow_pickle=False)``): the ONNX graph as bytes, the
+tree tables, the fusion weights, and a JSON description (name, version, classes, features, their
+version, the input normalisation). Made from a torch bundle by ``model/runtime_export.py``
+(``trainer export`` writes both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.tree_kernel import evaluate_trees
+
+RUNTIME_FORMAT = "stampstream-runtime/1"
+TREE_TABLES = ("feature", "threshold", "left", "right", "missing_left", "is_leaf", "value", "tree_class", "baseline")
+
+
+class RuntimeBundleError(ValueError):
+    """Not a runtime bundle this code can run."""
+
+
+@dataclass(frozen=True)
+class RuntimeBundle:
+    name: str
+    version: str
+    class_names: tuple[str, ...]
+    latent_dim: int
+    feature_names: tuple[str, ...]  # empty: no fused head (the classes are the stamp probe's)
+    features_version: int
+    onnx: bytes  # (N, 2, 21, 21) normalised stamps -> z (N, latent), stamp probabilities (N, classes)
+    trees: dict[str, np.ndarray]  # model.tree_kernel tables; empty without a head
+    fusion_weight: np.ndarray  # (classes, latent)
+    fusion_bias: np.ndarray  # (classes,)
+    z_mean: np.ndarray
+    z_std: np.ndarray
+    temperature: float
+    normalisation: dict[str, Any]
+    source: str = ""  # the torch bundle it was made from
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self.feature_names)
+
+
+def save_runtime(b: RuntimeBundle, path: str | os.PathLike[str]) -> None:
+    """Written to a temporary name and renamed, so a reloading consumer never reads half a file."""
+    meta = {
+        "format": RUNTIME_FORMAT, "name": b.name, "version": b.version, "class_names": list(b.class_names),
+        "latent_dim": b.latent_dim, "feature_names": list(b.feature_names), "features_version": b.features_version,
+        "temperature": b.temperature, "normalisation": b.normalisation, "source": b.source,
+    }  # fmt: skip
+    arrays: dict[str, np.ndarray] = {f"trees_{k}": v for k, v in b.trees.items()}
+    arrays |= {"meta": np.array(json.dumps(meta)), "onnx": np.frombuffer(b.onnx, dtype=np.uint8),
+               "fusion_weight": b.fusion_weight, "fusion_bias": b.fusion_bias, "z_mean": b.z_mean, "z_std": b.z_std}  # fmt: skip
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def load_runtime(path: str | os.PathLike[str]) -> RuntimeBundle:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != RUNTIME_FORMAT:
+                raise RuntimeBundleError(f"{path}: format {meta.get('format')!r}, expected {RUNTIME_FORMAT}")
+            trees = {k[len("trees_"):]: z[k] for k in z.files if k.startswith("trees_")}
+            b = RuntimeBundle(
+                meta["name"], meta["version"], tuple(meta["class_names"]), int(meta["latent_dim"]),
+                tuple(meta["feature_names"]), int(meta["features_version"]), z["onnx"].tobytes(), trees,
+                z["fusion_weight"], z["fusion_bias"], z["z_mean"], z["z_std"], float(meta["temperature"]),
+                dict(meta["normalisation"]), str(meta.get("source", "")),
+            )  # fmt: skip
+    except RuntimeBundleError:
+        raise
+    except Exception as e:  # truncated, not an npz, missing keys
+        raise RuntimeBundleError(f"{path}: not a runtime bundle: {type(e).__name__}: {e}") from e
+    if b.has_head and set(b.trees) != set(TREE_TABLES):
+        raise RuntimeBundleError(f"{path}: tree tables {sorted(b.trees)}")
+    return b
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float32)
+
+
+class RuntimeModel:
+    """(N, 2, 21, 21) normalised stamps + (N, F) features -> (z, stamp probabilities,
+    probabilities), float32 numpy, as ``model.fused.AlertModel`` computes them."""
+
+    def __init__(self, bundle: RuntimeBundle, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, threads)
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(bundle.onnx, so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        z, stamp = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
+        z, stamp = np.asarray(z, dtype=np.float32), np.asarray(stamp, dtype=np.float32)
+        b = self.bundle
+        if not b.has_head:
+            return z, stamp, stamp
+        logits = evaluate_trees(features, b.trees) + ((z - b.z_mean) / b.z_std) @ b.fusion_weight.T + b.fusion_bias
+        return z, stamp, _softmax(logits / b.temperature)

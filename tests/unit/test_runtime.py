@@ -1,0 +1,88 @@
+"""The torch-free runtime bundle: equal to the torch bundle it was made from, refused when broken,
+and a consumer running it never imports torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alerts.features import FEATURE_NAMES, FEATURES_VERSION
+from consumer.inference import BundleRefused, ModelRunner
+from model.bundle import save_bundle, seed_bundle
+from model.runtime import RuntimeBundleError, load_runtime
+from model.runtime_export import export_runtime
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PT = ROOT / "model" / "bundles" / "default.pt"
+DEFAULT_NPZ = ROOT / "model" / "bundles" / "default.npz"
+
+
+def real_inputs(n: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    from alerts.decoder import SchemaCache
+    from alerts.features import alert_features
+    from alerts.message import decode_message
+    from alerts.synthetic import make_alerts
+
+    cache = SchemaCache()
+    decoded = [decode_message(a.message, cache) for a in make_alerts(n)]
+    return np.stack([px.pixels for _, px in decoded]), np.stack([alert_features(al) for al, _ in decoded])
+
+
+def test_the_shipped_runtime_bundle_is_the_shipped_torch_bundle() -> None:
+    rt = load_runtime(DEFAULT_NPZ)
+    torch_runner = ModelRunner(str(DEFAULT_PT), "cpu", cpu_precision="fp32")
+    assert (rt.name, rt.version, rt.class_names) == (torch_runner.name, torch_runner.version, torch_runner.class_names)
+    assert rt.feature_names == FEATURE_NAMES and rt.features_version == FEATURES_VERSION
+    raw, feats = real_inputs()
+    z_t, ps_t, p_t = torch_runner.predict(raw, feats)
+    runner = ModelRunner(str(DEFAULT_NPZ), "auto")
+    assert runner.runtime and str(runner.device) == "cpu (onnxruntime)"
+    z_r, ps_r, p_r = runner.predict(raw, feats)
+    cos = (z_t * z_r).sum(1) / np.linalg.norm(z_t, axis=1) / np.linalg.norm(z_r, axis=1)
+    assert cos.min() >= 0.9999
+    assert (p_t.argmax(1) == p_r.argmax(1)).all() and np.allclose(p_t, p_r, atol=1e-4)
+    assert np.allclose(ps_t, ps_r, atol=1e-4)
+    assert runner.snapshot()[1].classifier == "fused"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_export_round_trip(tmp_path: Path, fused: bool) -> None:
+    names = FEATURE_NAMES if fused else None
+    save_bundle(seed_bundle(seed=4, feature_names=names, features_version=FEATURES_VERSION), tmp_path / "b.pt")
+    rb = export_runtime(tmp_path / "b.pt", tmp_path / "b.npz")  # checks itself against torch
+    assert rb.has_head == fused
+    raw, feats = real_inputs(16)
+    a = ModelRunner(str(tmp_path / "b.pt"), "cpu", cpu_precision="fp32").predict(raw, feats)
+    b = ModelRunner(str(tmp_path / "b.npz"), "cpu").predict(raw, feats)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_allclose(u, v, atol=1e-4)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an npz", b"PK\x03\x04broken"])
+def test_broken_runtime_bundles_are_refused(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "x.npz").write_bytes(content)
+    with pytest.raises(RuntimeBundleError):
+        load_runtime(tmp_path / "x.npz")
+    with pytest.raises(BundleRefused):
+        ModelRunner(str(tmp_path / "x.npz"), "cpu")
+
+
+def test_a_consumer_on_a_runtime_bundle_never_imports_torch() -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from consumer.inference import ModelRunner\n"
+        "import consumer.daemon, consumer.cli, consumer.redis_sink, consumer.kafka_sink, alerts.message\n"
+        f"r = ModelRunner({str(DEFAULT_NPZ)!r}, 'auto')\n"
+        "r.set_threads(1)\n"
+        "z, ps, p = r.predict(np.random.default_rng(0).random((3, 2, 21, 21), dtype=np.float32),\n"
+        "                     np.full((3, 84), np.nan, np.float32))\n"
+        "assert z.shape == (3, 42) and p.shape == (3, 5)\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
