@@ -86,3 +86,25 @@ def test_a_consumer_on_a_runtime_bundle_never_imports_torch() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_hot_reload_of_a_runtime_bundle(tmp_path: Path) -> None:
+    """A changed .npz is loaded between batches; a broken one is refused and the old model kept."""
+    import os
+    import shutil
+
+    live = tmp_path / "live.npz"
+    shutil.copy(DEFAULT_NPZ, live)
+    runner = ModelRunner(str(live), "cpu", reload_check_s=0.0)
+    first = runner.version
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 half a file")
+    os.replace(tmp_path / "broken.npz", live)
+    out = runner.maybe_reload(now=1e12)
+    assert out.changed and not out.ok and runner.version == first and runner.reload_failures == 1
+    save_bundle(seed_bundle(seed=5, feature_names=FEATURE_NAMES, features_version=FEATURES_VERSION), tmp_path / "n.pt")
+    export_runtime(tmp_path / "n.pt", tmp_path / "n.npz")
+    os.replace(tmp_path / "n.npz", live)
+    out = runner.maybe_reload(now=2e12)
+    assert out.ok and out.changed and runner.version != first
+    raw, feats = real_inputs(4)
+    assert runner.predict(raw, feats)[2].shape == (4, 5)
