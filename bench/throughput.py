@@ -352,7 +352,8 @@ def main() -> int:
     ap.add_argument("--redis", default=f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/0")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-stack", action="store_true", help="do not run deploy/local/stack.sh up")
-    ap.add_argument("--bundle", default=str(ROOT / "model" / "bundles" / "default.pt"), help="model bundle of (b) and (c)")
+    ap.add_argument("--bundle", default=str(ROOT / "model" / "bundles" / "default.npz"),
+                    help="model bundle of (b) and (c): the shipped default (.npz, ONNX Runtime) or a .pt (torch)")
     ap.add_argument("--torch-threads", type=int, default=0, help="model.torch_threads of (c); 0: the CPUs minus one")
     ap.add_argument("--quick", action="store_true", help="only (a) and (c) with 1 process: for development, not for the docs")
     ap.add_argument("--history-only", action="store_true", help="only the cost-by-history-length table (no broker)")
