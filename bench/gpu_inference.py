@@ -31,24 +31,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def prepare(data: list[str], out: Path) -> None:
-    from alerts.decoder import SchemaCache
-    from alerts.errors import BadAlertError
-    from alerts.features import alert_features
-    from alerts.files import iter_messages
-    from alerts.message import decode_message
+    from corpus import decode_corpus
 
-    schemas = SchemaCache()
-    raws, feats = [], []
-    for value in iter_messages(data):
-        try:
-            alert, px = decode_message(value, schemas)
-        except BadAlertError:
-            continue
-        raws.append(px.pixels.astype(np.float32))
-        feats.append(alert_features(alert))
+    from alerts.files import iter_messages
+
+    d = decode_corpus(iter_messages(data))
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, raw=np.stack(raws), features=np.stack(feats).astype(np.float32))
-    print(f"{len(raws)} alerts -> {out}")
+    np.savez_compressed(out, raw=d.raw, features=d.features)
+    print(f"{len(d.raw)} alerts -> {out}")
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

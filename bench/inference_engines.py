@@ -28,35 +28,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from corpus import corpus_messages, decode_corpus  # noqa: E402
+
 from model.bundle import load_bundle  # noqa: E402
 from model.preprocess import normalise  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
-
 
 def inputs() -> tuple[np.ndarray, np.ndarray]:
-    from alerts.decoder import SchemaCache
-    from alerts.errors import BadAlertError
-    from alerts.features import alert_features
-    from alerts.files import iter_messages
-    from alerts.message import decode_message
-
-    if SHARED.is_dir():
-        messages = list(iter_messages([SHARED]))
-    else:
-        from alerts.synthetic import make_alerts
-
-        messages = [a.message for a in make_alerts(512)]
-    cache = SchemaCache()
-    raws, feats = [], []
-    for m in messages:
-        try:
-            alert, px = decode_message(m, cache)
-        except BadAlertError:
-            continue
-        raws.append(px.pixels)
-        feats.append(alert_features(alert))
-    return normalise(np.stack(raws)), np.stack(feats).astype(np.float32)
+    d = decode_corpus(corpus_messages()[0])
+    return normalise(d.raw), d.features
 
 
 def per_alert_us(fn: Callable[[np.ndarray], object], x: np.ndarray, reps: int = 3) -> float:

@@ -35,20 +35,11 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from corpus import corpus_messages  # noqa: E402
+
 from consumer.results import decode_result  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
 WARM_UP = 300
-
-
-def templates() -> list[bytes]:
-    if SHARED.is_dir():
-        from alerts.files import iter_messages
-
-        return list(iter_messages([SHARED]))
-    from alerts.synthetic import make_alerts
-
-    return [a.message for a in make_alerts(500)]
 
 
 def read_all(bootstrap: str, topic: str, want: int, timeout_s: float) -> list[tuple[int, int, int, bytes]]:
@@ -155,7 +146,7 @@ def main() -> int:
     out = Path(a.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    msgs = templates()
+    msgs, _ = corpus_messages()
     rows = []
     for rate in (int(r) for r in a.rates.split(",")):
         print(f"rate {rate}/s for {a.seconds:.0f} s ...", flush=True)

@@ -41,13 +41,15 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from corpus import SHARED, corpus_messages, decode_corpus  # noqa: E402
+
 from config import load_consumer_config  # noqa: E402
 from config.consumer import VectorIndexConfig  # noqa: E402
+from consumer.redis_keys import index_key  # noqa: E402
 from consumer.redis_sink import RedisSink  # noqa: E402
 from consumer.results import Result  # noqa: E402
-from consumer.vector_index import QUANT_ARG, exact_neighbours, index_key, parse_vsim_reply  # noqa: E402
+from consumer.vector_index import QUANT_ARG, exact_neighbours, parse_vsim_reply  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
 K = 10
 
 
@@ -73,58 +75,30 @@ def start_server(tmp: str) -> tuple[subprocess.Popen[bytes], redis.Redis]:
 
 
 def real_embeddings(limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
-    """(z, candid, objectId, label or -1, class names) of the corpus, by the shipped bundle, each
-    alert decoded by the consumer's own message step."""
+    """(z, candid, objectId, label or -1, class names) of the corpus, by the shipped bundle."""
     import csv
 
     import torch
 
-    from alerts.decoder import SchemaCache
-    from alerts.errors import BadAlertError
-    from alerts.features import alert_features
-    from alerts.files import iter_messages
-    from alerts.message import decode_message
     from model.bundle import load_bundle
     from model.preprocess import normalise
 
     bundle = load_bundle(ROOT / "model" / "bundles" / "default.pt")
     names = tuple(bundle.class_names)
     labels: dict[int, int] = {}
-    if SHARED.is_dir():
-        messages = iter_messages([SHARED])
-        if (SHARED.parent / "labels.csv").is_file():
-            with open(SHARED.parent / "labels.csv", newline="") as fh:
-                labels = {int(r["candid"]): names.index(r["label"]) for r in csv.DictReader(fh) if r.get("label") in names}
-    else:
-        from alerts.synthetic import make_alerts
-
-        messages = iter(a.message for a in make_alerts(256))
-    cache = SchemaCache()
-    raws, feats, cands, objs, seen = [], [], [], [], set()
-    for value in messages:
-        try:
-            alert, px = decode_message(value, cache)
-        except BadAlertError:
-            continue
-        if alert.candid in seen:
-            continue
-        seen.add(alert.candid)
-        raws.append(px.pixels)
-        feats.append(alert_features(alert))
-        cands.append(alert.candid)
-        objs.append(alert.object_id)
-        if limit and len(cands) >= limit:
-            break
-    x, f = normalise(np.stack(raws)), np.stack(feats).astype(np.float32)
+    if (SHARED.parent / "labels.csv").is_file():
+        with open(SHARED.parent / "labels.csv", newline="") as fh:
+            labels = {int(r["candid"]): names.index(r["label"]) for r in csv.DictReader(fh) if r.get("label") in names}
+    d = decode_corpus(corpus_messages()[0], limit)
+    x = normalise(d.raw)
     model = bundle.build_alert_model("cpu").eval()
     with torch.inference_mode():
         z = np.concatenate([
-            model(torch.from_numpy(x[i : i + 256]), torch.from_numpy(f[i : i + 256]))[0].numpy()
+            model(torch.from_numpy(x[i : i + 256]), torch.from_numpy(d.features[i : i + 256]))[0].numpy()
             for i in range(0, len(x), 256)
         ])  # fmt: skip
-    candid = np.array(cands, dtype=np.int64)
-    y = np.array([labels.get(int(c), -1) for c in candid], dtype=np.int64)
-    return z.astype(np.float32), candid, np.array(objs), y, names
+    y = np.array([labels.get(int(c), -1) for c in d.candid], dtype=np.int64)
+    return z.astype(np.float32), d.candid, d.object_id, y, names
 
 
 def as_results(z: np.ndarray, candid: np.ndarray, objects: np.ndarray, now_ms: int) -> list[Result]:

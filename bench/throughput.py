@@ -36,6 +36,7 @@ import numpy as np
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from corpus import corpus_messages  # noqa: E402
 from tqdm import tqdm
 
 from alerts.cutouts import (  # noqa: E402
@@ -55,18 +56,7 @@ from consumer.results import ResultEncoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
 BATCH = 512
-
-
-def load_templates() -> tuple[list[bytes], str]:
-    if SHARED.is_dir():
-        from alerts.files import iter_messages
-
-        return list(iter_messages([SHARED])), f"{SHARED.name} (real)"
-    from alerts.synthetic import make_alerts
-
-    return [a.message for a in make_alerts(500)], "generated"
 
 
 def produce_all(bootstrap: str, topic: str, templates: list[bytes], n: int, partitions: int) -> int:
@@ -364,7 +354,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
-    templates, source = load_templates()
+    templates, source = corpus_messages()
     if a.history_only:
         print(json.dumps(prv_cost(templates), indent=1))
         return 0

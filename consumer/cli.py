@@ -77,8 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     warm_up()  # the compiled decoder, before the first batch (and before the health clock starts)
     runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s,
-                         cfg.model.cpu_precision)  # fmt: skip
-    runner.set_threads(inference_threads(cfg.model.torch_threads))  # torch's or ONNX Runtime's
+                         cfg.model.cpu_precision, inference_threads(cfg.model.torch_threads))  # fmt: skip
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None
     try:

@@ -81,10 +81,13 @@ class ModelRunner:
         tta_override: bool | None = None,
         reload_check_s: float = 10.0,
         cpu_precision: str = "fp32",
+        threads: int | None = None,
     ) -> None:
+        """``threads``: CPU threads of inference, torch's (a process-wide setting; None leaves it
+        as it is) or ONNX Runtime's for a runtime bundle (None: 1)."""
         self.bundle_path = bundle_path
         self.runtime = is_runtime_bundle(bundle_path)
-        self.threads = 1
+        self.threads = max(1, threads or 1)
         if self.runtime:  # ONNX Runtime on the CPU; torch is never imported
             if device == "cuda":
                 log.warning("model.device is cuda but %s is a runtime bundle (CPU only): use the .pt bundle on a GPU",
@@ -94,6 +97,10 @@ class ModelRunner:
         else:
             from model.device import select_device
 
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(self.threads)
             self.device = select_device(device)
             # bfloat16 autocast on the CPU (model.cpu_precision): fp32 stays the reference
             self.bf16 = self.device.type == "cpu" and cpu_bf16(cpu_precision)
@@ -104,16 +111,6 @@ class ModelRunner:
         self._last_check = time.monotonic()
         self.reload_failures = 0
         self.last_reload_error = ""
-
-    def set_threads(self, n: int) -> None:
-        """CPU threads of inference (torch's, or ONNX Runtime's for a runtime bundle)."""
-        self.threads = max(1, n)
-        if self.runtime:
-            self._install(self.bundle)  # a new session with this many threads
-        else:
-            import torch
-
-            torch.set_num_threads(self.threads)
 
     def _load(self, path: str) -> Bundle | RuntimeBundle:
         """The bundle at ``path``; BundleRefused if it cannot be read."""
@@ -132,20 +129,14 @@ class ModelRunner:
     def _install(self, bundle: Bundle | RuntimeBundle, model: AlertModel | RuntimeModel | None = None) -> None:
         self.bundle = bundle
         self.model = self._build(bundle) if model is None else model
-        fused = bundle.has_head if isinstance(bundle, RuntimeBundle) else bundle.head is not None
-        version = bundle.features_version if isinstance(bundle, RuntimeBundle) else (
-            bundle.head.features_version if bundle.head is not None else 0)  # fmt: skip
-        meta = ModelMeta(bundle.name, bundle.version, bundle.class_names, "fused" if fused else "stamp-probe", version)
+        meta = ModelMeta(bundle.name, bundle.version, bundle.class_names,
+                         "fused" if bundle.has_head else "stamp-probe", bundle.features_version)  # fmt: skip
         self._current = (self.model, meta)
 
     def _build(self, bundle: Bundle | RuntimeBundle) -> AlertModel | RuntimeModel:
         """The bundle's model, checked against this code's features: a head trained on another
         feature list or version would read its inputs misaligned, so it is refused (BundleRefused)."""
-        if isinstance(bundle, RuntimeBundle):
-            names, version = bundle.feature_names, bundle.features_version
-        else:
-            names = bundle.head.feature_names if bundle.head is not None else ()
-            version = bundle.head.features_version if bundle.head is not None else 0
+        names, version = bundle.feature_names, bundle.features_version
         if names and (names != FEATURE_NAMES or version != FEATURES_VERSION):
             raise BundleRefused(
                 f"bundle {bundle.name}:{bundle.version} reads features v{version} "

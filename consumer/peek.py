@@ -9,7 +9,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from config import ConsumerConfig
 from consumer.clients import kafka_common, redis_client
-from consumer.redis_sink import candid_key
+from consumer.redis_keys import candid_key
 from consumer.results import decode_result
 
 

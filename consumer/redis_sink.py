@@ -28,9 +28,10 @@ import numpy as np
 import redis
 
 from config.consumer import VectorIndexConfig
+from consumer.redis_keys import bucket_start, candid_key, embedding_key, expire_at, index_key, object_key
 from consumer.results import Result
 from consumer.retry import SinkError
-from consumer.vector_index import QUANT_ARG, attributes, bucket_start, expire_at, index_key
+from consumer.vector_index import QUANT_ARG, attributes
 
 
 def redis_fields(r: Result) -> dict[str, str]:
@@ -125,16 +126,10 @@ return n
 """
 
 
-def candid_key(prefix: str, candid: int) -> str:
-    return f"{prefix}:cand:{candid}"
 
 
-def object_key(prefix: str, object_id: str) -> str:
-    return f"{prefix}:obj:{object_id}"
 
 
-def embedding_key(prefix: str, candid: int) -> str:
-    return f"{prefix}:emb:{candid}"
 
 
 def resp_command(*args: bytes) -> bytes:

@@ -1,7 +1,8 @@
 """Similar-alert search over the published embeddings: a Redis 8 vector set (HNSW) fed by the
 consumer's Redis sink, and the query behind ``consumer similar``.
 
-Layout (README, "Redis keys"): one vector set per model and bucket of processing time,
+Layout (README, "Redis keys"; named in consumer/redis_keys.py): one vector set per model and
+bucket of processing time,
 
     {prefix}:vec:{model name}:{model version}:{quantisation}:{bucket start, unix seconds}
 
@@ -35,6 +36,7 @@ import numpy as np
 import redis
 
 from config.consumer import VectorIndexConfig
+from consumer.redis_keys import bucket_start, candid_key, embedding_key, index_key, live_buckets, object_key
 from consumer.results import Result
 
 QUANT_ARG = {"noquant": "NOQUANT", "q8": "Q8", "bin": "BIN"}
@@ -48,30 +50,6 @@ class IndexUnavailable(RuntimeError):
 
 class NotFound(LookupError):
     """The query alert is not in Redis (never processed, or expired)."""
-
-
-def bucket_start(processed_at_ms: int, bucket_seconds: int) -> int:
-    s = processed_at_ms // 1000
-    return s - s % bucket_seconds
-
-
-def index_key(prefix: str, model: str, quantisation: str, bucket: int) -> str:
-    """``model`` is "name:version", as in the hashes' ``model`` field."""
-    return f"{prefix}:vec:{model}:{quantisation}:{bucket}"
-
-
-def expire_at(bucket: int, bucket_seconds: int, ttl_seconds: int) -> int:
-    return bucket + bucket_seconds + ttl_seconds
-
-
-def live_buckets(now_s: float, bucket_seconds: int, ttl_seconds: int) -> list[int]:
-    """Bucket starts whose sets may still exist at ``now_s``, newest first."""
-    b = int(now_s) - int(now_s) % bucket_seconds
-    out = []
-    while expire_at(b, bucket_seconds, ttl_seconds) > now_s:
-        out.append(b)
-        b -= bucket_seconds
-    return out
 
 
 def attributes(r: Result) -> bytes:
@@ -189,12 +167,14 @@ def similar(
         raise ValueError("give exactly one of candid and object_id")
     if not server_has_vector_sets(client):
         raise IndexUnavailable("this Redis has no vector sets (Redis >= 8 needed): nothing to search")
-    if candid is None:  # the object's pointer to its latest alert
-        latest = client.hget(f"{prefix}:obj:{object_id}", "candid")
+    if object_id is not None:  # the object's pointer to its latest alert
+        okey = object_key(prefix, object_id)
+        latest = client.hget(okey, "candid")
         if latest is None:
-            raise NotFound(f"{prefix}:obj:{object_id} is not in Redis (never processed, or expired)")
+            raise NotFound(f"{okey} is not in Redis (never processed, or expired)")
         candid = int(latest)
-    key = f"{prefix}:cand:{candid}"
+    assert candid is not None
+    key = candid_key(prefix, candid)
     oid, model, processed = client.hmget(key, ["objectId", "model", "processed_at"])
     if oid is None or model is None or processed is None:
         raise NotFound(f"{key} is not in Redis (never processed, or expired)")
@@ -204,10 +184,9 @@ def similar(
     if emb is None:
         raise NotFound(f"the embedding of {candid} is not in Redis (indexed by another setting, or expired)")
     flt = filter_expression(None if include_same_object else qid, cls)
-    query_candid = candid
     pipe = client.pipeline(transaction=False)
     buckets = live_buckets(time.time() if now_s is None else now_s, cfg.bucket_seconds, ttl_seconds)
-    # Own-object exclusion asks for one more (the alert itself is excluded by id below when included)
+    # With its own object allowed, the query alert itself comes back too (dropped below): one more
     count = k + (1 if include_same_object else 0)
     for b in buckets:
         args: list[Any] = ["VSIM", index_key(prefix, model_s, cfg.quantisation, b), "FP32", emb.tobytes(),
@@ -219,9 +198,9 @@ def similar(
     found: list[Neighbour] = []
     for reply in pipe.execute():  # a missing set answers an empty list
         found += parse_vsim_reply(reply or [])
-    found = [n for n in found if n.candid != query_candid]
+    found = [n for n in found if n.candid != candid]
     found.sort(key=lambda n: -n.similarity)
-    return SimilarAnswer(query_candid, qid, model_s, found[:k], len(buckets))
+    return SimilarAnswer(candid, qid, model_s, found[:k], len(buckets))
 
 
 def read_embedding(
@@ -229,7 +208,7 @@ def read_embedding(
 ) -> np.ndarray | None:
     """An alert's stored embedding (float32): from its vector set (the bucket of its processing
     time), or from ``{prefix}:emb:{candid}`` where the sink wrote no index."""
-    raw = client.get(f"{prefix}:emb:{candid}")
+    raw = client.get(embedding_key(prefix, candid))
     if raw is not None:
         return np.frombuffer(raw, dtype="<f4").copy()  # type: ignore[arg-type]
     key = index_key(prefix, model, cfg.quantisation, bucket_start(processed_at_ms, cfg.bucket_seconds))

@@ -107,6 +107,16 @@ class Bundle:
     def feature_names(self) -> tuple[str, ...]:
         return self.head.feature_names if self.head is not None else ()
 
+    @property
+    def features_version(self) -> int:
+        return self.head.features_version if self.head is not None else 0
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the classes come from the fused head (else from the stamp probe); the runtime
+        bundle (model/runtime.py) answers the same three questions."""
+        return self.head is not None
+
 
 def code_version() -> str:
     """git describe of the checkout when there is one, else the package version."""

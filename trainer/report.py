@@ -65,7 +65,7 @@ def _projection(z: np.ndarray) -> tuple[np.ndarray, str]:
         return zc @ np.linalg.svd(zc, full_matrices=False)[2][:2].T, "PCA (UMAP unavailable)"
 
 
-def _umap(xy: np.ndarray, method: str, y: np.ndarray, names: list[str], out: Path) -> str:
+def _umap(xy: np.ndarray, method: str, y: np.ndarray, names: list[str], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 5))
     lab = y < 0
     ax.scatter(xy[lab, 0], xy[lab, 1], s=3, c="lightgray", label="unlabelled")
@@ -79,7 +79,6 @@ def _umap(xy: np.ndarray, method: str, y: np.ndarray, names: list[str], out: Pat
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return method
 
 
 def _reconstructions(run: rf.Run, names: list[str], out: Path) -> None:

@@ -21,6 +21,7 @@ from conftest import ROOT, Stack, _free_port
 
 from config.consumer import VectorIndexConfig, load_consumer_config
 from consumer.clients import producer_settings
+from consumer.redis_keys import index_key
 from consumer.redis_sink import RedisSink
 from consumer.results import Result, ResultEncoder
 from consumer.subscribe import ResultFilter, subscribe
@@ -28,7 +29,6 @@ from consumer.vector_index import (
     IndexUnavailable,
     NotFound,
     exact_neighbours,
-    index_key,
     resolve_index,
     server_has_vector_sets,
     similar,

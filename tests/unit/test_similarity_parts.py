@@ -13,19 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from config.consumer import VectorIndexConfig
+from consumer.redis_keys import bucket_start, expire_at, index_key, live_buckets
 from consumer.redis_sink import RedisSink
 from consumer.results import Result
 from consumer.subscribe import ResultFilter, json_ready, table_header, table_row
-from consumer.vector_index import (
-    attributes,
-    bucket_start,
-    exact_neighbours,
-    expire_at,
-    filter_expression,
-    index_key,
-    live_buckets,
-    parse_vsim_reply,
-)
+from consumer.vector_index import attributes, exact_neighbours, filter_expression, parse_vsim_reply
 
 CLASSES = ("AGN", "SN", "VS", "asteroid", "bogus")
 
