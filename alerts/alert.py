@@ -13,12 +13,32 @@ from alerts.allowlist import CANDIDATE_FIELDS
 _INDEX = {name: i for i, name in enumerate(CANDIDATE_FIELDS)}
 
 
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
+def same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal shapes and values, NaN equal to NaN (a null field is NaN on both decoding paths)."""
     return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
 
 
+
+class ArrayColumns:
+    """Equality of a frozen dataclass whose fields are all numpy columns (a history)."""
+
+    __slots__ = ()
+    __dataclass_fields__: dict[str, object]
+
+    def __len__(self) -> int:
+        first = next(iter(self.__dataclass_fields__))
+        return int(getattr(self, first).shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(same_array(getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, slots=True, eq=False)
-class History:
+class History(ArrayColumns):
     """``prv_candidates``, one row per entry in the packet's order. Detections have a finite
     ``magpsf``; non-detections (upper limits) have NaN there and their limit in ``diffmaglim``.
     ``positive``: 1 where isdiffpos is 't'/'1', 0 where 'f'/'0', -1 where null."""
@@ -34,16 +54,6 @@ class History:
     def empty() -> History:
         z = np.zeros(0)
         return History(z, z, z, z, z, np.zeros(0, np.int8))
-
-    def __len__(self) -> int:
-        return int(self.jd.shape[0])
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, History):
-            return NotImplemented
-        return all(_same(getattr(self, f), getattr(other, f)) for f in History.__dataclass_fields__)
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def sign_of(isdiffpos: str | bytes | None) -> int:
@@ -69,6 +79,8 @@ class Alert:
     history: History
     science: bytes | None
     difference: bytes | None
+
+    survey = "ztf"
 
     def value(self, name: str) -> float:
         return float(self.candidate[_INDEX[name]])
@@ -111,7 +123,7 @@ class Alert:
         return (
             (self.candid, self.object_id, self.schema_version, self.isdiffpos, self.science, self.difference)
             == (other.candid, other.object_id, other.schema_version, other.isdiffpos, other.science, other.difference)
-            and _same(self.candidate, other.candidate)
+            and same_array(self.candidate, other.candidate)
             and self.history == other.history
         )
 

@@ -37,3 +37,29 @@ CANDIDATE_STRINGS: tuple[str, ...] = ("isdiffpos",)
 # Fields of each ``prv_candidates`` entry (the 30-day history: detections, and upper limits where
 # magpsf is null).
 HISTORY_FIELDS: tuple[str, ...] = ("jd", "fid", "magpsf", "sigmapsf", "diffmaglim", "isdiffpos")
+
+# ---- Rubin/LSST (alerts/rubin.py) ------------------------------------------------------------
+# The same discipline for the survey without labels yet: whatever labels come later will be made
+# the way ZTF's were, from the real/bogus score (``reliability``) and the solar-system association
+# (``ssObjectId``, ``ssSource``, ``MPCORB``/``mpc_orbits``), so none of them is ever read. No
+# identifiers (visit, detector, ids), no absolute time, no processing times. Only fields present in
+# every schema from 8.0 on (the operations era; the real stream began with 9.0).
+RUBIN_FORBIDDEN: frozenset[str] = frozenset(
+    {"reliability", "ssObjectId", "ssSource", "MPCORB", "mpc_orbits", "ssObject", "timeProcessedMjdTai", "timeWithdrawnMjdTai"}
+)
+
+# Fields of ``diaSource`` the decoder reads (midpointMjdTai, ra, dec enter only as differences and
+# latitudes; x/y are where the cutout was cut).
+RUBIN_SOURCE_FIELDS: tuple[str, ...] = (
+    "midpointMjdTai", "ra", "dec", "x", "y",
+    "psfFlux", "psfFluxErr", "snr", "apFlux", "apFluxErr", "scienceFlux", "scienceFluxErr",
+    "templateFlux", "templateFluxErr", "extendedness", "psfChi2", "psfNdata",
+    "isDipole", "isNegative", "dipoleMeanFlux", "dipoleFluxDiff", "dipoleLength", "dipoleChi2",
+    "trailLength", "trailFlux", "ixx", "iyy", "ixy", "ixxPSF", "iyyPSF", "ixyPSF",
+    "pixelFlags_saturatedCenter", "pixelFlags_crCenter", "pixelFlags_edge",
+)  # fmt: skip
+RUBIN_SOURCE_STRINGS: tuple[str, ...] = ("band",)
+# Fields of ``diaObject`` (null for a source without an object).
+RUBIN_OBJECT_FIELDS: tuple[str, ...] = ("firstDiaSourceMjdTai", "nDiaSources")
+# Fields of each ``prvDiaSources`` entry (Rubin's history: earlier detections of the object).
+RUBIN_HISTORY_FIELDS: tuple[str, ...] = ("midpointMjdTai", "band", "psfFlux", "psfFluxErr")

@@ -201,11 +201,100 @@ def stamp_pixels(
     """Science + difference gzipped FITS -> (2, 21, 21) raw crops. Pure."""
     sci, pad_s = cutout_crop(science, "science", xpos, ypos, fast=fast, max_bytes=max_bytes)
     dif, pad_d = cutout_crop(difference, "difference", xpos, ypos, fast=fast, max_bytes=max_bytes)
-    pixels = np.stack([sci, dif]).astype(np.float32, copy=False)
+    return _stamp(np.stack([sci, dif]), pad_s or pad_d)
+
+
+def _stamp(pixels: np.ndarray, padded: bool) -> StampPixels:
+    """(2, 21, 21) crops -> StampPixels; CutoutError when a channel has no finite pixel."""
+    pixels = pixels.astype(np.float32, copy=False)
     finite = np.isfinite(pixels)
     n = CROP_SIZE * CROP_SIZE
     counts = finite.reshape(2, -1).sum(axis=1)
     if counts.min() == 0:
         raise CutoutError("a cutout has no finite pixel in the 21x21 crop", reason="cutout_all_nan")
     nan_fraction = (float(1 - counts[0] / n), float(1 - counts[1] / n))
-    return StampPixels(pixels, pad_s or pad_d, nan_fraction)
+    return StampPixels(pixels, padded, nan_fraction)
+
+
+# ---- Rubin/LSST ------------------------------------------------------------------------------
+# Rubin cutouts are uncompressed FITS written by astropy's CCDData: the image (float32, nJy) in the
+# primary HDU, then UNCERT and PSFIMAGE extensions; square, 30 to 102 pixels at 0.2" per pixel,
+# the source at the reference pixel (CRPIX). The model's input is the centre 30x30 pixels (6", the
+# field every cutout has) around the source, resampled to 21x21 by area (flux-conserving), a fixed
+# 0.286" per input pixel. Measured (bench/rubin_stamps.py, docs/rubin.md): ZTF's 21" field needs
+# 105-pixel cutouts (none of the real ones); a 21x21 crop of native pixels holds only ~half of the
+# difference signal at the seeing of the real alerts (PSF FWHM ~9.7 native pixels).
+RUBIN_FIELD = 30
+
+
+def _source_start(cards: dict[str, str], key: str, size: int) -> int:
+    """First pixel (0-based) of the RUBIN_FIELD window centred on the source on one axis (the
+    reference pixel, FITS 1-based; the image centre without one)."""
+    try:
+        centre = float(cards[key]) - 1.0
+        if not np.isfinite(centre) or not 0.0 <= centre < size:
+            raise ValueError
+    except (KeyError, ValueError, OverflowError):
+        centre = (size - 1) / 2.0
+    return round(centre - (RUBIN_FIELD - 1) / 2.0)
+
+
+def window(img: np.ndarray, x0: int, y0: int, size: int) -> tuple[np.ndarray, bool]:
+    """``size`` x ``size`` float32 window of ``img`` from (x0, y0), NaN where it leaves the image,
+    and whether it did."""
+    ny, nx = img.shape
+    if x0 >= 0 and x0 + size <= nx and y0 >= 0 and y0 + size <= ny:
+        return img[y0 : y0 + size, x0 : x0 + size].astype(np.float32), False
+    out = np.full((size, size), np.nan, dtype=np.float32)
+    sx, sy, ex, ey = max(x0, 0), max(y0, 0), min(x0 + size, nx), min(y0 + size, ny)
+    if ex > sx and ey > sy:
+        out[sy - y0 : ey - y0, sx - x0 : ex - x0] = img[sy:ey, sx:ex]
+    return out, True
+
+
+def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in): each output pixel the mean of the input pixels it covers, by overlap."""
+    edges_in, edges_out = np.arange(n_in + 1) / n_in, np.arange(n_out + 1) / n_out
+    lo = np.maximum(edges_out[:-1, None], edges_in[None, :-1])
+    hi = np.minimum(edges_out[1:, None], edges_in[None, 1:])
+    m = np.clip(hi - lo, 0, None)
+    out: np.ndarray = m / m.sum(axis=1, keepdims=True)
+    return out
+
+
+_AREA = _area_matrix(RUBIN_FIELD, CROP_SIZE)
+
+
+def resample_area(img: np.ndarray) -> np.ndarray:
+    """(RUBIN_FIELD, RUBIN_FIELD) -> (21, 21) by area; NaN pixels are left out of their means
+    (NaN where an output pixel covers none)."""
+    finite = np.isfinite(img)
+    vals = np.where(finite, img, 0.0).astype(np.float64)
+    num = _AREA @ vals @ _AREA.T
+    den = _AREA @ finite.astype(np.float64) @ _AREA.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 1e-9, num / np.where(den > 1e-9, den, 1.0), np.nan)
+    return out.astype(np.float32)
+
+
+def rubin_cutout_crop(raw: bytes | None, name: str, *, fast: bool = True, max_bytes: int = MAX_STAMP_BYTES) -> tuple[np.ndarray, bool]:
+    if raw is None:
+        raise CutoutError(f"{name} cutout is missing", reason="cutout_missing")
+    if len(raw) > max_bytes:
+        raise CutoutError(f"{name} cutout of {len(raw)} bytes (limit {max_bytes})", reason="cutout_too_large")
+    if raw[:9] != b"SIMPLE  =":
+        raise CutoutError(f"{name} cutout is not a FITS file", reason="cutout_bad_fits")
+    img = fits_image(raw, fast=fast)
+    cards, _ = _header_cards(raw)
+    ny, nx = img.shape
+    field, padded = window(img, _source_start(cards, "CRPIX1", nx), _source_start(cards, "CRPIX2", ny), RUBIN_FIELD)
+    return resample_area(field), padded
+
+
+def rubin_stamp_pixels(
+    science: bytes | None, difference: bytes | None, *, fast: bool = True, max_bytes: int = MAX_STAMP_BYTES
+) -> StampPixels:
+    """Rubin science + difference FITS -> (2, 21, 21) raw crops (6" around the source). Pure."""
+    sci, pad_s = rubin_cutout_crop(science, "science", fast=fast, max_bytes=max_bytes)
+    dif, pad_d = rubin_cutout_crop(difference, "difference", fast=fast, max_bytes=max_bytes)
+    return _stamp(np.stack([sci, dif]), pad_s or pad_d)

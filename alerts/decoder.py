@@ -19,7 +19,6 @@ from __future__ import annotations
 import bz2
 import copy
 import io
-import json
 import math
 import re
 import zlib
@@ -40,11 +39,11 @@ from alerts.layout import compile_layout
 from alerts.limits import SUPPORTED_CODECS, DecodeLimits
 from alerts.official_schemas import official_version
 from alerts.schema_policy import (
-    SchemaPolicyError,
+    RefusedSchemas,
     check_alert_fields,
-    check_raw,
     check_structure,
     check_ztf_types,
+    checked_schema,
     field_of,
     record_of,
 )
@@ -103,7 +102,7 @@ class SchemaCache:
         self.limits = limits or DecodeLimits()
         self._plans: OrderedDict[bytes, _SchemaPlan] = OrderedDict()
         self._bytes = 0
-        self._refused: OrderedDict[int, AlertDecodeError] = OrderedDict()
+        self._refused = RefusedSchemas()
         # The plan of the previous message: a stream is nearly always one schema in long runs, and
         # comparing the ~20 KB schema to the last one (memcmp) costs ~1 us where hashing it for
         # the dict costs ~6 us on every message.
@@ -124,16 +123,12 @@ class SchemaCache:
             self._last = (schema_json, plan)
             return plan
         key = hash(schema_json)
-        refused = self._refused.get(key)
-        if refused is not None:
-            raise type(refused)(str(refused), reason=refused.reason)
+        self._refused.check(key)
         self.misses += 1
         try:
             plan = _compile(schema_json, self.limits)
         except AlertDecodeError as e:
-            self._refused[key] = e
-            if len(self._refused) > 1024:
-                self._refused.popitem(last=False)
+            self._refused.remember(key, e)
             raise
         self._plans[schema_json] = plan
         self._bytes += len(schema_json)
@@ -146,27 +141,18 @@ class SchemaCache:
         return plan
 
 
+def _ztf_rules(writer: Any) -> None:
+    """The fields we read; the structural rules only for a schema that is not an official one."""
+    check_alert_fields(writer)
+    if official_version(writer) is None:  # depth and size already checked
+        check_structure(writer)
+        check_ztf_types(writer)
+
+
 def _compile(schema_json: bytes, limits: DecodeLimits) -> _SchemaPlan:
     """The schema policy (schema_policy.py) first, then fastavro's parse and our layout."""
-    check_raw(schema_json, limits)
-    try:
-        writer_json = json.loads(schema_json)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise AlertDecodeError(f"writer schema is not JSON: {e}", reason="not_avro") from e
-    try:
-        check_alert_fields(writer_json)
-        official = official_version(writer_json) is not None  # depth and size already checked
-        if not official:
-            check_structure(writer_json)
-            check_ztf_types(writer_json)
-    except SchemaPolicyError:
-        raise
-    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a JSON that is no Avro schema at all
-        raise AlertDecodeError(f"writer schema is malformed: {e!r}", reason="unknown_schema") from e
-    try:
-        writer = parse_schema(writer_json)
-    except Exception as e:  # fastavro raises several types for invalid schemas
-        raise AlertDecodeError(f"invalid writer schema: {e}", reason="unknown_schema") from e
+    writer_json, writer = checked_schema(schema_json, limits, _ztf_rules)
+    official = official_version(writer_json) is not None
     try:
         reader = parse_schema(_projection(writer_json))
     except Exception:

@@ -12,8 +12,12 @@ alone. All checks are iterative: no input can exhaust Python's stack.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
+
+from fastavro import parse_schema
 
 from alerts.errors import AlertDecodeError
 from alerts.limits import DecodeLimits
@@ -55,6 +59,50 @@ def check_raw(schema_json: bytes, limits: DecodeLimits) -> None:
     depth = json_depth(schema_json)
     if depth > limits.max_schema_depth:
         raise SchemaPolicyError(f"writer schema nested {depth} deep (limit {limits.max_schema_depth})")
+
+
+class RefusedSchemas:
+    """Writer schemas the policy refused, by a key (a hash of the JSON, or a schema id), so that a
+    flood of one bad schema costs one check; bounded (the oldest is forgotten)."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._errors: OrderedDict[Hashable, AlertDecodeError] = OrderedDict()
+
+    def check(self, key: Hashable) -> None:
+        """Raise the remembered error again (a fresh one of the same type and reason)."""
+        e = self._errors.get(key)
+        if e is not None:
+            raise type(e)(str(e), reason=e.reason)
+
+    def remember(self, key: Hashable, e: AlertDecodeError) -> None:
+        self._errors[key] = e
+        if len(self._errors) > self.limit:
+            self._errors.popitem(last=False)
+
+
+def checked_schema(
+    schema_json: bytes, limits: DecodeLimits, rules: Callable[[Any], None], not_json: str = "not_avro"
+) -> tuple[Any, Any]:
+    """A writer schema through the policy: the raw checks (size, depth) before parsing, the
+    survey's ``rules`` on the JSON, then fastavro's parse -> (the JSON, the parsed schema). Every
+    failure is a named AlertDecodeError (``not_json`` for text that is no JSON at all)."""
+    check_raw(schema_json, limits)
+    try:
+        writer_json = json.loads(schema_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise AlertDecodeError(f"writer schema is not JSON: {e}", reason=not_json) from e
+    try:
+        rules(writer_json)
+    except SchemaPolicyError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a JSON that is no Avro schema at all
+        raise AlertDecodeError(f"writer schema is malformed: {e!r}", reason="unknown_schema") from e
+    try:
+        writer = parse_schema(writer_json)
+    except Exception as e:  # fastavro raises several types for invalid schemas
+        raise AlertDecodeError(f"invalid writer schema: {e}", reason="unknown_schema") from e
+    return writer_json, writer
 
 
 def _fullname(t: Mapping[str, Any], namespace: str) -> tuple[str, str]:

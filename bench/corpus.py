@@ -22,6 +22,19 @@ SHARED = ROOT.parent / "shared" / "ztf" / "alerts"
 GENERATED = 500
 
 
+RUBIN = ROOT.parent / "shared" / "rubin" / "wire"
+
+
+def rubin_messages() -> tuple[list[bytes], str]:
+    """Rubin wire messages: the real ones of ../shared/rubin/wire, else 100 generated ones
+    (schema 10.0, histories of 0 to 99 entries)."""
+    if RUBIN.is_dir():
+        return list(iter_messages([RUBIN])), "shared/rubin/wire (real)"
+    from alerts.synthetic_rubin import make_rubin_message
+
+    return [make_rubin_message(1000, 1 + i, seed=i, n_prv=i) for i in range(100)], "generated"
+
+
 def corpus_messages() -> tuple[list[bytes], str]:
     """(wire messages, where they come from)."""
     if SHARED.is_dir():

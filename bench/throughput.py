@@ -8,8 +8,11 @@ messages, into a fresh topic, then times on the same broker and messages:
   (b) naive   - fastavro.reader per message, gzip + astropy per cutout (as in ZTF's example code),
                 the same model and sinks, results written with fastavro
   (c) ours    - `consumer run` end to end, both sinks, as 1 process and as 2 processes in one group
-and the decode cost per alert with 0 and 100 prv_candidates entries. Prints a Markdown table and
-writes JSON. Ratios are taken within the run, since machines are noisy.
+and the decode cost per alert with 0 and 100 prv_candidates entries; then the Rubin row: the
+Rubin wire messages of ../shared/rubin (generated ones without it) through
+  (d) ours, Rubin - `consumer run`, 1 process, Rubin's bundle, both sinks
+and their cost per alert by stage and history length. Prints a Markdown table and writes JSON.
+Ratios are taken within the run, since machines are noisy. ``--rubin-only``: the Rubin part alone.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from corpus import corpus_messages  # noqa: E402
+from corpus import corpus_messages, rubin_messages  # noqa: E402
 from tqdm import tqdm
 
 from alerts.cutouts import (  # noqa: E402
@@ -300,6 +303,58 @@ def prv_cost(templates: list[bytes]) -> dict[str, Any]:
     return out
 
 
+def rubin_cost(templates: list[bytes]) -> dict[str, Any]:
+    """Per Rubin alert (µs, best of 5 rounds over all templates): decode, + cutouts (no gunzip:
+    uncompressed FITS), + features; the general path (fastavro) beside them. Grouped by history
+    length (prvDiaSources entries)."""
+    from alerts.message import decode_rubin_message
+    from alerts.rubin import RubinSchemaCache, decode_rubin
+    from alerts.rubin_features import rubin_features
+
+    cache = RubinSchemaCache()
+    groups: dict[str, list[bytes]] = {}
+    for m in templates:
+        n = len(decode_rubin(m, cache).history)
+        groups.setdefault("0" if n == 0 else "1-99" if n < 100 else ">=100", []).append(m)
+    paths = {"decode_us": lambda m: decode_rubin(m, cache),
+             "decode_cutouts_us": lambda m: decode_rubin_message(m, cache),
+             "decode_cutouts_features_us": lambda m: rubin_features(decode_rubin_message(m, cache)[0]),
+             "general_path_decode_us": lambda m: decode_rubin(m, cache, fast=False)}  # fmt: skip
+    out: dict[str, Any] = {}
+    for g, msgs in sorted(groups.items()):
+        row: dict[str, Any] = {"alerts": len(msgs), "mean_history": float(np.mean([len(decode_rubin(m, cache).history) for m in msgs])),
+                               "mean_bytes": float(np.mean([len(m) for m in msgs]))}  # fmt: skip
+        for label, fn in paths.items():
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                for m in msgs:
+                    fn(m)
+                best = min(best, (time.perf_counter() - t) / len(msgs) * 1e6)
+            row[label] = best
+        out[f"history {g}"] = row
+    return out
+
+
+def rubin_table(res: dict[str, Any]) -> str:
+    r = res["ours_rubin"]
+    lines = ["Rubin alerts (d): " + res["rubin_source"], "",
+             "| path | alerts | alerts/s | µs/alert | CPU µs/alert: path / broker / Redis | peak RSS MiB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rss = "/".join(f"{m['peak_rss_mb']:.0f}" for m in r.get("memory", [])) or "-"
+    cpu = " / ".join(f"{1e6 * r['cpu_s'][k] / r['alerts']:.0f}" for k in ("path", "broker", "redis"))
+    lines.append(f"| (d) ours, Rubin, 1 process | {r['alerts']} | {r['alerts'] / r['seconds']:.0f} | "
+                 f"{1e6 * r['seconds'] / r['alerts']:.0f} | {cpu} | {rss} |")  # fmt: skip
+    stage, n = r["stage_s"], r["alerts"]
+    lines += ["", "| " + " | ".join(stage) + " |", "|" + "---|" * len(stage),
+              "| " + " | ".join(f"{1e6 * v / n:.0f}" for v in stage.values()) + " |", "",
+              "| Rubin history | alerts | mean entries | mean bytes | decode | + cutouts | + features | general path: decode |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for k, v in res["rubin_cost"].items():
+        lines.append(f"| {k} | {v['alerts']} | {v['mean_history']:.0f} | {v['mean_bytes']:.0f} | {v['decode_us']:.0f} | "
+                     f"{v['decode_cutouts_us']:.0f} | {v['decode_cutouts_features_us']:.0f} | {v['general_path_decode_us']:.0f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(res: dict[str, Any]) -> str:
     rows = [("(a) floor: consume + gunzip", res["floor"]), ("(b) naive pipeline", res["naive"]),
             ("(c) ours, 1 process", res["ours_1"]), ("(c) ours, 2 processes", res["ours_2"]),
@@ -333,6 +388,32 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_rubin(a: argparse.Namespace, tag: str, work: Path) -> dict[str, Any]:
+    """(d): the Rubin templates repeated to --rubin-n messages in a topic of their own, through
+    `consumer run` with Rubin's bundle; and their cost per alert by stage."""
+    import yaml
+
+    templates, source = rubin_messages()
+    topic = f"bench-rubin-{tag}"
+    total = produce_all(a.bootstrap, topic, templates, a.rubin_n, a.partitions)
+    data = {
+        "kafka": {"bootstrap_servers": a.bootstrap, "group_id": f"bench-rubin-{tag}", "input_topics": [topic],
+                  "output_topic": f"bench-rubin-out-{tag}", "dead_letter_topic": f"bench-rubin-dlq-{tag}"},
+        "redis": {"url": a.redis, "key_prefix": f"bench{tag}", "ttl_seconds": 600},
+        "batching": {"max_batch": BATCH, "max_wait_ms": 100},
+        "model": {"device": "cpu", "bundle_path": a.bundle, "torch_threads": a.torch_threads},
+        "metrics": {"port": 0, "log_format": "text", "progress_interval_s": 10},
+    }  # fmt: skip
+    cfg_path = work / "config-rubin.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    print(f"(d) ours, Rubin alerts ({source}), 1 process ...", flush=True)
+    ports = {"broker": int(a.bootstrap.split(",")[0].rsplit(":", 1)[-1]), "redis": urlparse(a.redis).port or 6379}
+    with CpuMeter(ports) as meter:
+        r = ours(cfg_path, 1, total, work)
+    r["cpu_s"] = meter.shares(r["cpu_s"])
+    return {"ours_rubin": r, "rubin_source": f"{total} messages of {len(templates)} {source}", "rubin_cost": rubin_cost(templates)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="at least this many messages")
@@ -347,6 +428,8 @@ def main() -> int:
     ap.add_argument("--torch-threads", type=int, default=0, help="model.torch_threads of (c); 0: the CPUs minus one")
     ap.add_argument("--quick", action="store_true", help="only (a) and (c) with 1 process: for development, not for the docs")
     ap.add_argument("--history-only", action="store_true", help="only the cost-by-history-length table (no broker)")
+    ap.add_argument("--rubin-only", action="store_true", help="only the Rubin row (d) and its cost table")
+    ap.add_argument("--rubin-n", type=int, default=5000, help="Rubin messages of (d), the templates repeated")
     a = ap.parse_args()
     if not a.no_stack and not a.history_only:
         subprocess.run([str(ROOT / "deploy" / "local" / "stack.sh"), "up"], check=True)
@@ -358,8 +441,14 @@ def main() -> int:
     if a.history_only:
         print(json.dumps(prv_cost(templates), indent=1))
         return 0
-    reps = -(-a.n // len(templates))
     tag = uuid.uuid4().hex[:6]
+    if a.rubin_only:
+        res_r = run_rubin(a, tag, work)
+        print(rubin_table(res_r))
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        (out / f"rubin-{stamp}.json").write_text(json.dumps(res_r, indent=1))
+        return 0
+    reps = -(-a.n // len(templates))
     topic = f"bench-in-{tag}"
     total = produce_all(a.bootstrap, topic, templates, reps * len(templates), a.partitions)
     cache = SchemaCache()
@@ -420,7 +509,8 @@ def main() -> int:
         "two_over_one": rate["ours_2"] / rate["ours_1"],
         "index_on_over_off": rate["ours_1"] / (res["ours_1_noindex"]["alerts"] / res["ours_1_noindex"]["seconds"]),
     }
-    text = table(res)
+    res |= run_rubin(a, tag, work)
+    text = table(res) + "\n\n" + rubin_table(res)
     print(text)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     (out / f"throughput-{stamp}.json").write_text(json.dumps(res, indent=1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,8 @@ class KafkaSecurity:
 class KafkaConfig:
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "stampstream"
+    # Topic names, or regular expressions starting with ^ (e.g. "^lsst-alerts-v.*": Rubin names a
+    # topic per major schema version).
     input_topics: tuple[str, ...] = ("ztf-alerts",)
     output_topic: str = "stampstream-embeddings"
     dead_letter_topic: str = "stampstream-dead-letters"
@@ -133,6 +136,29 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class SchemaRegistryConfig:
+    """Rubin's schemas by id (docs/rubin.md). Empty url: the schemas of the lsst-alert-packet
+    package only. With a url, the registry first (each id asked once, then cached), the package's
+    schema when the registry is unreachable or does not know the id."""
+
+    url: str = ""
+    # "user:password" for HTTP basic auth; a secret: from the environment only
+    basic_auth_user_info: str = field(default="", repr=False)
+    timeout_s: float = 5.0
+    # After the registry failed, ask it again only after this long (the package answers meanwhile).
+    retry_after_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class RubinConfig:
+    # The runtime bundle of Rubin alerts (an encoder without a classifier until labelled Rubin
+    # alerts exist: model/bundles/README.md). Empty: Rubin alerts become dead letters
+    # (reason no_model_for_survey), to be replayed once a bundle is configured.
+    bundle_path: str = "model/bundles/rubin.npz"
+    schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     kafka: KafkaConfig = KafkaConfig()
     redis: RedisConfig = RedisConfig()
@@ -142,6 +168,8 @@ class ConsumerConfig:
     # Bounds of decoding untrusted messages (alerts/limits.py): schema size and depth, array
     # lengths, allowed container codecs and inflate caps.
     decoding: DecodeLimits = DecodeLimits()
+    # Rubin/LSST alerts on the same or their own topics (told apart per message by their framing).
+    rubin: RubinConfig = RubinConfig()
 
 
 # Environment variable -> (section path, field). Endpoints and secrets only.
@@ -154,6 +182,8 @@ ENV_OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "STAMPSTREAM_KAFKA_GROUP_INSTANCE_ID": (("kafka",), "group_instance_id"),
     "STAMPSTREAM_REDIS_URL": (("redis",), "url"),
     "STAMPSTREAM_REDIS_PASSWORD": (("redis",), "password"),
+    "STAMPSTREAM_SCHEMA_REGISTRY_URL": (("rubin", "schema_registry"), "url"),
+    "STAMPSTREAM_SCHEMA_REGISTRY_USER_INFO": (("rubin", "schema_registry"), "basic_auth_user_info"),
 }
 
 
@@ -163,6 +193,12 @@ def _validate(cfg: ConsumerConfig) -> None:
         raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
     if not cfg.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one topic")
+    for topic in cfg.kafka.input_topics:
+        if topic.startswith("^"):  # a pattern (librdkafka subscribes to every topic it matches)
+            try:
+                re.compile(topic)
+            except re.error as e:
+                raise ConfigError(f"kafka.input_topics: {topic!r} is not a regular expression: {e}") from e
     ix = cfg.redis.index
     if not (2 <= ix.m <= 512 and 1 <= ix.ef_construction <= 100_000 and 1 <= ix.query_ef <= 100_000):
         raise ConfigError("redis.index: m in 2..512, ef_construction and query_ef in 1..100000")

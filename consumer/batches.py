@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from alerts.cutouts import StampPixels
-from alerts.decoder import Alert
 from alerts.errors import BadAlertError
+from alerts.message import AnyAlert
+from alerts.rubin import RubinAlert
 from consumer.kafka_sink import Outgoing
 from consumer.redis_sink import RedisRequest
 from consumer.results import Result
@@ -32,9 +33,9 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class GoodAlert:
-    alert: Alert
+    alert: AnyAlert
     stamp: StampPixels
-    features: np.ndarray  # alerts.features.alert_features
+    features: np.ndarray  # alerts.message.features_of: the survey's features
     source: Source
 
 
@@ -45,8 +46,13 @@ class ModelMeta:
     name: str
     version: str
     class_names: tuple[str, ...]
-    classifier: str = "stamp-probe"  # what gave the probabilities: "fused" or "stamp-probe"
+    classifier: str = "stamp-probe"  # what gave the probabilities: "fused", "stamp-probe" or "none"
     features_version: int = 0
+
+    @staticmethod
+    def of(name: str, version: str, class_names: tuple[str, ...], has_head: bool, features_version: int) -> ModelMeta:
+        classifier = "none" if not class_names else "fused" if has_head else "stamp-probe"
+        return ModelMeta(name, version, class_names, classifier, features_version)
 
 
 @dataclass
@@ -57,11 +63,17 @@ class DecodedBatch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # last offset per partition
 
 
+# (z, stamp probs, probs), row i for good[i]: three arrays (one survey), or three lists of rows
+# (surveys whose models differ in latent size or classes)
+OutputRows = np.ndarray | Sequence[np.ndarray]
+Outputs = tuple[OutputRows, OutputRows, OutputRows]
+
+
 @dataclass
 class InFlight:
     decoded: DecodedBatch
-    meta: ModelMeta
-    future: Future[tuple[np.ndarray, np.ndarray, np.ndarray]] | None  # (z, stamp probs, probs) of good
+    metas: Sequence[ModelMeta]  # row i of good was inferred with metas[i]
+    future: Future[Outputs] | None
 
 
 @dataclass
@@ -74,36 +86,47 @@ class Published:
     offsets: dict[tuple[str, int], int]
 
 
+_ZTF_BANDS = {1: "g", 2: "r", 3: "i"}
+
+
 def build_results(
-    good: Sequence[GoodAlert], z: np.ndarray, stamp_probs: np.ndarray, probs: np.ndarray, meta: ModelMeta, now_ms: int
+    good: Sequence[GoodAlert], z: OutputRows, stamp_probs: OutputRows, probs: OutputRows,
+    metas: Sequence[ModelMeta], now_ms: int,
 ) -> list[Result]:
-    """Good alerts + model outputs (row i belongs to good[i]) -> result records."""
-    return [
-        Result(
-            candid=g.alert.candid,
-            object_id=g.alert.object_id,
-            jd=g.alert.jd,
-            fid=g.alert.fid,
-            ra=g.alert.ra,
-            dec=g.alert.dec,
-            embedding=z[i],
-            probabilities=probs[i],
-            stamp_probabilities=stamp_probs[i],
-            classifier=meta.classifier,
-            features_version=meta.features_version,
-            class_names=meta.class_names,
-            model_name=meta.name,
-            model_version=meta.version,
-            cutout_padded=g.stamp.padded,
-            nan_fraction=g.stamp.nan_fraction,
-            alert_schema_version=g.alert.schema_version,
-            processed_at_ms=now_ms,
-            source_topic=g.source.topic,
-            source_partition=g.source.partition,
-            source_offset=g.source.offset,
-        )
-        for i, g in enumerate(good)
-    ]
+    """Good alerts + model outputs (row i belongs to good[i], inferred with metas[i]) -> result records."""
+    return [_result(g, z[i], stamp_probs[i], probs[i], metas[i], now_ms) for i, g in enumerate(good)]
+
+
+def _result(g: GoodAlert, z: np.ndarray, stamp_probs: np.ndarray, probs: np.ndarray, meta: ModelMeta, now_ms: int) -> Result:
+    a = g.alert
+    r = a if isinstance(a, RubinAlert) else None
+    return Result(
+        candid=a.candid,
+        object_id=a.object_id,
+        jd=a.jd,
+        fid=a.fid,
+        ra=a.ra,
+        dec=a.dec,
+        embedding=z,
+        probabilities=probs,
+        stamp_probabilities=stamp_probs,
+        classifier=meta.classifier,
+        features_version=meta.features_version,
+        class_names=meta.class_names,
+        model_name=meta.name,
+        model_version=meta.version,
+        cutout_padded=g.stamp.padded,
+        nan_fraction=g.stamp.nan_fraction,
+        alert_schema_version=a.schema_version,
+        processed_at_ms=now_ms,
+        source_topic=g.source.topic,
+        source_partition=g.source.partition,
+        source_offset=g.source.offset,
+        survey=a.survey,
+        band=r.band if r else _ZTF_BANDS.get(a.fid, ""),
+        dia_source_id=r.dia_source_id if r else None,
+        dia_object_id=r.dia_object_id if r else None,
+    )
 
 
 def dead_letter(value: bytes | None, src: Source, err: BadAlertError, max_bytes: int, topic: str) -> Outgoing:

@@ -76,8 +76,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alerts.message import warm_up
 
     warm_up()  # the compiled decoder, before the first batch (and before the health clock starts)
+    threads = inference_threads(cfg.model.torch_threads)
     runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s,
-                         cfg.model.cpu_precision, inference_threads(cfg.model.torch_threads))  # fmt: skip
+                         cfg.model.cpu_precision, threads)  # fmt: skip
+    rubin_runner = None
+    if cfg.rubin.bundle_path:  # Rubin's own bundle (an encoder without a classifier today); CPU
+        from alerts.rubin_features import RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION
+
+        rubin_runner = ModelRunner(cfg.rubin.bundle_path, "cpu", None, cfg.model.reload_check_s, "fp32", threads,
+                                   features=(RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION))  # fmt: skip
+    from consumer.schema_registry import RubinSchemaSource
+
+    rubin_schemas = RubinSchemaSource(cfg.rubin.schema_registry)
     metrics = Metrics()
     server = serve(metrics, cfg.metrics.host, cfg.metrics.port) if cfg.metrics.port else None
     try:
@@ -106,14 +116,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     rsink = RedisSink(rclient, cfg.redis.key_prefix, cfg.redis.ttl_seconds, index)
     ksink = KafkaSink(producer, cfg.kafka.dead_letter_topic, cfg.kafka.dead_letter_max_bytes,
                       on_rejected=lambda where: metrics.produce_rejected.labels(where).inc())  # fmt: skip
-    proc = StreamProcessor(cfg, consumer, ksink, rsink, runner, metrics)
+    proc = StreamProcessor(cfg, consumer, ksink, rsink, runner, metrics, rubin_runner=rubin_runner,
+                           rubin_schemas=rubin_schemas)  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: proc.request_stop())
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks of all threads to stderr
     log.info(
-        "consumer starting: topics=%s group=%s model=%s:%s device=%s%s batch=%d/%dms metrics=%s",
+        "consumer starting: topics=%s group=%s model=%s:%s device=%s%s rubin=%s registry=%s batch=%d/%dms metrics=%s",
         list(cfg.kafka.input_topics), cfg.kafka.group_id, runner.name, runner.version, runner.device,
         " (bf16)" if runner.bf16 else "",
+        f"{rubin_runner.name}:{rubin_runner.version}" if rubin_runner else "off (dead letters)",
+        cfg.rubin.schema_registry.url or "none (packaged schemas)",
         cfg.batching.max_batch, cfg.batching.max_wait_ms,
         f"http://{cfg.metrics.host}:{server.server_port}/metrics" if server else "off",
     )  # fmt: skip
@@ -223,7 +236,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
         ans = similar(
             redis_client(cfg.redis), cfg.redis.key_prefix, cfg.redis.index, cfg.redis.ttl_seconds,
             candid=args.candid, object_id=args.objectId, k=args.k, cls=args.cls,
-            include_same_object=args.include_same_object,
+            include_same_object=args.include_same_object, survey=args.survey,
         )  # fmt: skip
     except (NotFound, IndexUnavailable) as e:
         print(f"similar: {e}", file=sys.stderr)
@@ -295,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     which = sm.add_mutually_exclusive_group(required=True)
     which.add_argument("--candid", type=int)
     which.add_argument("--objectId", help="the object's latest alert")
+    sm.add_argument("--survey", choices=["ztf", "lsst"], default="ztf", help="whose keys (--candid: a diaSourceId for lsst)")
     sm.add_argument("-k", type=int, default=10)
     sm.add_argument("--class", dest="cls", default=None, help="only neighbours predicted as this class")
     sm.add_argument("--include-same-object", action="store_true", help="keep the query's own object's alerts")

@@ -36,13 +36,16 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
-from alerts.features import alert_features
-from alerts.message import decode_message
+from alerts.message import decode_any, features_of
+from alerts.rubin import SURVEY as RUBIN
+from alerts.rubin import RubinSchemaCache, SchemaLookup
 from config import ConsumerConfig
 from consumer.batches import (
     DecodedBatch,
     GoodAlert,
     InFlight,
+    ModelMeta,
+    Outputs,
     Published,
     Source,
     build_results,
@@ -59,6 +62,13 @@ from consumer.stats import Counters, RunStats
 __all__ = ["AbortRequested", "StreamProcessor"]
 
 log = logging.getLogger("stampstream.consumer")
+
+
+class NoModelForSurvey(BadAlertError):
+    """A good alert of a survey this consumer has no bundle for (``rubin.bundle_path`` unset): a
+    dead letter, to be replayed once one is configured."""
+
+    reason = "no_model_for_survey"
 
 
 class NeverAssigned(RuntimeError):
@@ -78,15 +88,22 @@ class StreamProcessor:
         runner: ModelRunner,
         metrics: Metrics,
         sleep: Callable[[float], None] = time.sleep,
+        rubin_runner: ModelRunner | None = None,
+        rubin_schemas: SchemaLookup | None = None,
     ) -> None:
+        """``runner``: ZTF's bundle; ``rubin_runner``: Rubin's (None: Rubin alerts are dead
+        letters); ``rubin_schemas``: Rubin schema id -> schema (the registry with its fallback;
+        default: the packaged schemas)."""
         self.cfg = cfg
         self.consumer = consumer
         self.kafka_sink = kafka_sink
         self.redis_sink = redis_sink
         self.runner = runner
+        self.rubin_runner = rubin_runner
         self.metrics = metrics
         self.counters = Counters(metrics)
         self.schemas = SchemaCache(cfg.decoding)
+        self.rubin_schemas = RubinSchemaCache(cfg.decoding, rubin_schemas)
         self.encoder = ResultEncoder()
         self._stop = threading.Event()
         self._abort = threading.Event()
@@ -130,7 +147,7 @@ class StreamProcessor:
         ``idle_exit_s`` seconds. Raises NeverAssigned if no partition came within
         JOIN_TIMEOUT_S. See the module docstring for the order of the stages."""
         start = last_message = time.monotonic()
-        self.metrics.model_info.labels(self.runner.name, self.runner.version, self.runner.device.type).set(1)
+        self._model_info()
         inferring: InFlight | None = None  # batch N
         awaiting_redis: Published | None = None  # batch N-1
         while not self._stop.is_set():
@@ -212,8 +229,10 @@ class StreamProcessor:
                 n_in += 1
                 value = m.value()
                 try:
-                    alert, stamp = decode_message(value, self.schemas)
-                    features = alert_features(alert)
+                    alert, stamp = decode_any(value, self.schemas, self.rubin_schemas)
+                    if alert.survey == RUBIN and self.rubin_runner is None:
+                        raise NoModelForSurvey("a Rubin alert, and no Rubin bundle is configured", candid=alert.candid)
+                    features = features_of(alert)
                 except BadAlertError as e:
                     out.outgoing.append(self._dead(value, src, e))
                     continue
@@ -227,23 +246,46 @@ class StreamProcessor:
         return out
 
     def start_inference(self, decoded: DecodedBatch) -> InFlight:
-        """Queue the batch to the model worker. The model is taken once here, so a hot reload
-        never mixes two models (or two class lists) within one batch."""
-        model, meta = self.runner.snapshot()
-        if not decoded.good:
-            return InFlight(decoded, meta, None)
-        pixels = np.stack([g.stamp.pixels for g in decoded.good])
-        features = np.stack([g.features for g in decoded.good])
+        """Queue the batch to the model worker: each survey's alerts to its own bundle. The models
+        are taken once here, so a hot reload never mixes two models (or two class lists) within
+        one batch."""
+        good = decoded.good
+        runners = [(self.runner, [i for i, g in enumerate(good) if g.alert.survey != RUBIN])]
+        if self.rubin_runner is not None:
+            runners.append((self.rubin_runner, [i for i, g in enumerate(good) if g.alert.survey == RUBIN]))
+        jobs = []
+        metas: list[ModelMeta] = [None] * len(good)  # type: ignore[list-item]  # every row is set below
+        for runner, rows in runners:
+            if not rows:
+                continue
+            model, meta = runner.snapshot()
+            for i in rows:
+                metas[i] = meta
+            pixels = np.stack([good[i].stamp.pixels for i in rows])
+            features = np.stack([good[i].features for i in rows])
+            jobs.append((runner, model, rows, pixels, features))
+        if not jobs:
+            return InFlight(decoded, metas, None)
 
-        def infer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def infer() -> Outputs:
             with self.counters.timed("infer"):
-                return self.runner.predict(pixels, features, model)
+                if len(jobs) == 1 and len(jobs[0][2]) == len(good):  # one survey: the arrays as they come
+                    runner, model, _rows, pixels, features = jobs[0]
+                    zz, ss, pp = runner.predict(pixels, features, model)
+                    return zz, ss, pp  # arrays: row i is good[i]
+                z: list[np.ndarray] = [np.zeros(0, np.float32)] * len(good)
+                sp, p = list(z), list(z)
+                for runner, model, rows, pixels, features in jobs:
+                    zz, ss, pp = runner.predict(pixels, features, model)
+                    for k, i in enumerate(rows):
+                        z[i], sp[i], p[i] = zz[k], ss[k], pp[k]
+                return z, sp, p
 
         if self.cfg.batching.pipeline:
-            return InFlight(decoded, meta, self._worker.submit(infer))
-        done: Future[tuple[np.ndarray, np.ndarray, np.ndarray]] = Future()
+            return InFlight(decoded, metas, self._worker.submit(infer))
+        done: Future[Outputs] = Future()
         done.set_result(infer())
-        return InFlight(decoded, meta, done)
+        return InFlight(decoded, metas, done)
 
     def publish(self, job: InFlight) -> Published:
         """(wait for inference) -> send the batch to Redis -> produce to Kafka and flush. Redis'
@@ -253,7 +295,7 @@ class StreamProcessor:
         if job.future is not None:
             with self.counters.timed("infer_wait"):
                 z, stamp_probs, probs = job.future.result()
-            results = build_results(decoded.good, z, stamp_probs, probs, job.meta, int(time.time() * 1000))
+            results = build_results(decoded.good, z, stamp_probs, probs, job.metas, int(time.time() * 1000))
         cfg = self.cfg.kafka
         with self.counters.timed("encode"):
             outgoing = decoded.outgoing + [
@@ -339,17 +381,27 @@ class StreamProcessor:
             return False
 
     def _housekeeping(self, now: float) -> None:
-        outcome = self.runner.maybe_reload()
-        if outcome.changed:
-            if outcome.ok:
-                self.metrics.model_info.clear()
-                self.metrics.model_info.labels(self.runner.name, self.runner.version, self.runner.device.type).set(1)
-            else:
-                self.metrics.model_reload_failures.inc()
+        if self.rubin_runner is not None:
+            self._reload(self.rubin_runner)
+        self._reload(self.runner)
         if now - self._last_lag >= self.cfg.metrics.lag_interval_s:
             self._last_lag = now
             self._update_lag()
         self._log_progress()
+
+    def _reload(self, runner: ModelRunner) -> None:
+        outcome = runner.maybe_reload()
+        if outcome.changed:
+            if outcome.ok:
+                self.metrics.model_info.clear()
+                self._model_info()
+            else:
+                self.metrics.model_reload_failures.inc()
+
+    def _model_info(self) -> None:
+        for runner in (self.runner, self.rubin_runner):
+            if runner is not None:
+                self.metrics.model_info.labels(runner.name, runner.version, runner.device.type).set(1)
 
     def _update_lag(self) -> None:
         try:

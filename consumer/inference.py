@@ -82,10 +82,14 @@ class ModelRunner:
         reload_check_s: float = 10.0,
         cpu_precision: str = "fp32",
         threads: int | None = None,
+        features: tuple[tuple[str, ...], int] = (FEATURE_NAMES, FEATURES_VERSION),
     ) -> None:
         """``threads``: CPU threads of inference, torch's (a process-wide setting; None leaves it
-        as it is) or ONNX Runtime's for a runtime bundle (None: 1)."""
+        as it is) or ONNX Runtime's for a runtime bundle (None: 1). ``features``: the names and
+        version of the features this code computes for the bundle's survey (ZTF's by default;
+        ``alerts.rubin_features`` for a Rubin bundle): a head reading others is refused."""
         self.bundle_path = bundle_path
+        self.features = features
         self.runtime = is_runtime_bundle(bundle_path)
         self.threads = max(1, threads or 1)
         if self.runtime:  # ONNX Runtime on the CPU; torch is never imported
@@ -129,18 +133,18 @@ class ModelRunner:
     def _install(self, bundle: Bundle | RuntimeBundle, model: AlertModel | RuntimeModel | None = None) -> None:
         self.bundle = bundle
         self.model = self._build(bundle) if model is None else model
-        meta = ModelMeta(bundle.name, bundle.version, bundle.class_names,
-                         "fused" if bundle.has_head else "stamp-probe", bundle.features_version)  # fmt: skip
+        meta = ModelMeta.of(bundle.name, bundle.version, bundle.class_names, bundle.has_head, bundle.features_version)
         self._current = (self.model, meta)
 
     def _build(self, bundle: Bundle | RuntimeBundle) -> AlertModel | RuntimeModel:
         """The bundle's model, checked against this code's features: a head trained on another
         feature list or version would read its inputs misaligned, so it is refused (BundleRefused)."""
         names, version = bundle.feature_names, bundle.features_version
-        if names and (names != FEATURE_NAMES or version != FEATURES_VERSION):
+        expected, expected_version = self.features
+        if names and (names != expected or version != expected_version):
             raise BundleRefused(
                 f"bundle {bundle.name}:{bundle.version} reads features v{version} "
-                f"({len(names)} names); this code computes v{FEATURES_VERSION} ({len(FEATURE_NAMES)})"
+                f"({len(names)} names); this code computes v{expected_version} ({len(expected)})"
             )
         if isinstance(bundle, RuntimeBundle):
             try:

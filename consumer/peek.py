@@ -9,7 +9,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from config import ConsumerConfig
 from consumer.clients import kafka_common, redis_client
-from consumer.redis_keys import candid_key
+from consumer.redis_keys import candid_glob, candid_key, survey_prefix
 from consumer.results import decode_result
 
 
@@ -45,23 +45,30 @@ def read_output_topic(cfg: ConsumerConfig, topic: str, limit: int | None = None,
 
 
 def peek(cfg: ConsumerConfig, n: int = 10) -> str:
+    """The last ``n`` results of the output topic beside their Redis hashes, and counts per survey
+    and class. A result without a classifier (Rubin today) shows its class as "(none)"."""
     values = read_output_topic(cfg, cfg.kafka.output_topic)
     records = [decode_result(v) for v in values]
     r = redis_client(cfg.redis)
+    hashes = {s: sum(1 for _ in r.scan_iter(candid_glob(survey_prefix(cfg.redis.key_prefix, s)), count=1000))
+              for s in ("ztf", "lsst")}  # fmt: skip
     lines = [
         f"output topic {cfg.kafka.output_topic}: {len(records)} results; "
-        f"redis: {sum(1 for _ in r.scan_iter(f'{cfg.redis.key_prefix}:cand:*', count=1000))} candid hashes",
-        f"{'candid':>20} {'objectId':<13} {'fid':>3} {'class (topic)':<14} {'p':>5}  {'class (redis)':<13} {'model':<24}",
+        f"redis: {hashes['ztf']} ZTF and {hashes['lsst']} Rubin candid hashes",
+        f"{'survey':<6} {'candid':>20} {'objectId':<18} {'band':>4} {'class (topic)':<14} {'p':>5}  {'class (redis)':<13} {'model':<24}",
     ]
     for rec in records[-n:]:
-        h: dict[bytes, bytes] = r.hgetall(candid_key(cfg.redis.key_prefix, rec["candid"]))  # type: ignore[assignment]
-        rc = h.get(b"class", b"-").decode()
+        survey = rec.get("survey", "ztf")
+        h: dict[bytes, bytes] = r.hgetall(candid_key(survey_prefix(cfg.redis.key_prefix, survey), rec["candid"]))  # type: ignore[assignment]
+        rc = h.get(b"class", b"-").decode() or "(none)" if h else "-"
         lines.append(
-            f"{rec['candid']:>20} {rec['objectId']:<13} {rec['fid']:>3} {rec['predicted_class']:<14} "
-            f"{rec['predicted_probability']:5.2f}  {rc:<13} {rec['model_name'] + ':' + rec['model_version']:<24}"
+            f"{survey:<6} {rec['candid']:>20} {rec['objectId'] or '-':<18} {rec.get('band') or rec['fid']:>4} "
+            f"{rec['predicted_class'] or '(none)':<14} {rec['predicted_probability']:5.2f}  {rc:<13} "
+            f"{rec['model_name'] + ':' + rec['model_version']:<24}"
         )
     counts: dict[str, int] = {}
     for rec in records:
-        counts[rec["predicted_class"]] = counts.get(rec["predicted_class"], 0) + 1
+        key = f"{rec.get('survey', 'ztf')}:{rec['predicted_class'] or '(none)'}"
+        counts[key] = counts.get(key, 0) + 1
     lines.append("predicted classes: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)

@@ -9,8 +9,20 @@ searches the buckets that can still exist (``live_buckets``)."""
 from __future__ import annotations
 
 
+def survey_prefix(prefix: str, survey: str) -> str:
+    """The key prefix of a survey's results: ZTF's keys stay where they always were
+    (``{prefix}:cand:...``), every other survey's get its name (``{prefix}:lsst:cand:...``), so
+    Rubin ids can never collide with ZTF candids and each survey is scanned or dropped alone."""
+    return prefix if survey == "ztf" else f"{prefix}:{survey}"
+
+
 def candid_key(prefix: str, candid: int) -> str:
     return f"{prefix}:cand:{candid}"
+
+
+def candid_glob(prefix: str) -> str:
+    """SCAN pattern of every candid hash under ``prefix``."""
+    return f"{prefix}:cand:*"
 
 
 def object_key(prefix: str, object_id: str) -> str:

@@ -8,6 +8,10 @@ writes them, and the hand-packed command that sends it.
 | ``{prefix}:vec:{model}:{quantisation}:{bucket}`` | vector set (Redis >= 8) | element candid, the embedding, attributes (consumer/vector_index.py) |
 | ``{prefix}:emb:{candid}`` | string (Redis 7, no index) | the embedding, little-endian float32 |
 
+Rubin's results take the same keys under ``{prefix}:lsst`` (``{prefix}:lsst:cand:{diaSourceId}``,
+``{prefix}:lsst:obj:{diaObjectId}``, ...; ``redis_keys.survey_prefix``); a source without a
+diaObject has no per-object entry.
+
 The embedding is stored once: in the vector set where the server has them, else in its own
 string key. Kept out of the hash, the hash's values all stay under Redis's listpack limit (64
 bytes), so it is stored compactly: ~1.4 KB -> ~0.3 KB per alert (docs/benchmarks.md, "Redis").
@@ -28,7 +32,15 @@ import numpy as np
 import redis
 
 from config.consumer import VectorIndexConfig
-from consumer.redis_keys import bucket_start, candid_key, embedding_key, expire_at, index_key, object_key
+from consumer.redis_keys import (
+    bucket_start,
+    candid_key,
+    embedding_key,
+    expire_at,
+    index_key,
+    object_key,
+    survey_prefix,
+)
 from consumer.results import Result
 from consumer.retry import SinkError
 from consumer.vector_index import QUANT_ARG, attributes
@@ -45,12 +57,15 @@ def redis_fields(r: Result) -> dict[str, str]:
         "ra": repr(r.ra),
         "dec": repr(r.dec),
         "class": r.predicted_class,
-        "probability": f"{float(r.probabilities[r.predicted_index]):.6f}",
+        "probability": f"{r.predicted_probability:.6f}",
         "model": f"{r.model_name}:{r.model_version}",
         "padded": "1" if r.cutout_padded else "0",
         "processed_at": str(r.processed_at_ms),
         "classifier": r.classifier,
     }
+    if r.survey != "ztf":  # ZTF's hash stays as it was (memory per alert: docs/benchmarks.md)
+        fields["survey"] = r.survey
+        fields["band"] = r.band
     if len(r.stamp_probabilities):
         best = int(np.argmax(r.stamp_probabilities))
         fields["stamp_class"] = r.class_names[best]
@@ -107,12 +122,14 @@ for i = 1, n do
   local okey = KEYS[n + i]
   local jd_s, candid_s = ARGV[off + jd_at], ARGV[off + candid_at]
   local jd, candid = tonumber(jd_s), tonumber(candid_s)
-  local cur = redis.call('HMGET', okey, 'jd', 'candid')
-  local cur_jd = tonumber(cur[1])
-  if (not cur_jd) or cur_jd < jd or (cur_jd == jd and tonumber(cur[2]) <= candid) then
-    redis.call('HSET', okey, 'candid', candid_s, 'jd', jd_s)
+  if string.sub(okey, -1) ~= ':' then  -- a key ending in ':' means no object (e.g. a Rubin solar-system source)
+    local cur = redis.call('HMGET', okey, 'jd', 'candid')
+    local cur_jd = tonumber(cur[1])
+    if (not cur_jd) or cur_jd < jd or (cur_jd == jd and tonumber(cur[2]) <= candid) then
+      redis.call('HSET', okey, 'candid', candid_s, 'jd', jd_s)
+    end
+    redis.call('EXPIRE', okey, ttl)
   end
-  redis.call('EXPIRE', okey, ttl)
   local ekey = KEYS[2 * n + i]
   if indexing then
     redis.call('VADD', ekey, 'FP32', ARGV[off + k + 1], candid_s, quant,
@@ -142,8 +159,9 @@ class RedisRequest:
     """A batch sent to Redis whose reply has not been read yet (RedisSink.send / wait)."""
 
     results: Sequence[Result]
-    conn: Any = None  # the connection that owes the reply
+    conn: Any = None  # the connection that owes the replies
     error: Exception | None = None  # why it could not be sent
+    replies: int = 1  # script calls sent (one per group of results with the same fields)
 
 
 class RedisSink:
@@ -171,24 +189,31 @@ class RedisSink:
             self._index_args = [QUANT_ARG[index.quantisation].encode(), b"%d" % index.ef_construction, b"%d" % index.m]
         self._sha = b""  # of the batch script, loaded on first use
 
-    def _pack(self, results: Sequence[Result]) -> bytes:
+    def _pack(self, results: Sequence[Result]) -> list[bytes]:
+        """One script call per group of results with the same hash fields (a batch of one
+        survey and model is one group; a mixed ZTF + Rubin batch two)."""
         rows = [redis_fields(r) for r in results]
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, f in enumerate(rows):
+            groups.setdefault(tuple(f), []).append(i)
+        return [self._pack_group([results[i] for i in idx], [rows[i] for i in idx]) for idx in groups.values()]
+
+    def _pack_group(self, results: Sequence[Result], rows: Sequence[dict[str, str]]) -> bytes:
         names = list(rows[0])
-        if any(list(f) != names for f in rows):
-            raise ValueError("results of one batch must have the same fields (same model classes)")
         ix = self.index
+        prefixes = [survey_prefix(self.prefix, r.survey) for r in results]
         args: list[bytes] = [b"EVALSHA", self._sha, b"%d" % (3 * len(results))]
-        args += [candid_key(self.prefix, r.candid).encode() for r in results]
-        args += [object_key(self.prefix, r.object_id).encode() for r in results]
+        args += [candid_key(p, r.candid).encode() for p, r in zip(prefixes, results, strict=True)]
+        args += [object_key(p, r.object_id).encode() for p, r in zip(prefixes, results, strict=True)]
         if ix is None:
-            args += [embedding_key(self.prefix, r.candid).encode() for r in results]
+            args += [embedding_key(p, r.candid).encode() for p, r in zip(prefixes, results, strict=True)]
         else:
             buckets = [bucket_start(r.processed_at_ms, ix.bucket_seconds) for r in results]
             keys: dict[tuple[str, str, int], bytes] = {}  # a batch has one model and one or two buckets
-            for r, b in zip(results, buckets, strict=True):
+            for p, r, b in zip(prefixes, results, buckets, strict=True):
                 k = (r.model_name, r.model_version, b)
                 if k not in keys:
-                    keys[k] = index_key(self.prefix, f"{r.model_name}:{r.model_version}", ix.quantisation, b).encode()
+                    keys[k] = index_key(p, f"{r.model_name}:{r.model_version}", ix.quantisation, b).encode()
                 args.append(keys[k])
         args += [self._ttl, b"%d" % len(names), *self._index_args, *(n.encode() for n in names)]
         if ix is None:
@@ -212,14 +237,14 @@ class RedisSink:
             if not self._sha:
                 sha = self.client.script_load(_BATCH_LUA)
                 self._sha = sha if isinstance(sha, bytes) else sha.encode()
-            payload = self._pack(results)
+            payloads = self._pack(results)
             conn = self.client.connection_pool.get_connection()
-            conn.send_packed_command([payload])  # type: ignore[no-untyped-call]
+            conn.send_packed_command(payloads)  # type: ignore[no-untyped-call]
         except redis.RedisError as e:
             if conn is not None:
                 self._drop(conn)
             return RedisRequest(results, error=e)
-        return RedisRequest(results, conn=conn)
+        return RedisRequest(results, conn=conn, replies=len(payloads))
 
     def wait(self, request: RedisRequest, _reloaded: bool = False) -> None:
         """The reply of ``send``; raises SinkError if the batch is not stored (the caller retries)."""
@@ -230,7 +255,14 @@ class RedisSink:
             raise SinkError(f"redis: {type(request.error).__name__}: {request.error}") from request.error
         request.conn = None
         try:
-            conn.read_response()
+            first: redis.ResponseError | None = None
+            for _ in range(request.replies):  # read every reply, so the connection stays in step
+                try:
+                    conn.read_response()
+                except redis.ResponseError as e:
+                    first = first or e
+            if first is not None:
+                raise first
         except redis.exceptions.NoScriptError:
             self.client.connection_pool.release(conn)
             if _reloaded:

@@ -64,14 +64,25 @@ class Result:
     stamp_probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     classifier: str = "stamp-probe"
     features_version: int = 0
+    survey: str = "ztf"
+    band: str = ""
+    dia_source_id: int | None = None  # Rubin
+    dia_object_id: int | None = None
 
     @property
     def predicted_index(self) -> int:
-        return int(np.argmax(self.probabilities))
+        """-1 where there is no classifier (no classes)."""
+        return int(np.argmax(self.probabilities)) if len(self.probabilities) else -1
 
     @property
     def predicted_class(self) -> str:
-        return self.class_names[self.predicted_index]
+        i = self.predicted_index
+        return self.class_names[i] if i >= 0 else ""
+
+    @property
+    def predicted_probability(self) -> float:
+        i = self.predicted_index
+        return float(self.probabilities[i]) if i >= 0 else 0.0
 
 
 def result_record(r: Result) -> dict[str, Any]:
@@ -88,7 +99,7 @@ def result_record(r: Result) -> dict[str, Any]:
         "class_names": list(r.class_names),
         "probabilities": r.probabilities.tolist(),
         "predicted_class": r.predicted_class,
-        "predicted_probability": float(r.probabilities[r.predicted_index]),
+        "predicted_probability": r.predicted_probability,
         "model_name": r.model_name,
         "model_version": r.model_version,
         "cutout_padded": r.cutout_padded,
@@ -102,17 +113,27 @@ def result_record(r: Result) -> dict[str, Any]:
         "stamp_probabilities": np.asarray(r.stamp_probabilities, dtype=np.float32).tolist(),
         "classifier": r.classifier,
         "features_version": r.features_version,
+        "survey": r.survey,
+        "band": r.band,
+        "diaSourceId": r.dia_source_id,
+        "diaObjectId": r.dia_object_id,
     }
 
 
 _DOUBLE = struct.Struct("<d")
 _TWO_DOUBLES = struct.Struct("<dd")
 _TWO_FLOATS = struct.Struct("<ff")
+_FLOAT = struct.Struct("<f")
 
 
 def _avro_string(s: str) -> bytes:
     b = s.encode()
     return zigzag(len(b)) + b
+
+
+def _optional_long(v: int | None) -> bytes:
+    """["null", "long"]: branch 0 (null) or branch 1 and the value."""
+    return b"\x00" if v is None else b"\x02" + zigzag(v)
 
 
 def _avro_floats(a: np.ndarray) -> bytes:
@@ -160,8 +181,8 @@ class ResultEncoder:
             _avro_floats(np.asarray(r.embedding, dtype="<f4")),
             names_array,
             _avro_floats(probs),
-            names[best],
-            probs[best : best + 1].tobytes(),
+            names[best] if best >= 0 else b"\x00",
+            probs[best : best + 1].tobytes() if best >= 0 else _FLOAT.pack(0.0),
             model,
             b"\x01" if r.cutout_padded else b"\x00",
             _TWO_FLOATS.pack(*r.nan_fraction),
@@ -173,6 +194,10 @@ class ResultEncoder:
             _avro_floats(np.asarray(r.stamp_probabilities, dtype="<f4")),
             _avro_string(r.classifier),
             zigzag(r.features_version),
+            _avro_string(r.survey),
+            _avro_string(r.band),
+            _optional_long(r.dia_source_id),
+            _optional_long(r.dia_object_id),
         ))  # fmt: skip
         return self._framer.frame(record)
 

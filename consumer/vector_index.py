@@ -36,7 +36,15 @@ import numpy as np
 import redis
 
 from config.consumer import VectorIndexConfig
-from consumer.redis_keys import bucket_start, candid_key, embedding_key, index_key, live_buckets, object_key
+from consumer.redis_keys import (
+    bucket_start,
+    candid_key,
+    embedding_key,
+    index_key,
+    live_buckets,
+    object_key,
+    survey_prefix,
+)
 from consumer.results import Result
 
 QUANT_ARG = {"noquant": "NOQUANT", "q8": "Q8", "bin": "BIN"}
@@ -59,7 +67,7 @@ def attributes(r: Result) -> bytes:
     oid, cls = r.object_id, r.predicted_class
     if not (_OBJECT_ID.match(oid) and _CLASS.match(cls)):
         oid, cls = json.dumps(oid)[1:-1], json.dumps(cls)[1:-1]
-    p = float(r.probabilities[r.predicted_index])
+    p = r.predicted_probability
     return b'{"objectId":"%s","class":"%s","p":%.6f,"jd":%r}' % (oid.encode(), cls.encode(), p, r.jd)
 
 
@@ -159,12 +167,14 @@ def similar(
     cls: str | None = None,
     include_same_object: bool = False,
     now_s: float | None = None,
+    survey: str = "ztf",
 ) -> SimilarAnswer:
     """The ``k`` alerts most similar to one alert (by candid, or an object's latest alert), over
     every live set of that alert's model; its own object is left out unless asked for.
     Raises NotFound when the alert is not in Redis."""
     if (candid is None) == (object_id is None):
         raise ValueError("give exactly one of candid and object_id")
+    prefix = survey_prefix(prefix, survey)
     if not server_has_vector_sets(client):
         raise IndexUnavailable("this Redis has no vector sets (Redis >= 8 needed): nothing to search")
     if object_id is not None:  # the object's pointer to its latest alert
@@ -183,7 +193,7 @@ def similar(
     emb = read_embedding(client, prefix, cfg, candid, model_s, int(processed))
     if emb is None:
         raise NotFound(f"the embedding of {candid} is not in Redis (indexed by another setting, or expired)")
-    flt = filter_expression(None if include_same_object else qid, cls)
+    flt = filter_expression(None if include_same_object or not qid else qid, cls)
     pipe = client.pipeline(transaction=False)
     buckets = live_buckets(time.time() if now_s is None else now_s, cfg.bucket_seconds, ttl_seconds)
     # With its own object allowed, the query alert itself comes back too (dropped below): one more

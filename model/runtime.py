@@ -41,7 +41,8 @@ class RuntimeBundle:
     latent_dim: int
     feature_names: tuple[str, ...]  # empty: no fused head (the classes are the stamp probe's)
     features_version: int
-    onnx: bytes  # (N, 2, 21, 21) normalised stamps -> z (N, latent), stamp probabilities (N, classes)
+    onnx: bytes  # (N, 2, 21, 21) normalised stamps -> z (N, latent), stamp probabilities (N, classes);
+    # z alone where class_names is empty (an encoder without a classifier: model/runtime_export.py)
     trees: dict[str, np.ndarray]  # model.tree_kernel tables; empty without a head
     fusion_weight: np.ndarray  # (classes, latent)
     fusion_bias: np.ndarray  # (classes,)
@@ -113,9 +114,13 @@ class RuntimeModel:
         self.session = ort.InferenceSession(bundle.onnx, so, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        z, stamp = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
-        z, stamp = np.asarray(z, dtype=np.float32), np.asarray(stamp, dtype=np.float32)
+        outs = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
+        z = np.asarray(outs[0], dtype=np.float32)
         b = self.bundle
+        if not b.class_names:  # an encoder without a classifier (a survey without labels): z alone
+            none = np.zeros((len(z), 0), dtype=np.float32)
+            return z, none, none
+        stamp = np.asarray(outs[1], dtype=np.float32)
         if not b.has_head:
             return z, stamp, stamp
         logits = evaluate_trees(features, b.trees) + ((z - b.z_mean) / b.z_std) @ b.fusion_weight.T + b.fusion_bias

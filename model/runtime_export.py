@@ -74,6 +74,43 @@ def check_equal(bundle: Bundle, runtime: RuntimeBundle, n: int = 256, seed: int 
                                  f"max |dp| {np.abs(p_t - p_r).max():.2e}")  # fmt: skip
 
 
+class _EncoderMean(torch.nn.Module):
+    """The encoder's mean z (a VAE's too), the one output of an encoder-only graph."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu, _ = self.encoder(x)
+        return mu  # type: ignore[no-any-return]
+
+
+def encoder_runtime(encoder: torch.nn.Module, name: str, version: str, latent_dim: int, source: str = "") -> RuntimeBundle:
+    """An encoder without a classifier (a survey without labels: Rubin today) -> a runtime bundle
+    with no classes, whose graph outputs z alone; checked equal to torch before it is returned."""
+    module = _EncoderMean(encoder).eval()
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target: Any = buf
+        torch.onnx.export(module, (torch.zeros(64, 2, 21, 21),), target, input_names=["x"], output_names=["z"],
+                          dynamic_axes={"x": {0: "n"}, "z": {0: "n"}}, opset_version=17, dynamo=False)  # fmt: skip
+    empty = np.zeros((0, latent_dim), np.float32)
+    runtime = RuntimeBundle(
+        name, version, (), latent_dim, (), 0, buf.getvalue(), {}, empty, np.zeros(0, np.float32),
+        np.zeros(latent_dim, np.float32), np.ones(latent_dim, np.float32), 1.0, dict(NORMALISATION), source,
+    )  # fmt: skip
+    x = np.random.default_rng(0).random((128, 2, 21, 21), dtype=np.float32)
+    with torch.inference_mode():
+        z_t = module(torch.from_numpy(x)).numpy()
+    z_r, _, p_r = RuntimeModel(runtime)(x, np.zeros((128, 0), np.float32))
+    cos = (z_t * z_r).sum(1) / np.linalg.norm(z_t, axis=1) / np.linalg.norm(z_r, axis=1)
+    if cos.min() < 0.9999 or p_r.shape != (128, 0):
+        raise RuntimeBundleError(f"encoder runtime differs from torch: min cosine {cos.min():.6f}")
+    return runtime
+
+
 def export_runtime(bundle_path: str | Path, out: str | Path) -> RuntimeBundle:
     bundle = load_bundle(bundle_path)
     runtime = to_runtime(bundle, source=Path(bundle_path).name)

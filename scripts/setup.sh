@@ -21,13 +21,14 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch, confluent_kafka, fastavro, redis, consumer.cli, alerts.decoder" 2>/dev/null \
-   || ! cmp -s requirements.txt .venv/.requirements.installed; then
+   || ! cat requirements.txt requirements-nodeps.txt | cmp -s - .venv/.requirements.installed; then
   echo "[setup] installing Python packages (torch is a large download the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q --progress-bar off -r requirements.txt
+  .venv/bin/python -m pip install -q --progress-bar off --no-deps -r requirements-nodeps.txt
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
     || .venv/bin/python -m pip install -q --no-deps -e .
-  cp requirements.txt .venv/.requirements.installed
+  cat requirements.txt requirements-nodeps.txt > .venv/.requirements.installed
 fi
 deploy/local/stack.sh jars
 # Redis 8 for the similarity index; without it (no pinned build for this CPU) the stack runs

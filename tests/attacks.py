@@ -67,15 +67,19 @@ def gzip_stamp_bomb(candid: int) -> bytes:
     return message_of(ALERT_SCHEMA, record)
 
 
-def fits_size_bomb(candid: int) -> bytes:
+def fits_header_bomb() -> bytes:
+    """A 10x10 FITS image whose header claims 12000x12000 pixels, scaled (BSCALE)."""
     hdu = fits.PrimaryHDU(np.zeros((10, 10), np.uint8))
     hdu.header["BSCALE"] = 2.0
     raw = io.BytesIO()
     hdu.writeto(raw)
     text = raw.getvalue().replace(b"NAXIS1  =                   10", b"NAXIS1  =                12000")
-    text = text.replace(b"NAXIS2  =                   10", b"NAXIS2  =                12000")
+    return text.replace(b"NAXIS2  =                   10", b"NAXIS2  =                12000")
+
+
+def fits_size_bomb(candid: int) -> bytes:
     record = record_of(candid)
-    record["cutoutScience"]["stampData"] = gzip.compress(text)
+    record["cutoutScience"]["stampData"] = gzip.compress(fits_header_bomb())
     return message_of(ALERT_SCHEMA, record)
 
 
@@ -103,6 +107,41 @@ def oversized_schema(candid: int, size: int = 600_000) -> bytes:
     return message_of(schema, record_of(candid))
 
 
+def rubin_message(source_id: int, n_prv: int = 2, schema_id: int = 1000, **changes: object) -> bytes:
+    """A generated Rubin wire message with top-level fields replaced by ``changes``."""
+    from alerts.rubin_schemas import packaged_schema
+    from alerts.synthetic_rubin import make_rubin_record
+
+    schema = json.loads(packaged_schema(schema_id) or b"")
+    record = make_rubin_record(schema, source_id, np.random.default_rng(source_id % 1000), n_prv) | changes
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
+    return b"\x00" + schema_id.to_bytes(4, "big") + body.getvalue()
+
+
+def rubin_huge_history(source_id: int) -> bytes:
+    """prvDiaSources claims 2^62 entries (the first entry's id follows the count)."""
+    msg = rubin_message(source_id, n_prv=1)
+    i = msg.index(b"\x02" + zigzag(1) + zigzag(source_id - 1))
+    return msg[:i] + b"\x02" + zigzag(2**62) + msg[i + 2 :]
+
+
+def rubin_fits_bomb(source_id: int) -> bytes:
+    return rubin_message(source_id, cutoutScience=fits_header_bomb())
+
+
+def rubin_bad_band(source_id: int) -> bytes:
+    from alerts.rubin_schemas import packaged_schema
+    from alerts.synthetic_rubin import make_rubin_record
+
+    schema = json.loads(packaged_schema(1000) or b"")
+    record = make_rubin_record(schema, source_id, np.random.default_rng(0), 0)
+    record["diaSource"]["band"] = "q" * 500
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
+    return b"\x00\x00\x00\x03\xe8" + body.getvalue()
+
+
 def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
     """(name, message, expected dead-letter reason) for every attack class."""
     return [
@@ -116,4 +155,11 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("candid as a double", candid_as_double(start + 7), "schema_policy"),
         ("over-long objectId", long_object_id(start + 8), "bad_value"),
         ("oversized writer schema (flood)", oversized_schema(start + 9), "schema_policy"),
+        # Rubin's wire form (0x00 + schema id + body)
+        ("Rubin: 2^62 history entries", rubin_huge_history(start + 20), "too_large"),
+        ("Rubin: unknown schema id", b"\x00\x00\x00\x10\x92" + rubin_message(start + 21)[5:], "unknown_schema"),
+        ("Rubin: header cut short", b"\x00\x00\x00", "bad_framing"),
+        ("Rubin: FITS header size bomb", rubin_fits_bomb(start + 23), "cutout_too_large"),
+        ("Rubin: a band that is no band", rubin_bad_band(start + 24), "bad_value"),
+        ("Rubin: bytes after the record", rubin_message(start + 25) + b"\x00" * 16, "truncated"),
     ]

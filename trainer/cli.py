@@ -41,6 +41,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from trainer.fit import run_fit
 
     cfg = _trainer_cfg(args)
+    if args.survey == "lsst":  # no labels for Rubin: the encoder alone (trainer/rubin.py)
+        from trainer.rubin import fit_rubin
+
+        m = fit_rubin(cfg, list(args.data), Path(args.out), smoke=args.smoke)
+        print(f"fit done (lsst): {m['alerts']} alerts of {m['objects']} objects, test MSE {m['test_mse']:.5f} "
+              f"(mean crop: {m['test_mse_mean_crop']:.5f}), epochs {m['epochs_run']}; run dir {args.out}")  # fmt: skip
+        return 0
     labels_csv = _labels_path(cfg, args.data, args.labels)
     labels = read_labels(labels_csv) if labels_csv else {}
     ds = load_dataset(args.data, labels, limit=200 if args.smoke else None)
@@ -59,6 +66,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from trainer.report import write_report
 
+    if (Path(args.run_dir) / "encoder.pt").exists():  # a Rubin run (trainer/rubin.py)
+        from trainer.rubin import write_rubin_report
+
+        print(f"report: {write_rubin_report(Path(args.run_dir))}")
+        return 0
     path = write_report(Path(args.run_dir))
     print(f"report: {path}")
     return 0
@@ -66,6 +78,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_bundle
+
+    if (Path(args.run_dir) / "encoder.pt").exists():  # a Rubin run: the encoder's runtime bundle only
+        from trainer.rubin import export_rubin
+
+        out = Path(args.out).with_suffix(".npz")
+        export_rubin(Path(args.run_dir), out, args.name, args.version or Path(args.run_dir).name)
+        print(f"runtime bundle (encoder only, no classes) written to {out}")
+        return 0
 
     pooled = {"auto": None, "on": True, "off": False}[args.pooling]
     bundle = export_bundle(Path(args.run_dir), Path(args.out), name=args.name, version=args.version, pooled=pooled)
@@ -103,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     f.add_argument("--max-epochs", type=int, default=None)
     f.add_argument("--smoke", action="store_true", help="a few steps on 200 alerts (CI)")
+    f.add_argument("--survey", choices=["ztf", "lsst"], default="ztf",
+                   help="lsst: Rubin alerts, the encoder alone (no labels: no classifier)")
     f.set_defaults(func=cmd_fit)
     r = sub.add_parser("report", help="Markdown + PNG report of a run")
     r.add_argument("run_dir")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -125,10 +126,19 @@ def run_sweep(
                 cfg = cfg.with_overrides(max_epochs=max_epochs)
             tasks.append((key, seed, cfg.to_dict(), str(out / key / f"seed{seed}")))
     results: dict[tuple[str, int], dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_init, initargs=(paths, labels_csv, limit)) as pool:
-        futs = {pool.submit(_one, c, d, smoke): (k, s) for k, s, c, d in tasks}
-        for fut in tqdm(as_completed(futs), total=len(futs), desc="sweep", unit="run"):
-            results[futs[fut]] = fut.result()
+    if jobs == 1:  # in this process: no pool to start, nothing forked
+        _init(paths, labels_csv, limit)
+        for k, s, c, d in tqdm(tasks, desc="sweep", unit="run"):
+            results[(k, s)] = _one(c, d, smoke)
+    else:
+        # spawn, not fork: a child forked from a process whose OpenMP/BLAS threads already ran can
+        # deadlock in its first parallel region (seen: sklearn's k-NN hanging in a forked worker)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init,
+                                 initargs=(paths, labels_csv, limit)) as pool:  # fmt: skip
+            futs = {pool.submit(_one, c, d, smoke): (k, s) for k, s, c, d in tasks}
+            for fut in tqdm(as_completed(futs), total=len(futs), desc="sweep", unit="run"):
+                results[futs[fut]] = fut.result()
     table = format_table(results, seeds, base, max_epochs)
     (out / "sweep.md").write_text(table)
     (out / "sweep.json").write_text(json.dumps({f"{k}/seed{s}": v for (k, s), v in results.items()}, indent=1))

@@ -42,6 +42,8 @@ def _get(obj: Any, path: tuple[str, ...]) -> Any:
     [
         ("config/local.yaml", lambda p: load_consumer_config(p, env={}), ConsumerConfig()),
         ("config/remote-example.yaml", lambda p: load_consumer_config(p, env={}), ConsumerConfig()),
+        ("config/rubin-example.yaml", lambda p: load_consumer_config(p, env={}), ConsumerConfig()),
+        ("config/rubin-model.yaml", load_trainer_config, TrainerConfig()),
         ("config/default-model.yaml", load_trainer_config, TrainerConfig()),
     ],
 )
@@ -132,3 +134,10 @@ def test_config_is_frozen() -> None:
     cfg = parse_consumer_config({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.kafka.group_id = "x"  # type: ignore[misc]
+
+
+def test_topic_patterns_must_be_regular_expressions() -> None:
+    cfg = parse_consumer_config({"kafka": {"input_topics": ["^lsst-alerts-v.*", "ztf-alerts"]}})
+    assert cfg.kafka.input_topics[0] == "^lsst-alerts-v.*"
+    with pytest.raises(ConfigError, match="regular expression"):
+        parse_consumer_config({"kafka": {"input_topics": ["^lsst-alerts-v(.*"]}})

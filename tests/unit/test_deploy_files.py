@@ -13,9 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_example_configs_load() -> None:
-    for name in ("local.yaml", "remote-example.yaml"):
+    for name in ("local.yaml", "remote-example.yaml", "rubin-example.yaml"):
         cfg = load_consumer_config(ROOT / "config" / name, env={})
         assert cfg.kafka.output_topic
+    rubin = load_consumer_config(ROOT / "config" / "rubin-example.yaml", env={"STAMPSTREAM_SCHEMA_REGISTRY_URL": "https://r.example"})
+    assert rubin.kafka.input_topics == ("^lsst-alerts-v.*",) and rubin.kafka.security.sasl_mechanism == "SCRAM-SHA-512"
+    assert rubin.rubin.schema_registry.url == "https://r.example" and (ROOT / rubin.rubin.bundle_path).is_file()
     cfg = load_consumer_config(ROOT / "deploy" / "compose" / "consumer.yaml", env={})
     assert cfg.metrics.log_format == "json"
 

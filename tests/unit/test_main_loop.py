@@ -391,3 +391,57 @@ def test_a_batch_closes_max_wait_after_its_first_message(alerts: list[bytes]) ->
     proc.run(max_alerts=len(msgs))
     assert sum(sizes) == len(msgs)
     assert max(sizes) <= 9, sizes  # 50 ms / 10 ms + timing slack; a 0.5 s first wait gave ~50
+
+
+class FakeRubinRunner(FakeRunner):
+    """Rubin's bundle: an encoder without classes, of another latent size than ZTF's."""
+
+    name, version = "rubin", "1"
+    class_names = ()
+
+    def snapshot(self) -> tuple[None, ModelMeta]:
+        return None, ModelMeta.of(self.name, self.version, (), False, 0)
+
+    def predict(self, pixels: np.ndarray, features: np.ndarray, model: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from alerts.rubin_features import RUBIN_FEATURE_NAMES
+
+        n = len(pixels)
+        assert features.shape == (n, len(RUBIN_FEATURE_NAMES)), "Rubin rows get Rubin's features"
+        return np.ones((n, 6), np.float32), np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_mixed_topic_goes_to_each_surveys_bundle(alerts: list[bytes], pipeline: bool) -> None:
+    from alerts.synthetic_rubin import make_rubin_message
+
+    rubin = [make_rubin_message(900 if i % 2 else 1100, 7_000 + i, seed=i) for i in range(9)]
+    values = [v for pair in zip(alerts[:9], rubin, strict=True) for v in pair] + alerts[9:12]
+    msgs = messages(values)
+    h = harness(msgs, pipeline=pipeline, max_batch=5)
+    h.proc.rubin_runner = FakeRubinRunner()  # type: ignore[assignment]
+    h.proc.run(max_alerts=len(values))
+    out = [decode_result(o.value) for o in h.kafka.acked if o.topic == OUT]
+    assert len(out) == len(values) and not h.dead()
+    by_survey = {s: [r for r in out if r["survey"] == s] for s in ("ztf", "lsst")}
+    assert len(by_survey["lsst"]) == 9 and len(by_survey["ztf"]) == 12
+    for r in by_survey["lsst"]:
+        assert r["classifier"] == "none" and r["class_names"] == [] and r["predicted_class"] == ""
+        assert r["diaSourceId"] == r["candid"] and len(r["embedding"]) == 6 and r["model_name"] == "rubin"
+        assert r["band"] in "ugrizy" and r["alert_schema_version"] in ("9.0", "11.0")
+    for r in by_survey["ztf"]:
+        assert r["predicted_class"] in FakeRunner.class_names and len(r["embedding"]) == 4 and r["diaSourceId"] is None
+    assert set(h.redis.stored) == {r["candid"] for r in out}
+    last = {p: max(m.offset() for m in msgs if m.partition() == p) for p in (0, 1)}
+    assert {tp.partition: tp.offset for c in h.consumer.commits for tp in c} == {p: o + 1 for p, o in last.items()}
+
+
+def test_rubin_alerts_without_a_rubin_bundle_are_dead_letters(alerts: list[bytes]) -> None:
+    from alerts.synthetic_rubin import make_rubin_message
+
+    values = [alerts[0], make_rubin_message(1000, 8_001), alerts[1]]
+    h = harness(messages(values))
+    h.proc.run(max_alerts=3)
+    (dead,) = h.dead()
+    headers = dict(dead.headers or [])
+    assert headers["reason"] == b"no_model_for_survey" and headers["candid"] == b"8001"
+    assert len(h.output_candids()) == 2

@@ -22,6 +22,21 @@ def _result(candid: int = 123) -> Result:
     )  # fmt: skip
 
 
+def test_version_2_readers_and_records_still_work() -> None:
+    """Schema 3.0 only adds fields with defaults (survey, band, Rubin ids): a 2.0 record read with
+    3.0 is a ZTF result, and a 3.0 message is read by a reader that asks for the 2.0 fields."""
+    v3 = output_schema_json()
+    added = ("survey", "band", "diaSourceId", "diaObjectId")
+    v2 = dict(v3, version="2.0", fields=[f for f in v3["fields"] if f["name"] not in added])
+    rec = next(iter(fastavro.reader(io.BytesIO(ResultEncoder().encode(_result())))))
+    old = io.BytesIO()
+    fastavro.writer(old, fastavro.parse_schema(v2), [{f["name"]: rec[f["name"]] for f in v2["fields"]}])
+    (upgraded,) = list(fastavro.reader(io.BytesIO(old.getvalue()), reader_schema=fastavro.parse_schema(v3)))
+    assert upgraded["survey"] == "ztf" and upgraded["diaSourceId"] is None
+    (downgraded,) = list(fastavro.reader(io.BytesIO(ResultEncoder().encode(_result())), reader_schema=fastavro.parse_schema(v2)))
+    assert "survey" not in downgraded
+
+
 def test_version_1_readers_and_records_still_work() -> None:
     """Schema 2.0 only adds fields with defaults: a 1.0 record read with the 2.0 schema gets them
     filled in, and a 2.0 message is read by a reader that asks for the 1.0 fields only."""
@@ -44,7 +59,8 @@ def test_output_message_is_a_valid_avro_container_with_the_repo_schema() -> None
     assert rec["candid"] == 123 and rec["predicted_class"] == "VS"
     assert abs(rec["predicted_probability"] - 0.4) < 1e-6
     np.testing.assert_allclose(rec["embedding"], np.arange(42) / 7, rtol=1e-6)
-    assert rec["schemavsn"] == output_schema_json()["version"] == "2.0"
+    assert rec["schemavsn"] == output_schema_json()["version"] == "3.0"
+    assert rec["survey"] == "ztf" and rec["diaSourceId"] is None and rec["diaObjectId"] is None
     assert rec["classifier"] == "fused" and rec["features_version"] == 1
     np.testing.assert_allclose(rec["stamp_probabilities"], [0.5, 0.1, 0.1, 0.2, 0.1], rtol=1e-6)
     assert decode_result(msg)["source_offset"] == 99
@@ -71,7 +87,7 @@ _F32 = st.floats(width=32, allow_nan=False)
 
 @st.composite
 def _results(draw: st.DrawFn) -> Result:
-    names = tuple(draw(st.lists(st.text(max_size=12), min_size=1, max_size=6)))
+    names = tuple(draw(st.lists(st.text(max_size=12), min_size=0, max_size=6)))  # none: no classifier (Rubin)
     arrays = lambda n: st.lists(_F32, min_size=n, max_size=n).map(lambda v: np.array(v, np.float32))  # noqa: E731
     return Result(
         candid=draw(_I64), object_id=draw(st.text(max_size=20)), jd=draw(st.floats()), fid=draw(_I32),
@@ -81,7 +97,9 @@ def _results(draw: st.DrawFn) -> Result:
         nan_fraction=(draw(st.floats(0, 1)), draw(st.floats(0, 1))), alert_schema_version=draw(st.text(max_size=8)),
         processed_at_ms=draw(_I64), source_topic=draw(st.text(max_size=40)), source_partition=draw(_I32),
         source_offset=draw(_I64), stamp_probabilities=draw(st.sampled_from([0, len(names)]).flatmap(arrays)),
-        classifier=draw(st.sampled_from(["fused", "stamp-probe"])), features_version=draw(_I32),
+        classifier=draw(st.sampled_from(["fused", "stamp-probe", "none"])), features_version=draw(_I32),
+        survey=draw(st.sampled_from(["ztf", "lsst"])), band=draw(st.text(max_size=2)),
+        dia_source_id=draw(st.none() | _I64), dia_object_id=draw(st.none() | _I64),
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from config.consumer import VectorIndexConfig
 from consumer.redis_keys import bucket_start, expire_at, index_key, live_buckets
-from consumer.redis_sink import RedisSink
+from consumer.redis_sink import RedisSink, redis_fields
 from consumer.results import Result
 from consumer.subscribe import ResultFilter, json_ready, table_header, table_row
 from consumer.vector_index import attributes, exact_neighbours, filter_expression, parse_vsim_reply
@@ -105,7 +105,8 @@ def test_packed_batch_with_and_without_the_index() -> None:
         lines = payload.split(b"\r\n")
         return [lines[i] for i in range(2, len(lines) - 1, 2)]
 
-    a = parts(plain._pack(rs))  # EVALSHA sha numkeys KEYS... ttl k quant ef m names... values...
+    (payload,) = plain._pack(rs)  # one survey and model: one script call
+    a = parts(payload)  # EVALSHA sha numkeys KEYS... ttl k quant ef m names... values...
     assert a[2] == b"6" and a[7:9] == [b"p:emb:1", b"p:emb:2"]
     assert a[9] == b"600" and a[11:14] == [b"", b"0", b"0"]
     ka = int(a[10])
@@ -113,7 +114,8 @@ def test_packed_batch_with_and_without_the_index() -> None:
     first = a[14 + ka : 14 + 2 * ka + 1]
     assert first[names.index(b"candid")] == b"1" and np.frombuffer(first[ka], "<f4").tolist() == list(range(42))
     assert len(a) == 14 + ka + 2 * (ka + 1), "plain: the fields and the embedding per alert"
-    b = parts(indexed._pack(rs))
+    (payload,) = indexed._pack(rs)
+    b = parts(payload)
     assert b[2] == b"6"
     assert b[7:9] == [f"p:vec:stampstream-ae:20261126:q8:{day0}".encode(), f"p:vec:stampstream-ae:20261126:q8:{day1}".encode()]
     assert b[9] == b"600" and b[11:14] == [b"Q8", b"50", b"12"]
@@ -126,6 +128,23 @@ def test_packed_batch_with_and_without_the_index() -> None:
     assert first[k + 2] == str(expire_at(day0, 86400, 600)).encode()
     second = b[14 + 2 * k + 3 :]
     assert second[k + 2] == str(expire_at(day1, 86400, 600)).encode() and len(second) == k + 3
+
+
+def test_a_mixed_batch_packs_one_call_per_survey_under_its_own_keys() -> None:
+    import dataclasses
+
+    ztf = result(1)
+    lsst = dataclasses.replace(result(2), survey="lsst", band="z", dia_source_id=2, dia_object_id=None, object_id="",
+                               class_names=(), probabilities=np.zeros(0, np.float32),
+                               stamp_probabilities=np.zeros(0, np.float32), classifier="none")  # fmt: skip
+    sink = RedisSink(None, "p", 600)  # type: ignore[arg-type]
+    sink._sha = b"x"
+    first, second = sink._pack([ztf, lsst, ztf])
+    assert b"p:cand:1" in first and b"p:lsst:" not in first
+    assert b"p:lsst:cand:2" in second and b"p:lsst:obj:\r\n" in second and b"p:lsst:emb:2" in second
+    fields = redis_fields(lsst)
+    assert fields["class"] == "" and fields["classifier"] == "none" and fields["survey"] == "lsst"
+    assert "survey" not in redis_fields(ztf), "ZTF's hash stays as it was"
 
 
 def test_subscriber_filter_and_table() -> None:
