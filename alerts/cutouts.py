@@ -77,9 +77,10 @@ def _header_cards(raw: bytes) -> tuple[dict[str, str], int | None]:
     return cards, None
 
 
-def _fast_fits(raw: bytes) -> np.ndarray | None:
-    """Primary-HDU float image by direct parse, or None to fall back to astropy."""
-    cards, pos = _header_cards(raw)
+def _fast_fits(raw: bytes, header: tuple[dict[str, str], int | None] | None = None) -> np.ndarray | None:
+    """Primary-HDU float image by direct parse, or None to fall back to astropy. ``header``: the
+    primary header as ``_header_cards`` read it, when the caller has it already."""
+    cards, pos = _header_cards(raw) if header is None else header
     if pos is None:
         return None
     try:
@@ -269,6 +270,9 @@ def resample_area(img: np.ndarray) -> np.ndarray:
     """(RUBIN_FIELD, RUBIN_FIELD) -> (21, 21) by area; NaN pixels are left out of their means
     (NaN where an output pixel covers none)."""
     finite = np.isfinite(img)
+    if finite.all():  # the common case: two small products (measured: 4 us instead of 18)
+        out: np.ndarray = (_AREA @ img.astype(np.float64) @ _AREA.T).astype(np.float32)
+        return out
     vals = np.where(finite, img, 0.0).astype(np.float64)
     num = _AREA @ vals @ _AREA.T
     den = _AREA @ finite.astype(np.float64) @ _AREA.T
@@ -284,8 +288,11 @@ def rubin_cutout_crop(raw: bytes | None, name: str, *, fast: bool = True, max_by
         raise CutoutError(f"{name} cutout of {len(raw)} bytes (limit {max_bytes})", reason="cutout_too_large")
     if raw[:9] != b"SIMPLE  =":
         raise CutoutError(f"{name} cutout is not a FITS file", reason="cutout_bad_fits")
-    img = fits_image(raw, fast=fast)
-    cards, _ = _header_cards(raw)
+    header = _header_cards(raw)  # read once: the image's layout and the reference pixel
+    img = _fast_fits(raw, header) if fast else None
+    if img is None:
+        img = _astropy_fits(raw)
+    cards = header[0]
     ny, nx = img.shape
     field, padded = window(img, _source_start(cards, "CRPIX1", nx), _source_start(cards, "CRPIX2", ny), RUBIN_FIELD)
     return resample_area(field), padded

@@ -76,13 +76,33 @@ def build(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
-def read_yaml(path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
-    """The top-level mapping of a YAML file ({} for None)."""
+def parse_yaml(text: str, where: str = "config") -> Any:
+    """YAML text -> data, refusing a key given twice in one mapping: PyYAML keeps the last one
+    silently, and a second ``metrics:`` section once dropped the first one's ``host`` from the
+    Kubernetes config (the probes could not reach the pod)."""
     import yaml
 
+    class _Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: _Strict, node: yaml.MappingNode) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(f"{where}: key {key!r} given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    _Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=_Strict)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
+    """The top-level mapping of a YAML file ({} for None)."""
     if path is None:
         return {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = parse_yaml(Path(path).read_text(), str(path)) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data

@@ -80,7 +80,8 @@ def test_replay_consume_publish_commit(stack: Stack, corpus: list[bytes], tmp_pa
     # study's stamp-only probe beside them, in both sinks
     assert h[b"classifier"] == b"fused" and h[b"stamp_class"].decode() in ("AGN", "SN", "VS", "asteroid", "bogus")
     rec = next(decode_result(v) for v in read_output_topic(cfg, cfg.kafka.output_topic) if decode_result(v)["candid"] == some)
-    assert rec["classifier"] == "fused" and rec["features_version"] >= 1 and rec["schemavsn"] == "2.0"
+    assert rec["classifier"] == "fused" and rec["features_version"] >= 1 and rec["schemavsn"] == "3.0"
+    assert rec["survey"] == "ztf" and rec["band"] in ("g", "r", "i") and rec["diaSourceId"] is None
     assert len(rec["stamp_probabilities"]) == len(rec["probabilities"]) == 5
     assert abs(sum(rec["probabilities"]) - 1) < 1e-4 and rec["probabilities"] != rec["stamp_probabilities"]
     assert rec["predicted_class"].encode() == h[b"class"]
@@ -111,7 +112,7 @@ def test_replay_cli_and_peek(stack: Stack, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "consumer.cli", "peek", "--config", str(cfg_path), "-n", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    assert "6 results" in res.stdout and "6 candid hashes" in res.stdout
+    assert "6 results" in res.stdout and "6 ZTF and 0 Rubin candid hashes" in res.stdout
     assert str(alerts[-1].candid) in res.stdout or str(alerts[0].candid) in res.stdout
 
 

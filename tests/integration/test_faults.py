@@ -72,8 +72,8 @@ def good_and_bad(corpus: list[bytes], n_good: int) -> tuple[list[bytes], list[by
 
 
 def poison_messages() -> list[bytes]:
-    """A poison batch: truncated Avro, non-Avro, unknown schema, non-gzip cutout, FITS with a wrong
-    header, empty, and a 10 MB message."""
+    """A poison batch: truncated Avro, non-Avro, Rubin's framing with garbage, unknown schema,
+    non-gzip cutout, FITS with a wrong header, empty, and a 10 MB message."""
     base = make_alert(2_400_000_000_000_007_000).message
     other = io.BytesIO()
     fastavro.writer(other, {"type": "record", "name": "not_ztf", "fields": [{"name": "x", "type": "int"}]}, [{"x": 1}])
@@ -81,7 +81,8 @@ def poison_messages() -> list[bytes]:
     big = make_alert(2_400_000_000_000_007_004, science=gzip.compress(os.urandom(10 * 1024 * 1024))).message
     return [
         base[: len(base) // 3],
-        b"\x00\x01 definitely not avro",
+        b"\x01\x02 definitely not avro",
+        b"\x00\x01 Rubin's framing, then garbage",  # 0x00: read as Rubin's wire form (schema id out of range)
         other.getvalue(),
         make_alert(2_400_000_000_000_007_002, science=b"plain bytes, not gzip").message,
         make_alert(2_400_000_000_000_007_003, difference=bad_fits).message,

@@ -141,3 +141,10 @@ def test_topic_patterns_must_be_regular_expressions() -> None:
     assert cfg.kafka.input_topics[0] == "^lsst-alerts-v.*"
     with pytest.raises(ConfigError, match="regular expression"):
         parse_consumer_config({"kafka": {"input_topics": ["^lsst-alerts-v(.*"]}})
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("metrics:\n  host: 0.0.0.0\nbatching:\n  max_batch: 8\nmetrics:\n  port: 9108\n")
+    with pytest.raises(ConfigError, match="'metrics' given twice"):
+        load_consumer_config(path, env={})

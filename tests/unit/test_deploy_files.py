@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from config import load_consumer_config, parse_consumer_config
+from config.loader import parse_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,8 @@ def test_example_configs_load() -> None:
 
 def test_k8s_configmap_holds_a_valid_config_and_probes_use_the_metrics_port() -> None:
     cm = yaml.safe_load((ROOT / "deploy" / "k8s" / "configmap.yaml").read_text())
-    cfg = parse_consumer_config(yaml.safe_load(cm["data"]["config.yaml"]))
+    cfg = parse_consumer_config(parse_yaml(cm["data"]["config.yaml"]))  # a key given twice fails here
+    assert cfg.metrics.host == "0.0.0.0", "the probes reach the pod's address"
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()))
     dep = next(d for d in docs if d["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
