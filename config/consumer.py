@@ -151,9 +151,10 @@ class SchemaRegistryConfig:
 
 @dataclass(frozen=True)
 class RubinConfig:
-    # The runtime bundle of Rubin alerts (an encoder without a classifier until labelled Rubin
-    # alerts exist: model/bundles/README.md). Empty: Rubin alerts become dead letters
-    # (reason no_model_for_survey), to be replayed once a bundle is configured.
+    # The bundle of Rubin alerts (an encoder without a classifier until labelled Rubin alerts
+    # exist: model/bundles/README.md): .npz runs on ONNX Runtime (CPU), .pt on torch (CUDA when
+    # model.device finds a GPU). Empty: Rubin alerts become dead letters (reason
+    # no_model_for_survey), to be replayed once a bundle is configured.
     bundle_path: str = "model/bundles/rubin.npz"
     schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
 

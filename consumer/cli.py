@@ -8,6 +8,7 @@ import faulthandler
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -80,11 +81,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = ModelRunner(cfg.model.bundle_path, cfg.model.device, cfg.model.tta_dihedral, cfg.model.reload_check_s,
                          cfg.model.cpu_precision, threads)  # fmt: skip
     rubin_runner = None
-    if cfg.rubin.bundle_path:  # Rubin's own bundle (an encoder without a classifier today); CPU
+    if cfg.rubin.bundle_path and not os.path.exists(cfg.rubin.bundle_path):
+        # a ZTF-only deployment must not fail for want of Rubin's bundle; a broken one still stops the start
+        log.warning("rubin.bundle_path %s does not exist: Rubin alerts become dead letters (no_model_for_survey)",
+                    cfg.rubin.bundle_path)  # fmt: skip
+    elif cfg.rubin.bundle_path:  # Rubin's own bundle (an encoder without a classifier today)
         from alerts.rubin_features import RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION
 
-        rubin_runner = ModelRunner(cfg.rubin.bundle_path, "cpu", None, cfg.model.reload_check_s, "fp32", threads,
-                                   features=(RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION))  # fmt: skip
+        rubin_runner = ModelRunner(cfg.rubin.bundle_path, cfg.model.device, None, cfg.model.reload_check_s,
+                                   cfg.model.cpu_precision, threads, features=(RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION))  # fmt: skip
     from consumer.schema_registry import RubinSchemaSource
 
     rubin_schemas = RubinSchemaSource(cfg.rubin.schema_registry)
@@ -260,7 +265,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     from consumer.subscribe import ResultFilter, json_ready, subscribe, table_header, table_row
 
     cfg = load_consumer_config(args.config)
-    flt = ResultFilter(tuple(args.cls or ()), args.min_probability)
+    flt = ResultFilter(tuple(args.cls or ()), args.min_probability, tuple(args.survey or ()))
     n = 0
     if not args.json:
         print(table_header(), flush=True)
@@ -318,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sb.add_argument("--config", required=True)
     sb.add_argument("--class", dest="cls", action="append", help="predicted class to keep (repeatable)")
     sb.add_argument("--min-probability", type=float, default=0.0)
+    sb.add_argument("--survey", action="append", choices=["ztf", "lsst"], help="survey to keep (repeatable; default: both)")
     sb.add_argument("--from-beginning", action="store_true")
     sb.add_argument("--group", default=None, help="a named group resumes where it stopped (default: a fresh one)")
     sb.add_argument("--json", action="store_true", help="JSON lines instead of the table")

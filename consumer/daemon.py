@@ -325,7 +325,10 @@ class StreamProcessor:
             self.retry("redis", write_redis, [None])
         with self.counters.timed("commit"):
             self.commit(pub.offsets)
-        self.counters.batch_done(len(pub.results))
+        by_survey: dict[str, int] = {}
+        for r in pub.results:
+            by_survey[r.survey] = by_survey.get(r.survey, 0) + 1
+        self.counters.batch_done(len(pub.results), by_survey)
 
     def finish(self, inferring: InFlight | None, awaiting_redis: Published | None) -> None:
         """Everything in hand through to the commit, oldest first."""

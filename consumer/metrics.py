@@ -29,6 +29,9 @@ class Metrics:
             ["kind"], registry=r,
         )  # fmt: skip
         self.alerts_out = Counter("stampstream_alerts_out", "Results published to both sinks", registry=r)
+        self.survey_alerts_out = Counter(
+            "stampstream_survey_alerts_out", "Results published to both sinks, by survey (ztf, lsst)", ["survey"], registry=r
+        )
         self.dead_letters = Counter(
             "stampstream_dead_letters", "Messages sent to the dead-letter topic", ["reason"], registry=r
         )

@@ -29,6 +29,7 @@ class RunStats:
     # CPU seconds of the whole process (all threads) from the first message to the last batch
     cpu_s: float = 0.0
     dead_reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    survey_out: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # alerts_out by survey
 
 
 class Counters:
@@ -59,13 +60,16 @@ class Counters:
         self.stats.dead_reasons[reason] += 1
         self.metrics.dead_letters.labels(reason).inc()
 
-    def batch_done(self, results: int) -> None:
+    def batch_done(self, results: int, by_survey: dict[str, int] | None = None) -> None:
         now = time.time()
         self.stats.alerts_out += results
         self.stats.batches += 1
         self.stats.last_batch_at = now
         self.stats.cpu_s = time.process_time() - self._cpu_at_first
         self.metrics.alerts_out.inc(results)
+        for survey, n in (by_survey or {}).items():
+            self.stats.survey_out[survey] += n
+            self.metrics.survey_alerts_out.labels(survey).inc(n)
         self.metrics.last_batch_time.set(now)
 
     def committed(self) -> None:

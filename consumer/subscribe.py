@@ -33,12 +33,15 @@ from consumer.results import decode_result
 @dataclass(frozen=True)
 class ResultFilter:
     """Which records a subscriber wants: predicted class among ``classes`` (empty: any) with
-    at least ``min_probability``."""
+    at least ``min_probability``, of the ``surveys`` named (empty: any; ztf, lsst)."""
 
     classes: tuple[str, ...] = ()
     min_probability: float = 0.0
+    surveys: tuple[str, ...] = ()
 
     def matches(self, record: dict[str, Any]) -> bool:
+        if self.surveys and record.get("survey", "ztf") not in self.surveys:
+            return False
         if self.classes and record.get("predicted_class") not in self.classes:
             return False
         return float(record.get("predicted_probability", 0.0)) >= self.min_probability

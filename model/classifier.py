@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -25,8 +27,12 @@ class LinearProbe(nn.Module):
     training embeddings, so the probe learns at one learning rate whatever the latent's scale."""
 
     def __init__(self, latent_dim: int, n_classes: int = len(CLASS_NAMES)) -> None:
+        """``n_classes`` 0: an encoder without a classifier (a survey without labels, Rubin today):
+        the probe's output is empty."""
         super().__init__()
-        self.linear = nn.Linear(latent_dim, n_classes)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.linear = nn.Linear(latent_dim, n_classes)
         self.z_mean: torch.Tensor
         self.z_std: torch.Tensor
         self.register_buffer("z_mean", torch.zeros(latent_dim))

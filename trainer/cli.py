@@ -79,12 +79,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_bundle
 
-    if (Path(args.run_dir) / "encoder.pt").exists():  # a Rubin run: the encoder's runtime bundle only
+    if (Path(args.run_dir) / "encoder.pt").exists():  # a Rubin run: the encoder, no classes
         from trainer.rubin import export_rubin
 
-        out = Path(args.out).with_suffix(".npz")
-        export_rubin(Path(args.run_dir), out, args.name, args.version or Path(args.run_dir).name)
-        print(f"runtime bundle (encoder only, no classes) written to {out}")
+        pt, npz = export_rubin(Path(args.run_dir), Path(args.out), args.name, args.version or Path(args.run_dir).name)
+        print(f"Rubin bundles (encoder only, no classes) written to {pt} (torch) and {npz} (runtime)")
         return 0
 
     pooled = {"auto": None, "on": True, "off": False}[args.pooling]

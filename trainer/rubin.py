@@ -136,9 +136,13 @@ def _picture(model: torch.nn.Module, x: np.ndarray, path: Path, device: torch.de
     plt.close(fig)
 
 
-def export_rubin(run_dir: Path, out: Path, name: str, version: str) -> None:
-    """A Rubin run -> its runtime bundle (encoder only, no classes: model/runtime.py)."""
+def export_rubin(run_dir: Path, out: Path, name: str, version: str) -> tuple[Path, Path]:
+    """A Rubin run -> its bundles, both without classes: the torch bundle (``.pt``: CUDA when
+    there is a GPU; a probe of zero classes, so the consumer's torch path serves it unchanged) and
+    the runtime bundle (``.npz``: ONNX Runtime on the CPU, no torch), checked equal."""
     from model.autoencoder import Autoencoder
+    from model.bundle import bundle_from_model, load_bundle, save_bundle
+    from model.classifier import StampClassifier
     from model.runtime import save_runtime
     from model.runtime_export import encoder_runtime
     from model.spec import AutoencoderConfig
@@ -147,8 +151,17 @@ def export_rubin(run_dir: Path, out: Path, name: str, version: str) -> None:
     ae_cfg = AutoencoderConfig.from_dict(ckpt["autoencoder"])
     model = Autoencoder(ae_cfg)
     model.encoder.load_state_dict(ckpt["encoder"])
+    stamp = StampClassifier(ae_cfg, (), tta_dihedral=False)
+    stamp.encoder.load_state_dict(model.encoder.state_dict())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    pt, npz = out.with_suffix(".pt"), out.with_suffix(".npz")
+    bundle = bundle_from_model(stamp, name=name, version=version, metrics=metrics,
+                               training_data={"survey": "lsst", "alerts": metrics.get("alerts")})  # fmt: skip
+    save_bundle(bundle, pt)
+    load_bundle(pt)  # its own checks: weights fit, outputs of the right shapes
     runtime = encoder_runtime(model.encoder.eval(), name, version, ae_cfg.latent_dim, source=run_dir.name)
-    save_runtime(runtime, out)
+    save_runtime(runtime, npz)
+    return pt, npz
 
 
 def write_rubin_report(run_dir: Path) -> Path:

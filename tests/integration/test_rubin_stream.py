@@ -35,8 +35,8 @@ def rubin_messages() -> list[bytes]:
     return [make_rubin_message(ids[i % len(ids)], 9_000_000 + i, seed=i, n_prv=i % 40) for i in range(60)]
 
 
-def _run(stack: Stack, tmp_path: Path, values: list[bytes]) -> tuple[Path, list[dict], redis.Redis, str]:
-    cfg_path, data = stack.config(tmp_path)
+def _run(stack: Stack, tmp_path: Path, values: list[bytes], **overrides: dict) -> tuple[Path, list[dict], redis.Redis, str]:
+    cfg_path, data = stack.config(tmp_path, **overrides)
     topic = data["kafka"]["input_topics"][0]
     create_topic(stack.bootstrap, topic, 2)
     produce(stack.bootstrap, topic, values)
@@ -95,3 +95,15 @@ def test_a_mixed_ztf_and_rubin_topic(stack: Stack, corpus: list[bytes], tmp_path
     assert o.redis_candids == expected_ztf, "ZTF keys where they always were"
     assert not o.dead_letters and o.committed == o.end_offsets
     print(f"\nmixed topic: {len(expected_ztf)} ZTF + {len(expected_rubin)} Rubin alerts, both sinks")
+
+
+def test_without_a_rubin_bundle_rubin_alerts_are_dead_letters(stack: Stack, corpus: list[bytes], tmp_path: Path) -> None:
+    rubin = rubin_messages()[:10]
+    ztf = corpus[:20]
+    cfg_path, records, _r, _prefix = _run(stack, tmp_path, ztf + rubin, rubin={"bundle_path": str(tmp_path / "none.npz")})
+    assert {rec["survey"] for rec in records} == {"ztf"} and len(records) == 20
+    o = outcome(cfg_path)
+    assert sorted(h["reason"].decode() for _, h in o.dead_letters) == ["no_model_for_survey"] * 10
+    assert sorted(v for v, _ in o.dead_letters) == sorted(rubin), "the raw messages, to replay later"
+    assert o.committed == o.end_offsets
+    assert "does not exist" in (tmp_path / "consumer.log").read_text()

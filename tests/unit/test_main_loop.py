@@ -431,6 +431,8 @@ def test_a_mixed_topic_goes_to_each_surveys_bundle(alerts: list[bytes], pipeline
     for r in by_survey["ztf"]:
         assert r["predicted_class"] in FakeRunner.class_names and len(r["embedding"]) == 4 and r["diaSourceId"] is None
     assert set(h.redis.stored) == {r["candid"] for r in out}
+    assert dict(h.proc.stats.survey_out) == {"ztf": 12, "lsst": 9}
+    assert h.metrics.survey_alerts_out.labels("lsst")._value.get() == 9
     last = {p: max(m.offset() for m in msgs if m.partition() == p) for p in (0, 1)}
     assert {tp.partition: tp.offset for c in h.consumer.commits for tp in c} == {p: o + 1 for p, o in last.items()}
 

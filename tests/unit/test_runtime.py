@@ -49,6 +49,29 @@ def test_the_shipped_runtime_bundle_is_the_shipped_torch_bundle() -> None:
     assert runner.snapshot()[1].classifier == "fused"
 
 
+def test_the_shipped_rubin_bundles_are_one_encoder_without_classes() -> None:
+    from alerts.message import decode_rubin_message
+    from alerts.rubin import RubinSchemaCache
+    from alerts.rubin_features import RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION, rubin_features
+    from alerts.synthetic_rubin import make_rubin_message
+
+    cache = RubinSchemaCache()
+    decoded = [decode_rubin_message(make_rubin_message(1100, 1 + i, seed=i), cache) for i in range(70)]
+    raw = np.stack([px.pixels for _, px in decoded])
+    feats = np.stack([rubin_features(a) for a, _ in decoded])
+    features = (RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION)
+    pt = ModelRunner(str(ROOT / "model" / "bundles" / "rubin.pt"), "cpu", cpu_precision="fp32", features=features)
+    npz = ModelRunner(str(ROOT / "model" / "bundles" / "rubin.npz"), "auto", features=features)
+    (z_t, ps_t, p_t), (z_r, ps_r, p_r) = pt.predict(raw, feats), npz.predict(raw, feats)
+    cos = (z_t * z_r).sum(1) / np.linalg.norm(z_t, axis=1) / np.linalg.norm(z_r, axis=1)
+    assert z_t.shape == (70, 42) and cos.min() >= 0.9999
+    assert ps_t.shape == p_t.shape == ps_r.shape == p_r.shape == (70, 0)
+    for runner in (pt, npz):
+        assert runner.class_names == () and runner.snapshot()[1].classifier == "none"
+    with pytest.raises(BundleRefused):  # ZTF's features: a bundle is checked against its survey's
+        ModelRunner(str(DEFAULT_NPZ), "auto", features=features)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_export_round_trip(tmp_path: Path, fused: bool) -> None:
     names = FEATURE_NAMES if fused else None

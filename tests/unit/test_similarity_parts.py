@@ -155,6 +155,9 @@ def test_subscriber_filter_and_table() -> None:
     assert ResultFilter(("SN",), 0.8).matches(rec)
     assert not ResultFilter(("SN",), 0.9).matches(rec)
     assert not ResultFilter(("AGN", "VS")).matches(rec)
+    assert ResultFilter(surveys=("ztf",)).matches(rec), "a record without survey (schema < 3.0) is ZTF's"
+    assert not ResultFilter(surveys=("lsst",)).matches(rec)
+    assert ResultFilter(surveys=("lsst",)).matches(rec | {"survey": "lsst", "predicted_class": ""})
     row = table_row(rec)
     assert row.startswith("2026-11-26 01:02:03.456") and "ZTF25abcdefg" in row and "0.830" in row
     assert len(table_header().split()) == 7

@@ -141,6 +141,34 @@ def test_cli_fit_report_export_smoke(alert_dir: Path, tmp_path: Path) -> None:
     assert load_bundle(tmp_path / "bundle.pt").name == "stampstream-ae"
 
 
+def test_cli_rubin_fit_report_export(tmp_path: Path) -> None:
+    """`trainer fit --survey lsst` on generated Rubin alerts (no labels): the encoder, its report,
+    and the two bundles without classes, which the consumer's runner serves."""
+    from alerts.synthetic_rubin import make_rubin_message
+
+    data = tmp_path / "rubin"
+    data.mkdir()
+    for i in range(24):
+        (data / f"a{i}.bin").write_bytes(make_rubin_message(1000 if i % 2 else 1100, 50 + i, seed=i, n_prv=i % 4))
+    run = tmp_path / "run"
+    py = [sys.executable, "-m", "trainer.cli"]
+    kw = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 600}
+    res = subprocess.run([*py, "fit", "--survey", "lsst", "--data", str(data), "--out", str(run), "--smoke", "--device", "cpu"], **kw)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fit done (lsst): 24 alerts" in res.stdout
+    assert subprocess.run([*py, "report", str(run)], **kw).returncode == 0
+    assert "mean training crop" in (run / "report.md").read_text()
+    assert plt.imread(run / "reconstructions.png")[..., :3].std() > 0.02
+    res = subprocess.run([*py, "export", str(run), "--out", str(tmp_path / "rubin.pt"), "--name", "r"], **kw)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from alerts.rubin_features import RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION
+    from consumer.inference import ModelRunner
+
+    for name in ("rubin.pt", "rubin.npz"):
+        runner = ModelRunner(str(tmp_path / name), "cpu", features=(RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION))
+        assert runner.name == "r" and runner.class_names == ()
+
+
 @pytest.mark.parametrize(("kind", "objective"), [("ae", "invariance"), ("ae", "contrastive"), ("vae", "none")])
 def test_variants_train(alert_dir: Path, tmp_path: Path, kind: str, objective: str) -> None:
     ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
