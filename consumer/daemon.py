@@ -15,6 +15,10 @@ the model works while the previous batch is published, and commits stay in offse
 the stream is quiet, everything in hand is finished at once; with ``batching.pipeline: false``
 each batch goes through all stages before the next is consumed.
 
+Surveys: each message is decoded by its own survey's decoder (ZTF's Avro container or Rubin's
+0x00 wire form, told apart by its first bytes: ``alerts.message.decode_any``), and in
+``start_inference`` each survey's rows go to its own bundle; results keep the messages' order.
+
 Python-level work stays on the main thread: split across threads it only queues for the GIL
 (measured: cutouts on the worker cost 1.6x their CPU time in waiting).
 
