@@ -147,6 +147,9 @@ class SchemaRegistryConfig:
     timeout_s: float = 5.0
     # After the registry failed, ask it again only after this long (the package answers meanwhile).
     retry_after_s: float = 60.0
+    # At most this many registry requests per minute: a flood of messages with ever-new schema ids
+    # must not stall the stream on registry round trips (the package answers beyond it).
+    max_requests_per_minute: int = 30
 
 
 @dataclass(frozen=True)

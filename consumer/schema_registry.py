@@ -6,7 +6,9 @@ Why a fallback at all: a registry outage must not turn a night of alerts into de
 the schema is one we ship. Why the registry first: a schema version newer than the installed
 package is only known there. Each id is asked once (the cache above keeps the compiled schema); an
 id nobody knows, and a registry that failed, are not asked again for ``retry_after_s``, so a flood
-of messages with a bogus id costs one request per id and interval, not one per message.
+of messages with a bogus id costs one request per id and interval, not one per message, and
+requests are capped per minute (``max_requests_per_minute``), so ever-new bogus ids cannot stall
+the stream on registry round trips either.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class RubinSchemaSource:
         self.client = client if client is not None else (self._client(cfg) if cfg.url else None)
         self._registry_down_until = 0.0
         self._unknown_until: dict[int, float] = {}
-        self.counts = {"registry": 0, "package": 0, "unknown": 0, "registry_errors": 0}
+        self._requests: list[float] = []  # times of the requests of the last minute
+        self.counts = {"registry": 0, "package": 0, "unknown": 0, "registry_errors": 0, "rate_limited": 0}
 
     @staticmethod
     def _client(cfg: SchemaRegistryConfig) -> Any:
@@ -70,6 +73,11 @@ class RubinSchemaSource:
     def _from_registry(self, schema_id: int, now: float) -> bytes | None:
         if self.client is None or now < self._registry_down_until:
             return None
+        self._requests = [t for t in self._requests if t > now - 60.0]
+        if len(self._requests) >= self.cfg.max_requests_per_minute:
+            self.counts["rate_limited"] += 1
+            return None
+        self._requests.append(now)
         try:
             schema = self.client.get_schema(schema_id)
         except Exception as e:  # SchemaRegistryError (404, 5xx), connection errors, timeouts

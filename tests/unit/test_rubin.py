@@ -312,6 +312,16 @@ def test_schema_source_prefers_the_registry_and_falls_back() -> None:
     now[0] = 61.0
     reg.fail = False
     assert src(1200) == b'{"registry": true}' and reg.asked == 5
+    # ever-new ids: at most max_requests_per_minute registry round trips, then the package answers
+    capped = RubinSchemaSource(SchemaRegistryConfig(url="http://registry.invalid", max_requests_per_minute=3),
+                               client=_FakeRegistry({}), clock=lambda: now[0])  # fmt: skip
+    for i in range(10):
+        capped(5000 + i)
+    assert capped.client.asked == 3 and capped.counts["rate_limited"] == 7
+    assert capped(900) == packaged_schema(900), "the package still answers"
+    now[0] += 61.0
+    capped(6000)
+    assert capped.client.asked == 4, "a minute later the registry is asked again"
     no_registry = RubinSchemaSource(SchemaRegistryConfig())
     assert no_registry.client is None and no_registry(900) == packaged_schema(900)
 
