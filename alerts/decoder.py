@@ -236,6 +236,13 @@ def alert_from_record(rec: dict[str, Any], schema_version: str) -> Alert:
     )  # fmt: skip
 
 
+def check_history_length(history: Any, max_items: int) -> None:
+    """The general path's bound of a history, as the fast path's reader stops at ``max_items``:
+    both paths refuse the same messages (``too_large``)."""
+    if isinstance(history, list) and len(history) > max_items:
+        raise AlertDecodeError(f"history of {len(history)} entries (limit {max_items})", reason="too_large")
+
+
 def _decode_full(message: bytes) -> list[Alert]:
     """The slow, general path: fastavro's own container reader (any codec, any block layout)."""
     try:
@@ -398,6 +405,7 @@ def _decode_block(data: bytes, pos: int, end: int, count: int, plan: _SchemaPlan
                 raise
             except Exception as e:
                 raise AlertDecodeError(f"record decoding failed: {type(e).__name__}: {e}", reason="truncated") from e
+            check_history_length(rec.get("prv_candidates"), cache.limits.max_array_items)
             alerts.append(alert_from_record(rec, plan.version))
         pos = bio.tell()
     if pos != end:

@@ -30,6 +30,7 @@ from fastavro import schemaless_reader
 
 from alerts.alert import ArrayColumns, same_array
 from alerts.allowlist import RUBIN_HISTORY_FIELDS, RUBIN_OBJECT_FIELDS, RUBIN_SOURCE_FIELDS
+from alerts.decoder import check_history_length
 from alerts.errors import AlertDecodeError
 from alerts.flat_reader import ERR_TOO_MANY, ERROR_TEXT, PackedLayout, Rows, read_record
 from alerts.layout import compile_layout
@@ -323,7 +324,7 @@ def _decode_fast(message: bytes, plan: RubinPlan, max_items: int) -> RubinAlert:
     )  # fmt: skip
 
 
-def _decode_general(message: bytes, plan: RubinPlan) -> RubinAlert:
+def _decode_general(message: bytes, plan: RubinPlan, max_items: int) -> RubinAlert:
     bio = io.BytesIO(message)
     bio.seek(HEADER_SIZE)
     try:
@@ -334,6 +335,7 @@ def _decode_general(message: bytes, plan: RubinPlan) -> RubinAlert:
         raise AlertDecodeError("bytes after the record", reason="truncated")
     if not isinstance(rec, dict):
         raise AlertDecodeError("the decoded datum is not a record", reason="unknown_schema")
+    check_history_length(rec.get("prvDiaSources"), max_items)
     return rubin_alert_from_record(rec, plan.version)
 
 
@@ -342,4 +344,4 @@ def decode_rubin(message: bytes, cache: RubinSchemaCache, fast: bool = True) -> 
     plan = cache.plan(wire_schema_id(message))
     if fast and plan.layout is not None:
         return _decode_fast(message, plan, cache.limits.max_array_items)
-    return _decode_general(message, plan)
+    return _decode_general(message, plan, cache.limits.max_array_items)

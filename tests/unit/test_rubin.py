@@ -135,11 +135,13 @@ def test_every_truncation_is_a_named_error() -> None:
         decode_rubin(msg + b"\x00", cache)
 
 
-def test_a_history_longer_than_the_limit_is_refused() -> None:
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_history_longer_than_the_limit_is_refused_by_both_paths(fast: bool) -> None:
     msg = make_rubin_message(1000, 5, seed=1, n_prv=12)
     with pytest.raises(AlertDecodeError) as e:
-        decode_rubin(msg, RubinSchemaCache(DecodeLimits(max_array_items=10)))
+        decode_rubin(msg, RubinSchemaCache(DecodeLimits(max_array_items=10)), fast=fast)
     assert e.value.reason == "too_large"
+    assert len(decode_rubin(msg, RubinSchemaCache(DecodeLimits(max_array_items=12)), fast=fast).history) == 12
 
 
 def test_unknown_ids_and_schemas_against_the_policy() -> None:
