@@ -18,23 +18,33 @@ def same_array(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
 
 
-
-class ArrayColumns:
-    """Equality of a frozen dataclass whose fields are all numpy columns (a history)."""
+class FieldsEqual:
+    """Equality of a frozen dataclass field by field, numpy fields by ``same_array`` (NaN equal
+    to NaN): what both decoding paths are held to."""
 
     __slots__ = ()
     __dataclass_fields__: dict[str, object]
 
-    def __len__(self) -> int:
-        first = next(iter(self.__dataclass_fields__))
-        return int(getattr(self, first).shape[0])
-
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(same_array(getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__)
+        for f in self.__dataclass_fields__:
+            a, b = getattr(self, f), getattr(other, f)
+            if not (same_array(a, b) if isinstance(a, np.ndarray) and isinstance(b, np.ndarray) else a == b):
+                return False
+        return True
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class ArrayColumns(FieldsEqual):
+    """A frozen dataclass whose fields are all numpy columns of one length (a history)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        first = next(iter(self.__dataclass_fields__))
+        return int(getattr(self, first).shape[0])
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -66,7 +76,7 @@ def sign_of(isdiffpos: str | bytes | None) -> int:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Alert:
+class Alert(FieldsEqual):
     """One ZTF alert as the service uses it. ``candidate`` holds the values of
     ``allowlist.CANDIDATE_FIELDS`` in that order (float64; NaN where null or absent from the writer
     schema). Cutouts stay as the gzipped FITS bytes of the packet."""
@@ -116,15 +126,3 @@ class Alert:
     @property
     def magpsf(self) -> float | None:
         return self._optional("magpsf")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Alert):
-            return NotImplemented
-        return (
-            (self.candid, self.object_id, self.schema_version, self.isdiffpos, self.science, self.difference)
-            == (other.candid, other.object_id, other.schema_version, other.isdiffpos, other.science, other.difference)
-            and same_array(self.candidate, other.candidate)
-            and self.history == other.history
-        )
-
-    __hash__ = None  # type: ignore[assignment]

@@ -266,7 +266,8 @@ def _kernel_error(err: int, where: str) -> AlertDecodeError:
     return AlertDecodeError(f"{where}: {ERROR_TEXT.get(err, 'bad record')}", reason=reason)
 
 
-def _bytes(message: bytes, rows: Rows, col: int) -> bytes | None:
+def field_bytes(message: bytes, rows: Rows, col: int) -> bytes | None:
+    """A bytes field of the compiled reader's top row (None where null)."""
     n = int(rows.lens[0, col])
     if n < 0:
         return None
@@ -274,9 +275,9 @@ def _bytes(message: bytes, rows: Rows, col: int) -> bytes | None:
     return message[start : start + n]
 
 
-def _text(message: bytes, rows: Rows, col: int) -> str | None:
+def field_text(message: bytes, rows: Rows, col: int) -> str | None:
     """A string field, strictly UTF-8 (as fastavro reads it, so both paths agree)."""
-    raw = _bytes(message, rows, col)
+    raw = field_bytes(message, rows, col)
     try:
         return None if raw is None else raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -308,12 +309,12 @@ def _decode_record(message: bytes, buf: np.ndarray, pos: int, end: int, plan: _S
     candid: int | None = int(top.ints[0, _CANDID]) if top.lens[0, _CANDID] >= 0 else None
     if candid is None and top.lens[0, _CAND_CANDID] >= 0:
         candid = int(top.ints[0, _CAND_CANDID])
-    object_id = _text(message, top, _OBJECT_ID)
-    isdiffpos = _text(message, top, _ISDIFFPOS)
+    object_id = field_text(message, top, _OBJECT_ID)
+    isdiffpos = field_text(message, top, _ISDIFFPOS)
     alert = _checked(
         candid, object_id, top.vals[0, _FIRST_CANDIDATE:].copy(), plan.version, isdiffpos,
         _history_from_rows(buf, items),
-        _bytes(message, top, _SCIENCE), _bytes(message, top, _DIFFERENCE),
+        field_bytes(message, top, _SCIENCE), field_bytes(message, top, _DIFFERENCE),
     )  # fmt: skip
     return alert, pos
 

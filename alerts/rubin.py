@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from fastavro import schemaless_reader
 
-from alerts.alert import ArrayColumns, same_array
+from alerts.alert import ArrayColumns, FieldsEqual
 from alerts.allowlist import RUBIN_HISTORY_FIELDS, RUBIN_OBJECT_FIELDS, RUBIN_SOURCE_FIELDS
-from alerts.decoder import check_history_length
+from alerts.decoder import check_history_length, field_bytes, field_text
 from alerts.errors import AlertDecodeError
 from alerts.flat_reader import ERR_TOO_MANY, ERROR_TEXT, PackedLayout, Rows, read_record
 from alerts.layout import compile_layout
@@ -58,6 +58,11 @@ _HISTORY = {n: i for i, n in enumerate(RUBIN_HISTORY_FIELDS)}
 _REQUIRED_SOURCE = ("diaSourceId", "midpointMjdTai", "ra", "dec", "band")
 
 
+_BAND_OF_BYTE = np.zeros(256, np.int8)  # first byte of a one-letter band -> its code
+for _k, _b in enumerate(BANDS):
+    _BAND_OF_BYTE[ord(_b)] = _k + 1
+
+
 def band_code(band: str | None) -> int:
     return BANDS.index(band) + 1 if band is not None and len(band) == 1 and band in BANDS else 0
 
@@ -78,7 +83,7 @@ class RubinHistory(ArrayColumns):
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class RubinAlert:
+class RubinAlert(FieldsEqual):
     """One Rubin alert as the service uses it. ``source`` holds ``RUBIN_SOURCE_FIELDS`` of the
     diaSource in that order (float64, NaN where null; booleans 0/1), ``obj`` the
     ``RUBIN_OBJECT_FIELDS`` of the diaObject (NaN without one). Cutouts stay as the packet's
@@ -127,17 +132,6 @@ class RubinAlert:
     @property
     def dec(self) -> float:
         return self.value("dec")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RubinAlert):
-            return NotImplemented
-        return (
-            (self.dia_source_id, self.dia_object_id, self.schema_version, self.band, self.science, self.difference)
-            == (other.dia_source_id, other.dia_object_id, other.schema_version, other.band, other.science, other.difference)
-            and same_array(self.source, other.source) and same_array(self.obj, other.obj) and self.history == other.history
-        )
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 # ---- schemas ---------------------------------------------------------------------------------
@@ -277,14 +271,6 @@ def rubin_alert_from_record(rec: dict[str, Any], version: str) -> RubinAlert:
     )  # fmt: skip
 
 
-def _bytes(message: bytes, rows: Rows, col: int) -> bytes | None:
-    n = int(rows.lens[0, col])
-    if n < 0:
-        return None
-    start = int(rows.ints[0, col])
-    return message[start : start + n]
-
-
 def _history_from_rows(buf: np.ndarray, items: Rows) -> RubinHistory:
     n = items.vals.shape[0]
     if n == 0:
@@ -292,12 +278,9 @@ def _history_from_rows(buf: np.ndarray, items: Rows) -> RubinHistory:
     i = _HISTORY["band"]
     one = items.lens[:, i] == 1  # a band is one letter; anything else is unknown (0)
     first = np.where(one, buf[np.where(one, items.ints[:, i], 0)], 0)
-    lookup = np.zeros(256, np.int8)
-    for k, b in enumerate(BANDS):
-        lookup[ord(b)] = k + 1
     v = items.vals
     return RubinHistory(
-        v[:, _HISTORY["midpointMjdTai"]].copy(), np.where(one, lookup[first], 0).astype(np.int8),
+        v[:, _HISTORY["midpointMjdTai"]].copy(), np.where(one, _BAND_OF_BYTE[first], 0).astype(np.int8),
         v[:, _HISTORY["psfFlux"]].copy(), v[:, _HISTORY["psfFluxErr"]].copy(),
     )  # fmt: skip
 
@@ -313,14 +296,10 @@ def _decode_fast(message: bytes, plan: RubinPlan, max_items: int) -> RubinAlert:
         raise AlertDecodeError("bytes after the record", reason="truncated")
     source_id = int(top.ints[0, _SOURCE_ID]) if top.lens[0, _SOURCE_ID] >= 0 else None
     object_id = int(top.ints[0, _OBJECT_ID]) if top.lens[0, _OBJECT_ID] >= 0 else None
-    raw_band = _bytes(message, top, _BAND)
-    try:
-        band = None if raw_band is None else raw_band.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise AlertDecodeError(f"band is not UTF-8: {e}", reason="truncated") from e
+    band = field_text(message, top, _BAND)
     return _checked(
         source_id, object_id, band, top.vals[0, _FIRST_SOURCE:_FIRST_OBJECT].copy(), top.vals[0, _FIRST_OBJECT:].copy(),
-        plan.version, _history_from_rows(buf, items), _bytes(message, top, _SCIENCE), _bytes(message, top, _DIFFERENCE),
+        plan.version, _history_from_rows(buf, items), field_bytes(message, top, _SCIENCE), field_bytes(message, top, _DIFFERENCE),
     )  # fmt: skip
 
 

@@ -107,13 +107,16 @@ def oversized_schema(candid: int, size: int = 600_000) -> bytes:
     return message_of(schema, record_of(candid))
 
 
-def rubin_message(source_id: int, n_prv: int = 2, schema_id: int = 1000, **changes: object) -> bytes:
-    """A generated Rubin wire message with top-level fields replaced by ``changes``."""
+def rubin_message(source_id: int, n_prv: int = 2, schema_id: int = 1000, mutate=None, **changes: object) -> bytes:
+    """A generated Rubin wire message with top-level fields replaced by ``changes`` (and
+    ``mutate(record)`` applied, for nested fields)."""
     from alerts.rubin_schemas import packaged_schema
     from alerts.synthetic_rubin import make_rubin_record
 
     schema = json.loads(packaged_schema(schema_id) or b"")
     record = make_rubin_record(schema, source_id, np.random.default_rng(source_id % 1000), n_prv) | changes
+    if mutate is not None:
+        mutate(record)
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
     return b"\x00" + schema_id.to_bytes(4, "big") + body.getvalue()
@@ -131,15 +134,7 @@ def rubin_fits_bomb(source_id: int) -> bytes:
 
 
 def rubin_bad_band(source_id: int) -> bytes:
-    from alerts.rubin_schemas import packaged_schema
-    from alerts.synthetic_rubin import make_rubin_record
-
-    schema = json.loads(packaged_schema(1000) or b"")
-    record = make_rubin_record(schema, source_id, np.random.default_rng(0), 0)
-    record["diaSource"]["band"] = "q" * 500
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
-    return b"\x00\x00\x00\x03\xe8" + body.getvalue()
+    return rubin_message(source_id, n_prv=0, mutate=lambda rec: rec["diaSource"].update(band="q" * 500))
 
 
 def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
