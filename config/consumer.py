@@ -115,10 +115,12 @@ class ModelConfig:
     # made the consumer 20 % slower on 2 cores (docs/benchmarks.md). Set it to the container's CPU
     # limit minus one in Kubernetes, where the process sees the node's CPUs.
     torch_threads: int = 0
-    # CPU inference under bfloat16 autocast: auto = where the CPU computes bf16 natively
-    # (AVX512-BF16/AMX): 1.7x faster there, predicted class equal to fp32 on 99.95 % of the real
-    # alerts, embedding cosine >= 0.9997 (docs/benchmarks.md). fp32: the reference.
-    cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Reduced precision of CPU inference. A runtime bundle (.npz, the default): auto = its int8
+    # graph where the bundle has one and this CPU reproduces it (self-check at load; 63 vs 172
+    # µs/alert, published class = fp32 torch on every real alert, embedding cosine >= 0.999 mean),
+    # else float32; int8 = require it (the bundle is refused otherwise). A torch bundle (.pt): auto =
+    # bfloat16 autocast where the CPU computes bf16 natively (AVX512-BF16/AMX). fp32: the reference.
+    cpu_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: proc.request_stop())
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks of all threads to stderr
     log.info(
-        "consumer starting: topics=%s group=%s model=%s:%s device=%s%s rubin=%s registry=%s batch=%d/%dms metrics=%s",
-        list(cfg.kafka.input_topics), cfg.kafka.group_id, runner.name, runner.version, runner.device,
-        " (bf16)" if runner.bf16 else "",
+        "consumer starting: topics=%s group=%s model=%s:%s device=%s rubin=%s registry=%s batch=%d/%dms metrics=%s",
+        list(cfg.kafka.input_topics), cfg.kafka.group_id, runner.name, runner.version, f"{runner.device} {runner.precision}",
         f"{rubin_runner.name}:{rubin_runner.version}" if rubin_runner else "off (dead letters)",
         cfg.rubin.schema_registry.url or "none (packaged schemas)",
         cfg.batching.max_batch, cfg.batching.max_wait_ms,

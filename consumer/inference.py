@@ -24,7 +24,7 @@ from alerts.features import FEATURE_NAMES, FEATURES_VERSION
 from consumer.batches import ModelMeta
 from model.device import cpu_bf16
 from model.preprocess import normalise
-from model.runtime import RuntimeBundle, RuntimeBundleError, RuntimeModel, load_runtime
+from model.runtime import RuntimeBundle, RuntimeBundleError, RuntimeModel, int8_self_check, load_runtime
 
 if TYPE_CHECKING:
 
@@ -90,6 +90,7 @@ class ModelRunner:
         ``alerts.rubin_features`` for a Rubin bundle): a head reading others is refused."""
         self.bundle_path = bundle_path
         self.features = features
+        self.cpu_precision = cpu_precision
         self.runtime = is_runtime_bundle(bundle_path)
         self.threads = max(1, threads or 1)
         if self.runtime:  # ONNX Runtime on the CPU; torch is never imported
@@ -148,7 +149,9 @@ class ModelRunner:
             )
         if isinstance(bundle, RuntimeBundle):
             try:
-                return RuntimeModel(bundle, self.threads)
+                return RuntimeModel(bundle, self.threads, int8=self._runtime_int8(bundle))
+            except BundleRefused:
+                raise
             except Exception as e:  # ONNX Runtime refused the graph
                 raise BundleRefused(f"bundle {bundle.name}:{bundle.version}: {e}") from e
         import torch
@@ -159,6 +162,34 @@ class ModelRunner:
         if self.tta_override is not None:
             model.stamp.tta_dihedral = self.tta_override
         return model
+
+    def _runtime_int8(self, bundle: RuntimeBundle) -> bool:
+        """Whether a runtime bundle runs its int8 graph (model.cpu_precision): 'int8' requires it
+        (a bundle without one, or one this CPU does not reproduce, is refused), 'auto' takes it
+        where it passes the self-check and says so when it falls back, 'fp32'/'bf16' never."""
+        if self.cpu_precision not in ("auto", "int8"):
+            return False
+        if not bundle.onnx_int8:
+            if self.cpu_precision == "int8":
+                raise BundleRefused(f"bundle {bundle.name}:{bundle.version} has no int8 graph (model.cpu_precision int8)")
+            return False
+        ok, cos = int8_self_check(bundle, self.threads)
+        if ok:
+            log.info("int8 graph of %s:%s reproduced on this CPU (cosine %.6f): running int8", bundle.name, bundle.version, cos)
+            return True
+        if self.cpu_precision == "int8":
+            raise BundleRefused(f"the int8 graph of {bundle.name}:{bundle.version} does not reproduce on this CPU "
+                                f"(cosine {cos:.6f} < 0.9999 on its check inputs)")  # fmt: skip
+        log.warning("the int8 graph of %s:%s does not reproduce on this CPU (cosine %.6f): running float32",
+                    bundle.name, bundle.version, cos)  # fmt: skip
+        return False
+
+    @property
+    def precision(self) -> str:
+        """What the running model computes in: 'int8' or 'fp32' (runtime), 'bf16' or 'fp32' (torch)."""
+        if isinstance(self.model, RuntimeModel):
+            return self.model.precision
+        return "bf16" if self.bf16 else "fp32"
 
     @property
     def name(self) -> str:

@@ -94,6 +94,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     runtime = Path(args.out).with_suffix(".npz")  # the same model without torch (model/runtime.py)
     export_runtime(args.out, runtime)
     print(f"runtime bundle (ONNX Runtime, no torch) written to {runtime}")
+    if args.int8:  # + the int8 graph, calibrated and distilled on the run's alerts (trainer/quantize.py)
+        from trainer import run_folder as rf
+        from trainer.quantize import export_int8
+
+        data = [d for d in rf.load_config(Path(args.run_dir)).data if Path(d).exists()]
+        if not data:
+            print("int8 graph skipped: the run's data paths are not here (python -m trainer.quantize --data ...)")
+            return 0
+        rb = export_int8(Path(args.out), runtime, data)
+        print(f"int8 graph {'added to' if rb.onnx_int8 else 'below the fidelity targets, not in'} {runtime}")
     return 0
 
 
@@ -136,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--pooling", choices=["auto", "on", "off"], default="auto",
                    help="embedding averaged over the 8 flips/rotations: auto = the fused head's (trainer config "
                         "head.embedding), or without a head whichever scored better")
+    e.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the int8 graph to the runtime bundle (calibrated on the run's alerts; default on)")
     e.set_defaults(func=cmd_export)
     s = sub.add_parser("sweep", help="the study's experiments over seeds, one table")
     s.add_argument("--config", default=None)

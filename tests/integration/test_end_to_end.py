@@ -137,8 +137,9 @@ def test_redis_sink_reloads_its_script_after_a_flush(stack: Stack) -> None:
 
 
 def test_consumer_on_the_torch_free_runtime_bundle(stack: Stack, tmp_path: Path) -> None:
-    """`consumer run` with model/bundles/default.npz (ONNX Runtime, no torch): both sinks get the
-    fused classes, equal to what the torch bundle gives for the same alerts."""
+    """`consumer run` with model/bundles/default.npz (ONNX Runtime, no torch, its int8 graph under
+    the default model.cpu_precision auto): both sinks get the fused classes, exactly those of the
+    runtime model it logged, and those of the fp32 torch bundle on all but near-ties."""
     import numpy as np
 
     from consumer.inference import ModelRunner
@@ -150,7 +151,7 @@ def test_consumer_on_the_torch_free_runtime_bundle(stack: Stack, tmp_path: Path)
     create_topic(stack.bootstrap, topic, 2)
     produce(stack.bootstrap, topic, [a.message for a in alerts])
     assert run_consumer(cfg_path, "--idle-exit", "5", log_path=tmp_path / "c.log") == 0
-    assert "cpu (onnxruntime)" in (tmp_path / "c.log").read_text()
+    assert "cpu (onnxruntime) int8" in (tmp_path / "c.log").read_text()
     cfg = load_consumer_config(cfg_path, env={})
     records = {decode_result(v)["candid"]: decode_result(v) for v in read_output_topic(cfg, cfg.kafka.output_topic)}
     assert set(records) == {a.candid for a in alerts}
@@ -160,10 +161,14 @@ def test_consumer_on_the_torch_free_runtime_bundle(stack: Stack, tmp_path: Path)
 
     cache = Cache()
     decoded = [decode_message(a.message, cache) for a in alerts]
-    ref = ModelRunner(str(ROOT / "model" / "bundles" / "default.pt"), "cpu", cpu_precision="fp32")
-    _, _, p = ref.predict(np.stack([px.pixels for _, px in decoded]), np.stack([alert_features(al) for al, _ in decoded]))
+    raw, feats = np.stack([px.pixels for _, px in decoded]), np.stack([alert_features(al) for al, _ in decoded])
+    ref = ModelRunner(str(npz), "cpu", cpu_precision="auto")
+    assert ref.precision == "int8"
+    _, _, p = ref.predict(raw, feats)
     for (al, _), probs in zip(decoded, p, strict=True):
         rec = records[al.candid]
         assert rec["classifier"] == "fused" and rec["predicted_class"] == ref.class_names[int(probs.argmax())]
+    _, _, p32 = ModelRunner(str(ROOT / "model" / "bundles" / "default.pt"), "cpu", cpu_precision="fp32").predict(raw, feats)
+    assert (p32.argmax(1) == p.argmax(1)).mean() >= 0.95
     r = redis.Redis.from_url(cfg.redis.url)
     assert sum(1 for _ in r.scan_iter(f"{cfg.redis.key_prefix}:cand:*")) == len(alerts)

@@ -130,3 +130,51 @@ def test_hot_reload_of_a_runtime_bundle(tmp_path: Path) -> None:
     assert out.ok and out.changed and runner.version != first
     raw, feats = real_inputs(4)
     assert runner.predict(raw, feats)[2].shape == (4, 5)
+
+
+def test_the_shipped_int8_graph_is_faithful_and_chosen_by_auto() -> None:
+    """The default runtime bundle carries an int8 graph whose fidelity, measured at export on the
+    real alerts against fp32 torch, meets the targets; `auto` runs it here (the self-check passes on
+    this CPU), and on generated alerts it stays close to fp32 torch."""
+    rt = load_runtime(DEFAULT_NPZ)
+    fid = rt.int8_fidelity
+    assert rt.onnx_int8 and fid["alerts"] >= 2000
+    assert fid["cosine_mean"] >= 0.999 and fid["class_equal"] >= 0.995
+    runner = ModelRunner(str(DEFAULT_NPZ), "cpu", cpu_precision="auto")
+    assert runner.precision == "int8" and ModelRunner(str(DEFAULT_NPZ), "cpu").precision == "fp32"
+    raw, feats = real_inputs(256)
+    z_i, _, p_i = runner.predict(raw, feats)
+    z_t, _, p_t = ModelRunner(str(DEFAULT_PT), "cpu", cpu_precision="fp32").predict(raw, feats)
+    cos = (z_t * z_i).sum(1) / np.linalg.norm(z_t, axis=1) / np.linalg.norm(z_i, axis=1)
+    assert cos.mean() >= 0.999 and cos.min() >= 0.99
+    assert (p_t.argmax(1) == p_i.argmax(1)).mean() >= 0.95 and np.abs(p_t - p_i).max() < 0.1
+
+
+def test_an_int8_graph_this_cpu_does_not_reproduce_is_not_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A saturating integer kernel would move z: simulated by a stored check z that the graph does
+    not give. `auto` falls back to float32 and says so; `int8` refuses the bundle."""
+    import dataclasses
+
+    from model.runtime import int8_self_check, save_runtime
+
+    rt = load_runtime(DEFAULT_NPZ)
+    assert int8_self_check(rt)[0]
+    moved = rt.int8_check_z + np.random.default_rng(0).normal(0, 0.5, rt.int8_check_z.shape).astype(np.float32)
+    save_runtime(dataclasses.replace(rt, int8_check_z=moved), tmp_path / "moved.npz")
+    assert not int8_self_check(load_runtime(tmp_path / "moved.npz"))[0]
+    with caplog.at_level("WARNING"):
+        assert ModelRunner(str(tmp_path / "moved.npz"), "cpu", cpu_precision="auto").precision == "fp32"
+    assert "does not reproduce" in caplog.text
+    with pytest.raises(BundleRefused, match="does not reproduce"):
+        ModelRunner(str(tmp_path / "moved.npz"), "cpu", cpu_precision="int8")
+
+
+def test_int8_is_required_only_where_asked() -> None:
+    """The Rubin bundle has no int8 graph: `auto` runs float32, `int8` refuses it."""
+    from alerts.rubin_features import RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION
+
+    rubin, features = str(ROOT / "model" / "bundles" / "rubin.npz"), (RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION)
+    assert not load_runtime(rubin).onnx_int8
+    assert ModelRunner(rubin, "cpu", cpu_precision="auto", features=features).precision == "fp32"
+    with pytest.raises(BundleRefused, match="no int8 graph"):
+        ModelRunner(rubin, "cpu", cpu_precision="int8", features=features)

@@ -139,6 +139,11 @@ def test_cli_fit_report_export_smoke(alert_dir: Path, tmp_path: Path) -> None:
     res = subprocess.run([*py, "export", str(run), "--out", str(tmp_path / "bundle.pt")], **kw)
     assert res.returncode == 0, res.stderr[-2000:]
     assert load_bundle(tmp_path / "bundle.pt").name == "stampstream-ae"
+    assert "int8 graph" in res.stdout  # added, or below the fidelity targets: either way said
+    from model.runtime import load_runtime
+
+    rt = load_runtime(tmp_path / "bundle.npz")
+    assert rt.name == "stampstream-ae" and (not rt.onnx_int8 or rt.int8_fidelity["cosine_mean"] >= 0.999)
 
 
 def test_cli_rubin_fit_report_export(tmp_path: Path) -> None:
