@@ -100,6 +100,8 @@ def test_bad_consumer_values_are_rejected(data: dict[str, Any]) -> None:
         {"autoencoder": {"kind": "gan"}},
         {"lr": "fast"},
         {"latent_dim": 8},  # architecture fields live under autoencoder
+        {"head": {"max_features": 0.0}},
+        {"head": {"max_features": 1.5}},
     ],
 )
 def test_bad_trainer_values_are_rejected(data: dict[str, Any]) -> None:

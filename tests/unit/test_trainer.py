@@ -22,7 +22,7 @@ from config.trainer import HeadConfig
 from consumer.inference import ModelRunner
 from model.bundle import load_bundle
 from trainer.augment import random_dihedral, tile_shuffle
-from trainer.classify import FUSED_ROW, REFERENCE_ROW, STUDY_ROW
+from trainer.classify import END_TO_END_ROW, FUSED_ROW, REFERENCE_ROW, STUDY_ROW
 from trainer.data import UNLABELLED, load_dataset, read_labels, split_by_object
 from trainer.export import export_bundle
 from trainer.fit import run_fit
@@ -103,6 +103,7 @@ def test_tiny_training_lowers_the_loss_and_exports_a_bundle(alert_dir: Path, tmp
     rows = metrics["classifier"]["rows"]
     assert STUDY_ROW in rows and FUSED_ROW in rows and REFERENCE_ROW in rows
     assert rows[FUSED_ROW]["macro_f1_mean"] > 0.6, rows
+    assert rows[END_TO_END_ROW]["macro_f1_mean"] > 0.5, rows  # the encoder fine-tuned with the features learns too
     assert back.head is not None and back.head.feature_names == FEATURE_NAMES
     runner = ModelRunner(str(tmp_path / "b.pt"), "cpu")
     assert runner.snapshot()[1].classifier == "fused"
@@ -213,3 +214,23 @@ def test_sweep_only_runs_the_chosen_rows(alert_dir: Path, tmp_path: Path) -> Non
     rows = [line for line in table.splitlines() if line.startswith("| AE") or line.startswith("| z=")]
     assert len(rows) == 1 and "8-16 channels" in rows[0]
     assert "**beyond the study**" in table and "**latent dim**" not in table  # no empty sections
+
+
+def test_the_fusion_fits_how_much_to_trust_the_trees() -> None:
+    """Over-confident tree log-odds (4x the true ones) and an informative z: the fusion scales the
+    trees down (~1/4) and returns the same logits divided by that scale."""
+    from trainer.classify import _fit_fusion
+
+    rng = np.random.default_rng(0)
+    n, k = 2000, 3
+    y = rng.integers(0, k, n)
+    true_logits = rng.normal(0, 1, (n, k))
+    true_logits[np.arange(n), y] += 1.5
+    z = rng.normal(0, 1, (n, 6))
+    z[:, :k] += 0.8 * np.eye(k)[y]  # z carries the class too
+    offset = 4.0 * (true_logits - np.log(np.exp(true_logits).sum(1, keepdims=True)))
+    w, b, mean, std, scale = _fit_fusion(offset, z, y, k, l2=1e-3)
+    assert 0.1 < scale < 0.5, scale
+    fused = offset + ((z - mean) / std) @ w.T + b
+    acc_trees = (offset.argmax(1) == y).mean()
+    assert (fused.argmax(1) == y).mean() > acc_trees + 0.02  # z corrects the trees
