@@ -58,7 +58,8 @@ def read_all(bootstrap: str, topic: str, want: int, timeout_s: float) -> list[tu
     return out
 
 
-def one_rate(bootstrap: str, redis_url: str, msgs: list[bytes], rate: int, seconds: float, work: Path) -> dict[str, Any]:
+def one_rate(bootstrap: str, redis_url: str, msgs: list[bytes], rate: int, seconds: float, work: Path,
+             cpu_precision: str = "auto") -> dict[str, Any]:
     tag = f"{rate}-{uuid.uuid4().hex[:6]}"
     topic, out_topic = f"lat-in-{tag}", f"lat-out-{tag}"
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -70,7 +71,7 @@ def one_rate(bootstrap: str, redis_url: str, msgs: list[bytes], rate: int, secon
                   "output_topic": out_topic, "dead_letter_topic": f"lat-dlq-{tag}"},
         "redis": {"url": redis_url, "key_prefix": f"lat{tag}", "ttl_seconds": 600},
         "batching": local["batching"],
-        "model": {"device": "cpu"},
+        "model": {"device": "cpu", "cpu_precision": cpu_precision},
         "metrics": {"port": 0, "log_format": "text", "progress_interval_s": 10},
     }  # fmt: skip
     cfg_path = work / f"latency-{tag}.yaml"
@@ -140,6 +141,8 @@ def main() -> int:
     ap.add_argument("--redis", default=f"redis://127.0.0.1:{os.environ.get('REDIS_PORT', '6379')}/0")
     ap.add_argument("--no-stack", action="store_true", help="do not run deploy/local/stack.sh up")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--cpu-precision", default="auto", choices=["auto", "fp32", "int8", "bf16"],
+                    help="the consumer's model.cpu_precision (auto: the bundle's int8 graph where it has one)")
     a = ap.parse_args()
     if not a.no_stack:
         subprocess.run([str(ROOT / "deploy" / "local" / "stack.sh"), "up"], check=True)
@@ -150,7 +153,7 @@ def main() -> int:
     rows = []
     for rate in (int(r) for r in a.rates.split(",")):
         print(f"rate {rate}/s for {a.seconds:.0f} s ...", flush=True)
-        rows.append(one_rate(a.bootstrap, a.redis, msgs, rate, a.seconds, work))
+        rows.append(one_rate(a.bootstrap, a.redis, msgs, rate, a.seconds, work, a.cpu_precision))
         print(json.dumps(rows[-1]), flush=True)
     batching = yaml.safe_load((ROOT / "config" / "local.yaml").read_text())["batching"]
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
