@@ -74,7 +74,7 @@ def check_equal(bundle: Bundle, runtime: RuntimeBundle, n: int = 256, seed: int 
                                  f"max |dp| {np.abs(p_t - p_r).max():.2e}")  # fmt: skip
 
 
-class _EncoderMean(torch.nn.Module):
+class EncoderMean(torch.nn.Module):
     """The encoder's mean z (a VAE's too), the one output of an encoder-only graph."""
 
     def __init__(self, encoder: torch.nn.Module) -> None:
@@ -89,7 +89,7 @@ class _EncoderMean(torch.nn.Module):
 def encoder_runtime(encoder: torch.nn.Module, name: str, version: str, latent_dim: int, source: str = "") -> RuntimeBundle:
     """An encoder without a classifier (a survey without labels: Rubin today) -> a runtime bundle
     with no classes, whose graph outputs z alone; checked equal to torch before it is returned."""
-    module = _EncoderMean(encoder).eval()
+    module = EncoderMean(encoder).eval()
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -82,7 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if (Path(args.run_dir) / "encoder.pt").exists():  # a Rubin run: the encoder, no classes
         from trainer.rubin import export_rubin
 
-        pt, npz = export_rubin(Path(args.run_dir), Path(args.out), args.name, args.version or Path(args.run_dir).name)
+        pt, npz = export_rubin(Path(args.run_dir), Path(args.out), args.name, args.version or Path(args.run_dir).name,
+                               int8=args.int8)  # fmt: skip
         print(f"Rubin bundles (encoder only, no classes) written to {pt} (torch) and {npz} (runtime)")
         return 0
 

@@ -35,7 +35,7 @@ from model.autoencoder import Encoder, dihedral_views
 from model.bundle import Bundle, load_bundle
 from model.classifier import StampClassifier
 from model.runtime import RuntimeBundle, RuntimeModel, check_inputs, save_runtime
-from model.runtime_export import check_equal, to_runtime
+from model.runtime_export import EncoderMean, check_equal, encoder_runtime, to_runtime
 from trainer.data import load_dataset
 
 # Encoder.features: [0 conv, 1 relu, 2 conv, 3 relu, 4 pool, 5 conv, 6 relu, 7 conv, 8 relu, 9 pool, 10 flatten]
@@ -237,14 +237,18 @@ def fidelity(bundle: Bundle, graph: bytes, x: np.ndarray, features: np.ndarray) 
     model = bundle.build_alert_model("cpu").eval()
     with torch.inference_mode():
         z_t, ps_t, p_t = (t.numpy() for t in model(torch.from_numpy(x), torch.from_numpy(features)))
-        z, ps = (np.asarray(o, np.float32) for o in session.run(None, {"x": x}))
-        p = model.head(torch.from_numpy(z), torch.from_numpy(features)).numpy() if model.head is not None else ps
+        outs = session.run(None, {"x": x})
+        z = np.asarray(outs[0], np.float32)
     cos = _cosines(z, z_t)
-    return {
-        "alerts": len(x), "cosine_mean": float(cos.mean()), "cosine_p1": float(np.percentile(cos, 1)),
-        "cosine_min": float(cos.min()), "stamp_class_equal": float((ps.argmax(1) == ps_t.argmax(1)).mean()),
-        "class_equal": float((p.argmax(1) == p_t.argmax(1)).mean()),
-    }  # fmt: skip
+    fid = {"alerts": len(x), "cosine_mean": float(cos.mean()), "cosine_p1": float(np.percentile(cos, 1)),
+           "cosine_min": float(cos.min())}  # fmt: skip
+    if not bundle.class_names:  # an encoder without classes (Rubin): z is all there is
+        return fid
+    ps = np.asarray(outs[1], np.float32)
+    with torch.inference_mode():
+        p = model.head(torch.from_numpy(z), torch.from_numpy(features)).numpy() if model.head is not None else ps
+    return fid | {"stamp_class_equal": float((ps.argmax(1) == ps_t.argmax(1)).mean()),
+                  "class_equal": float((p.argmax(1) == p_t.argmax(1)).mean())}  # fmt: skip
 
 
 # The performance issue's fidelity targets; an int8 graph below them is not put in the bundle.
@@ -262,13 +266,17 @@ def with_int8(bundle: Bundle, runtime: RuntimeBundle, x: np.ndarray, features: n
     teacher = bundle.build("cpu").eval()
     start = equalise(teacher.encoder, torch.from_numpy(x))
     student = distil(teacher.encoder, start, x, cfg, log) if cfg.epochs else start
-    graph = quantise_onnx(onnx_graph(student_classifier(teacher, student), ("z", "p")), x[:2048])
+    if bundle.class_names:
+        graph = quantise_onnx(onnx_graph(student_classifier(teacher, student), ("z", "p")), x[:2048])
+    else:  # the runtime's encoder-only graph (model/runtime_export.py: z alone)
+        graph = quantise_onnx(onnx_graph(EncoderMean(student), ("z",)), x[:2048])
     fid = fidelity(bundle, graph, x, features) | {"calibration_alerts": min(len(x), 2048),
                                                    "distil_epochs": cfg.epochs, "distil_lr": cfg.lr}  # fmt: skip
+    classes = (f"; published class equal {100 * fid['class_equal']:.2f} %, stamp-probe class equal "
+               f"{100 * fid['stamp_class_equal']:.2f} %") if "class_equal" in fid else " (no classes)"  # fmt: skip
     log(f"int8 graph against fp32 torch on {len(x)} alerts: cosine mean {fid['cosine_mean']:.5f}, "
-        f"1st percentile {fid['cosine_p1']:.5f}, min {fid['cosine_min']:.5f}; published class equal "
-        f"{100 * fid['class_equal']:.2f} %, stamp-probe class equal {100 * fid['stamp_class_equal']:.2f} %")  # fmt: skip
-    if fid["cosine_mean"] < MIN_COSINE_MEAN or fid["class_equal"] < MIN_CLASS_EQUAL:
+        f"1st percentile {fid['cosine_p1']:.5f}, min {fid['cosine_min']:.5f}{classes}")  # fmt: skip
+    if fid["cosine_mean"] < MIN_COSINE_MEAN or fid.get("class_equal", 1.0) < MIN_CLASS_EQUAL:
         log("int8 graph below the fidelity targets: the runtime bundle stays float32")
         return runtime
     with_graph = dataclasses.replace(runtime, onnx_int8=graph, int8_fidelity=fid)
@@ -277,12 +285,22 @@ def with_int8(bundle: Bundle, runtime: RuntimeBundle, x: np.ndarray, features: n
 
 
 def export_int8(bundle_path: Path, out: Path, data: list[str], cfg: DistilConfig = DistilConfig()) -> RuntimeBundle:
-    """A torch bundle -> its runtime bundle with the int8 graph, calibrated on the alerts of ``data``."""
+    """A torch bundle -> its runtime bundle with the int8 graph, calibrated on the alerts of
+    ``data`` (ZTF's; a bundle without classes is Rubin's encoder: Rubin's alerts)."""
     bundle = load_bundle(bundle_path)
-    runtime = to_runtime(bundle, source=bundle_path.name)
-    check_equal(bundle, runtime)
-    ds = load_dataset(data, {})
-    result = with_int8(bundle, runtime, ds.x, ds.features, cfg)
+    if bundle.class_names:
+        runtime = to_runtime(bundle, source=bundle_path.name)
+        check_equal(bundle, runtime)
+        ds = load_dataset(data, {})
+        x, features = ds.x, ds.features
+    else:
+        from trainer.rubin import load_rubin
+
+        latent = bundle.model_config.latent_dim
+        runtime = encoder_runtime(bundle.build("cpu").encoder, bundle.name, bundle.version, latent, bundle_path.name)
+        x = load_rubin(data).x
+        features = np.zeros((len(x), 0), np.float32)
+    result = with_int8(bundle, runtime, x, features, cfg)
     save_runtime(result, out)
     return result
 
@@ -299,7 +317,8 @@ def main() -> None:
                                  "--data ../shared/ztf/alerts)")  # fmt: skip
     ap.add_argument("bundle", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--data", nargs="+", required=True, help="alerts to calibrate and distil on (Avro files or folders)")
+    ap.add_argument("--data", nargs="+", required=True,
+                    help="alerts to calibrate and distil on (files or folders; Rubin's for an encoder without classes)")
     ap.add_argument("--epochs", type=int, default=DistilConfig.epochs, help="0: equalisation alone")
     a = ap.parse_args()
     torch.manual_seed(0)

@@ -169,12 +169,21 @@ def test_an_int8_graph_this_cpu_does_not_reproduce_is_not_run(tmp_path: Path, ca
         ModelRunner(str(tmp_path / "moved.npz"), "cpu", cpu_precision="int8")
 
 
-def test_int8_is_required_only_where_asked() -> None:
-    """The Rubin bundle has no int8 graph: `auto` runs float32, `int8` refuses it."""
+def test_int8_is_required_only_where_asked(tmp_path: Path) -> None:
+    """A runtime bundle without an int8 graph: `auto` runs float32, `int8` refuses it. Rubin's
+    shipped bundle has one (an encoder without classes: its fidelity is the cosine of z alone)."""
     from alerts.rubin_features import RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION
+    from model.runtime import save_runtime
+    from model.runtime_export import encoder_runtime
 
-    rubin, features = str(ROOT / "model" / "bundles" / "rubin.npz"), (RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION)
-    assert not load_runtime(rubin).onnx_int8
-    assert ModelRunner(rubin, "cpu", cpu_precision="auto", features=features).precision == "fp32"
+    features = (RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION)
+    plain = encoder_runtime(seed_bundle(seed=6).build("cpu").encoder, "plain", "1", 42)
+    save_runtime(plain, tmp_path / "plain.npz")
+    assert not load_runtime(tmp_path / "plain.npz").onnx_int8
+    assert ModelRunner(str(tmp_path / "plain.npz"), "cpu", cpu_precision="auto", features=features).precision == "fp32"
     with pytest.raises(BundleRefused, match="no int8 graph"):
-        ModelRunner(rubin, "cpu", cpu_precision="int8", features=features)
+        ModelRunner(str(tmp_path / "plain.npz"), "cpu", cpu_precision="int8", features=features)
+    rubin = load_runtime(ROOT / "model" / "bundles" / "rubin.npz")
+    assert rubin.onnx_int8 and rubin.int8_fidelity["cosine_mean"] >= 0.999 and "class_equal" not in rubin.int8_fidelity
+    runner = ModelRunner(str(ROOT / "model" / "bundles" / "rubin.npz"), "cpu", cpu_precision="auto", features=features)
+    assert runner.precision == "int8"

@@ -167,6 +167,7 @@ def test_cli_rubin_fit_report_export(tmp_path: Path) -> None:
     assert plt.imread(run / "reconstructions.png")[..., :3].std() > 0.02
     res = subprocess.run([*py, "export", str(run), "--out", str(tmp_path / "rubin.pt"), "--name", "r"], **kw)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "int8 graph against fp32 torch" in res.stdout and "(no classes)" in res.stdout  # measured, kept or not
     from alerts.rubin_features import RUBIN_FEATURE_NAMES, RUBIN_FEATURES_VERSION
     from consumer.inference import ModelRunner
 
