@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -82,9 +83,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if (Path(args.run_dir) / "encoder.pt").exists():  # a Rubin run: the encoder, no classes
         from trainer.rubin import export_rubin
 
-        pt, npz = export_rubin(Path(args.run_dir), Path(args.out), args.name, args.version or Path(args.run_dir).name,
-                               int8=args.int8)  # fmt: skip
+        pt, npz = export_rubin(Path(args.run_dir), Path(args.out), args.name, args.version or Path(args.run_dir).name)
         print(f"Rubin bundles (encoder only, no classes) written to {pt} (torch) and {npz} (runtime)")
+        if args.int8:
+            data = json.loads((Path(args.run_dir) / "metrics.json").read_text()).get("data", [])
+            _add_int8(pt, npz, [d for d in data if Path(d).exists()])
         return 0
 
     pooled = {"auto": None, "on": True, "off": False}[args.pooling]
@@ -95,17 +98,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     runtime = Path(args.out).with_suffix(".npz")  # the same model without torch (model/runtime.py)
     export_runtime(args.out, runtime)
     print(f"runtime bundle (ONNX Runtime, no torch) written to {runtime}")
-    if args.int8:  # + the int8 graph, calibrated and distilled on the run's alerts (trainer/quantize.py)
+    if args.int8:
         from trainer import run_folder as rf
-        from trainer.quantize import export_int8
 
-        data = [d for d in rf.load_config(Path(args.run_dir)).data if Path(d).exists()]
-        if not data:
-            print("int8 graph skipped: the run's data paths are not here (python -m trainer.quantize --data ...)")
-            return 0
-        rb = export_int8(Path(args.out), runtime, data)
-        print(f"int8 graph {'added to' if rb.onnx_int8 else 'below the fidelity targets, not in'} {runtime}")
+        _add_int8(Path(args.out), runtime, [d for d in rf.load_config(Path(args.run_dir)).data if Path(d).exists()])
     return 0
+
+
+def _add_int8(pt: Path, npz: Path, data: list[str]) -> None:
+    """The runtime bundle + the int8 graph, calibrated and distilled on the run's alerts (trainer/quantize.py)."""
+    if not data:
+        print("int8 graph skipped: the run's data paths are not here (python -m trainer.quantize --data ...)")
+        return
+    from trainer.quantize import export_int8
+
+    rb = export_int8(pt, npz, data)
+    print(f"int8 graph {'added to' if rb.onnx_int8 else 'below the fidelity targets, not in'} {npz}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

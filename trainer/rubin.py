@@ -136,11 +136,11 @@ def _picture(model: torch.nn.Module, x: np.ndarray, path: Path, device: torch.de
     plt.close(fig)
 
 
-def export_rubin(run_dir: Path, out: Path, name: str, version: str, int8: bool = True) -> tuple[Path, Path]:
+def export_rubin(run_dir: Path, out: Path, name: str, version: str) -> tuple[Path, Path]:
     """A Rubin run -> its bundles, both without classes: the torch bundle (``.pt``: CUDA when
     there is a GPU; a probe of zero classes, so the consumer's torch path serves it unchanged) and
-    the runtime bundle (``.npz``: ONNX Runtime on the CPU, no torch), checked equal; with ``int8``
-    and the run's alerts at hand, the runtime bundle also gets the int8 graph."""
+    the runtime bundle (``.npz``: ONNX Runtime on the CPU, no torch), checked equal. (``trainer
+    export`` then adds the int8 graph: ``trainer.quantize.export_int8``.)"""
     from model.autoencoder import Autoencoder
     from model.bundle import bundle_from_model, load_bundle, save_bundle
     from model.classifier import StampClassifier
@@ -161,12 +161,6 @@ def export_rubin(run_dir: Path, out: Path, name: str, version: str, int8: bool =
     save_bundle(bundle, pt)
     load_bundle(pt)  # its own checks: weights fit, outputs of the right shapes
     runtime = encoder_runtime(model.encoder.eval(), name, version, ae_cfg.latent_dim, source=run_dir.name)
-    data = [d for d in metrics.get("data", []) if Path(d).exists()]
-    if int8 and data:  # + the int8 graph, calibrated and distilled on the run's alerts (trainer/quantize.py)
-        from trainer.quantize import with_int8
-
-        x = load_rubin(data).x
-        runtime = with_int8(bundle, runtime, x, np.zeros((len(x), 0), np.float32))
     save_runtime(runtime, npz)
     return pt, npz
 
