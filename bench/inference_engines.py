@@ -32,6 +32,7 @@ from corpus import corpus_messages, decode_corpus  # noqa: E402
 
 from model.bundle import load_bundle  # noqa: E402
 from model.preprocess import normalise  # noqa: E402
+from model.runtime_export import stamp_onnx  # noqa: E402
 
 
 def inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -86,11 +87,7 @@ def main() -> int:
         print("(onnxruntime not installed: ONNX Runtime rows skipped)")
     if ort is not None:
         tmp = Path(tempfile.mkdtemp())
-        fresh = load_bundle(ROOT / "model" / "bundles" / "default.pt").build_alert_model("cpu").eval().stamp
-        with torch.no_grad():
-            torch.onnx.export(fresh, (torch.from_numpy(x[:64].copy()),), str(tmp / "stamp.onnx"), input_names=["x"],
-                              output_names=["z", "p"], dynamic_axes={"x": {0: "n"}, "z": {0: "n"}, "p": {0: "n"}},
-                              opset_version=17, dynamo=False)  # fmt: skip
+        (tmp / "stamp.onnx").write_bytes(stamp_onnx(load_bundle(ROOT / "model" / "bundles" / "default.pt")))
 
         class Calibration(CalibrationDataReader):  # type: ignore[misc]
             def __init__(self) -> None:

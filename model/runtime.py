@@ -126,7 +126,8 @@ def check_inputs() -> np.ndarray:
     return np.asarray(x / x.max(axis=(2, 3), keepdims=True), dtype=np.float32)
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (N, D) arrays (1.0 where a row is all zero)."""
     num = (a * b).sum(1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.asarray(np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0), dtype=np.float64)
@@ -139,7 +140,7 @@ def int8_self_check(bundle: RuntimeBundle, threads: int = 1) -> tuple[bool, floa
     if not bundle.onnx_int8 or bundle.int8_check_z.shape != (INT8_CHECK_ROWS, bundle.latent_dim):
         return False, 0.0
     z = RuntimeModel(bundle, threads, int8=True).embed(check_inputs())
-    cos = float(_cosines(z, bundle.int8_check_z).min())
+    cos = float(cosines(z, bundle.int8_check_z).min())
     return cos >= 0.9999, cos
 
 

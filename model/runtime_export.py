@@ -21,22 +21,24 @@ import torch
 
 from model.bundle import Bundle, load_bundle
 from model.preprocess import NORMALISATION
-from model.runtime import RuntimeBundle, RuntimeBundleError, RuntimeModel, save_runtime
+from model.runtime import RuntimeBundle, RuntimeBundleError, RuntimeModel, cosines, save_runtime
 
 
-def stamp_onnx(bundle: Bundle) -> bytes:
-    """The encoder + stamp probe as an ONNX graph with a dynamic batch axis (input "x",
-    outputs "z" and "p")."""
-    model = bundle.build("cpu").eval()
+def onnx_graph(module: torch.nn.Module, outputs: tuple[str, ...]) -> bytes:
+    """A module of (N, 2, 21, 21) stamps as an ONNX graph with a dynamic batch axis (input "x")."""
     buf = io.BytesIO()
+    axes = {"x": {0: "n"}} | {o: {0: "n"} for o in outputs}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
         target: Any = buf  # a file object is accepted too (the stubs say paths only)
-        torch.onnx.export(
-            model, (torch.zeros(64, 2, 21, 21),), target, input_names=["x"], output_names=["z", "p"],
-            dynamic_axes={"x": {0: "n"}, "z": {0: "n"}, "p": {0: "n"}}, opset_version=17, dynamo=False,
-        )  # fmt: skip
+        torch.onnx.export(module.eval(), (torch.zeros(64, 2, 21, 21),), target, input_names=["x"],
+                          output_names=list(outputs), dynamic_axes=axes, opset_version=17, dynamo=False)  # fmt: skip
     return buf.getvalue()
+
+
+def stamp_onnx(bundle: Bundle) -> bytes:
+    """The encoder + stamp probe as an ONNX graph (outputs "z" and "p")."""
+    return onnx_graph(bundle.build("cpu"), ("z", "p"))
 
 
 def to_runtime(bundle: Bundle, source: str = "") -> RuntimeBundle:
@@ -68,7 +70,7 @@ def check_equal(bundle: Bundle, runtime: RuntimeBundle, n: int = 256, seed: int 
     with torch.inference_mode():
         z_t, ps_t, p_t = (t.numpy() for t in bundle.build_alert_model("cpu")(torch.from_numpy(x), torch.from_numpy(f)))
     z_r, ps_r, p_r = RuntimeModel(runtime)(x, f)
-    cos = (z_t * z_r).sum(1) / np.linalg.norm(z_t, axis=1) / np.linalg.norm(z_r, axis=1)
+    cos = cosines(z_t, z_r)
     if cos.min() < 0.9999 or not np.allclose(p_t, p_r, atol=1e-4) or not np.allclose(ps_t, ps_r, atol=1e-4):
         raise RuntimeBundleError(f"runtime differs from torch: min cosine {cos.min():.6f}, "
                                  f"max |dp| {np.abs(p_t - p_r).max():.2e}")  # fmt: skip
@@ -90,22 +92,16 @@ def encoder_runtime(encoder: torch.nn.Module, name: str, version: str, latent_di
     """An encoder without a classifier (a survey without labels: Rubin today) -> a runtime bundle
     with no classes, whose graph outputs z alone; checked equal to torch before it is returned."""
     module = EncoderMean(encoder).eval()
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        target: Any = buf
-        torch.onnx.export(module, (torch.zeros(64, 2, 21, 21),), target, input_names=["x"], output_names=["z"],
-                          dynamic_axes={"x": {0: "n"}, "z": {0: "n"}}, opset_version=17, dynamo=False)  # fmt: skip
     empty = np.zeros((0, latent_dim), np.float32)
     runtime = RuntimeBundle(
-        name, version, (), latent_dim, (), 0, buf.getvalue(), {}, empty, np.zeros(0, np.float32),
+        name, version, (), latent_dim, (), 0, onnx_graph(module, ("z",)), {}, empty, np.zeros(0, np.float32),
         np.zeros(latent_dim, np.float32), np.ones(latent_dim, np.float32), 1.0, dict(NORMALISATION), source,
     )  # fmt: skip
     x = np.random.default_rng(0).random((128, 2, 21, 21), dtype=np.float32)
     with torch.inference_mode():
         z_t = module(torch.from_numpy(x)).numpy()
     z_r, _, p_r = RuntimeModel(runtime)(x, np.zeros((128, 0), np.float32))
-    cos = (z_t * z_r).sum(1) / np.linalg.norm(z_t, axis=1) / np.linalg.norm(z_r, axis=1)
+    cos = cosines(z_t, z_r)
     if cos.min() < 0.9999 or p_r.shape != (128, 0):
         raise RuntimeBundleError(f"encoder runtime differs from torch: min cosine {cos.min():.6f}")
     return runtime

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import io
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -34,8 +32,8 @@ from torch import nn
 from model.autoencoder import Encoder, dihedral_views
 from model.bundle import Bundle, load_bundle
 from model.classifier import StampClassifier
-from model.runtime import RuntimeBundle, RuntimeModel, check_inputs, save_runtime
-from model.runtime_export import EncoderMean, check_equal, encoder_runtime, to_runtime
+from model.runtime import RuntimeBundle, RuntimeModel, check_inputs, cosines, load_runtime, save_runtime
+from model.runtime_export import EncoderMean, onnx_graph
 from trainer.data import load_dataset
 
 # Encoder.features: [0 conv, 1 relu, 2 conv, 3 relu, 4 pool, 5 conv, 6 relu, 7 conv, 8 relu, 9 pool, 10 flatten]
@@ -44,7 +42,7 @@ INT8_CONVS = (2, 5, 7)  # convs 2-4 in int8; conv 1 (2 input channels, 2 % of th
 
 def _convs(encoder: Encoder) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]:
     f = encoder.features
-    c = (f[0], f[2], f[5], f[7])
+    c = (f[0], *(f[i] for i in INT8_CONVS))
     assert all(isinstance(m, nn.Conv2d) for m in c), "not the study's encoder"
     return cast(tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d], c)
 
@@ -61,32 +59,38 @@ def _fq_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
 
 
-def activation_ranges(encoder: Encoder, x: torch.Tensor, chunk: int = 1024) -> list[float]:
-    """The max of the four ReLU outputs that int8 sees (conv 2's input, the outputs of convs 2-4)."""
+def _forward(encoder: Encoder, x: torch.Tensor, ranges: list[float] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The encoder's forward pass -> (the four ReLU maps int8 sees: conv 2's input and the outputs
+    of convs 2-4, z); with ``ranges``, with the int8 graph's rounding (straight-through gradients)."""
     c1, c2, c3, c4 = _convs(encoder)
+
+    def act(h: torch.Tensor, k: int) -> torch.Tensor:
+        return h if ranges is None else _fq_act(h, ranges[k])
+
+    def weight(w: torch.Tensor) -> torch.Tensor:
+        return w if ranges is None else _fq_weight(w)
+
+    h1 = act(F.relu(c1(x)), 0)
+    h2 = act(F.relu(F.conv2d(h1, weight(c2.weight), c2.bias, padding=1)), 1)
+    h3 = act(F.relu(F.conv2d(F.max_pool2d(h2, 2), weight(c3.weight), c3.bias, padding=1)), 2)
+    h4 = act(F.relu(F.conv2d(h3, weight(c4.weight), c4.bias, padding=1)), 3)
+    z: torch.Tensor = encoder.fc(F.max_pool2d(h4, 2).flatten(1))
+    return [h1, h2, h3, h4], z
+
+
+def activation_ranges(encoder: Encoder, x: torch.Tensor, chunk: int = 1024) -> list[float]:
+    """The max of the four ReLU maps that int8 sees, over x."""
     hi = [0.0] * 4
     with torch.no_grad():
         for i in range(0, len(x), chunk):
-            h1 = F.relu(c1(x[i : i + chunk]))
-            h2 = F.relu(c2(h1))
-            h3 = F.relu(c3(F.max_pool2d(h2, 2)))
-            h4 = F.relu(c4(h3))
-            for k, h in enumerate((h1, h2, h3, h4)):
+            for k, h in enumerate(_forward(encoder, x[i : i + chunk])[0]):
                 hi[k] = max(hi[k], float(h.max()))
     return hi
 
 
 def _channel_max(encoder: Encoder, x: torch.Tensor, point: int) -> torch.Tensor:
-    c1, c2, c3, c4 = _convs(encoder)
     with torch.no_grad():
-        h = F.relu(c1(x))
-        if point >= 1:
-            h = F.relu(c2(h))
-        if point >= 2:
-            h = F.relu(c3(F.max_pool2d(h, 2)))
-        if point >= 3:
-            h = F.relu(c4(h))
-        return h.amax(dim=(0, 2, 3))
+        return _forward(encoder, x)[0][point].amax(dim=(0, 2, 3))
 
 
 def equalise(encoder: Encoder, x: torch.Tensor, alpha: tuple[float, ...] = (0.5, 0.75, 0.75, 1.0),
@@ -129,15 +133,7 @@ class SimulatedInt8Encoder(nn.Module):
         self.ranges = ranges
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (c1, c2, c3, c4), hi = _convs(self.encoder), self.ranges
-        h = _fq_act(F.relu(c1(x)), hi[0])
-        h = _fq_act(F.relu(F.conv2d(h, _fq_weight(c2.weight), c2.bias, padding=1)), hi[1])
-        h = F.max_pool2d(h, 2)
-        h = _fq_act(F.relu(F.conv2d(h, _fq_weight(c3.weight), c3.bias, padding=1)), hi[2])
-        h = _fq_act(F.relu(F.conv2d(h, _fq_weight(c4.weight), c4.bias, padding=1)), hi[3])
-        h = F.max_pool2d(h, 2)
-        out: torch.Tensor = self.encoder.fc(h.flatten(1))
-        return out
+        return _forward(self.encoder, x, self.ranges)[1]
 
 
 @dataclass(frozen=True)
@@ -184,17 +180,6 @@ def distil(teacher: Encoder, start: Encoder, x: np.ndarray, cfg: DistilConfig, l
     return student.eval()
 
 
-def onnx_graph(model: nn.Module, outputs: tuple[str, ...]) -> bytes:
-    buf = io.BytesIO()
-    axes = {"x": {0: "n"}} | {o: {0: "n"} for o in outputs}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        target: Any = buf
-        torch.onnx.export(model.eval(), (torch.zeros(64, 2, 21, 21),), target, input_names=["x"],
-                          output_names=list(outputs), dynamic_axes=axes, opset_version=17, dynamo=False)  # fmt: skip
-    return buf.getvalue()
-
-
 def quantise_onnx(fp32: bytes, calibration: np.ndarray) -> bytes:
     """ONNX Runtime static QDQ int8 of convs 2-4 (per-channel int8 weights, uint8 activations,
     MinMax ranges from ``calibration``); the first conv and the linear layers stay float32."""
@@ -222,10 +207,6 @@ def quantise_onnx(fp32: bytes, calibration: np.ndarray) -> bytes:
         return (tmp / "int8.onnx").read_bytes()
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.asarray((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1), dtype=np.float64)
-
-
 def fidelity(bundle: Bundle, graph: bytes, x: np.ndarray, features: np.ndarray) -> dict[str, float]:
     """An encoder + probe graph against the torch bundle in fp32 on normalised stamps x: cosine of z
     (mean, 1st percentile, min), the stamp probe's class and the published (fused) class, equal."""
@@ -239,7 +220,7 @@ def fidelity(bundle: Bundle, graph: bytes, x: np.ndarray, features: np.ndarray) 
         z_t, ps_t, p_t = (t.numpy() for t in model(torch.from_numpy(x), torch.from_numpy(features)))
         outs = session.run(None, {"x": x})
         z = np.asarray(outs[0], np.float32)
-    cos = _cosines(z, z_t)
+    cos = cosines(z, z_t)
     fid = {"alerts": len(x), "cosine_mean": float(cos.mean()), "cosine_p1": float(np.percentile(cos, 1)),
            "cosine_min": float(cos.min())}  # fmt: skip
     if not bundle.class_names:  # an encoder without classes (Rubin): z is all there is
@@ -284,24 +265,24 @@ def with_int8(bundle: Bundle, runtime: RuntimeBundle, x: np.ndarray, features: n
     return dataclasses.replace(with_graph, int8_check_z=check_z)
 
 
-def export_int8(bundle_path: Path, out: Path, data: list[str], cfg: DistilConfig = DistilConfig()) -> RuntimeBundle:
-    """A torch bundle -> its runtime bundle with the int8 graph, calibrated on the alerts of
-    ``data`` (ZTF's; a bundle without classes is Rubin's encoder: Rubin's alerts)."""
-    bundle = load_bundle(bundle_path)
+def export_int8(bundle_path: Path, runtime_path: Path, data: list[str], cfg: DistilConfig = DistilConfig()) -> RuntimeBundle:
+    """Adds the int8 graph of a torch bundle to its runtime bundle (``trainer export`` and
+    ``model/runtime_export.py`` write that), calibrated on the alerts of ``data``: ZTF's, or for
+    an encoder without classes Rubin's."""
+    bundle, runtime = load_bundle(bundle_path), load_runtime(runtime_path)
+    if (runtime.name, runtime.version) != (bundle.name, bundle.version):
+        raise ValueError(f"{runtime_path} is {runtime.name}:{runtime.version}, not the runtime bundle of "
+                         f"{bundle_path} ({bundle.name}:{bundle.version})")  # fmt: skip
     if bundle.class_names:
-        runtime = to_runtime(bundle, source=bundle_path.name)
-        check_equal(bundle, runtime)
         ds = load_dataset(data, {})
         x, features = ds.x, ds.features
     else:
         from trainer.rubin import load_rubin
 
-        latent = bundle.model_config.latent_dim
-        runtime = encoder_runtime(bundle.build("cpu").encoder, bundle.name, bundle.version, latent, bundle_path.name)
         x = load_rubin(data).x
         features = np.zeros((len(x), 0), np.float32)
     result = with_int8(bundle, runtime, x, features, cfg)
-    save_runtime(result, out)
+    save_runtime(result, runtime_path)
     return result
 
 
@@ -312,11 +293,11 @@ def student_classifier(teacher: StampClassifier, student: Encoder) -> StampClass
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="A torch bundle -> its runtime bundle with the int8 graph "
+    ap = argparse.ArgumentParser(description="Adds the int8 graph of a torch bundle to its runtime bundle "
                                  "(python -m trainer.quantize model/bundles/default.pt model/bundles/default.npz "
                                  "--data ../shared/ztf/alerts)")  # fmt: skip
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("out", type=Path)
+    ap.add_argument("out", type=Path, help="its runtime bundle (python -m model.runtime_export makes one)")
     ap.add_argument("--data", nargs="+", required=True,
                     help="alerts to calibrate and distil on (files or folders; Rubin's for an encoder without classes)")
     ap.add_argument("--epochs", type=int, default=DistilConfig.epochs, help="0: equalisation alone")

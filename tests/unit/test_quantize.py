@@ -14,7 +14,7 @@ import trainer.quantize as q
 from alerts.features import FEATURE_NAMES, FEATURES_VERSION
 from consumer.inference import ModelRunner
 from model.bundle import seed_bundle
-from model.runtime import INT8_CHECK_ROWS, check_inputs, load_runtime, save_runtime
+from model.runtime import INT8_CHECK_ROWS, check_inputs, cosines, load_runtime, save_runtime
 from model.runtime_export import to_runtime
 
 
@@ -64,7 +64,7 @@ def test_the_int8_simulation_is_onnx_runtimes_int8(seed: int) -> None:
     err_sim = np.abs(z_sim - z_ort).mean()
     err_32 = np.abs(z_32 - z_ort).mean()
     assert err_sim < 0.2 * err_32, (err_sim, err_32)
-    assert q._cosines(z_sim, z_ort).min() > 0.9999
+    assert cosines(z_sim, z_ort).min() > 0.9999
 
 
 def test_only_a_faithful_int8_graph_enters_the_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
