@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from isal import isal_zlib
@@ -116,18 +117,42 @@ def _header_size_check(raw: bytes) -> None:
         raise CutoutError(f"cutout FITS header claims {size} pixels", reason="cutout_too_large")
 
 
+def _declared_pixels(header: Any) -> int:
+    """Pixels an HDU's header declares (NAXIS1 x ... x NAXISn), before anything is allocated."""
+    size = 1
+    for i in range(1, min(int(header.get("NAXIS", 0)), 999) + 1):
+        size *= max(int(header.get(f"NAXIS{i}", 0)), 0)
+    return size
+
+
 def _astropy_fits(raw: bytes) -> np.ndarray:
+    """The image of the primary HDU, else of the first extension when it is a plain image.
+
+    Tile-compressed HDUs are never decompressed (``disable_image_compression``): their pixel count
+    is only known inside the compressed table, and a 55 KB message with a 16000x16000 GZIP_1 image
+    took astropy 6.6 s and ~1 GB before any size could be checked (tests/attacks.py). HDUs are read
+    lazily, so a file of a thousand extensions costs only the ones looked at."""
     from astropy.io import fits  # imported lazily: only the fallback path pays for it
 
     _header_size_check(raw)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False) as hdul:
+            with fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=True, disable_image_compression=True) as hdul:
                 data = hdul[0].data
-                if data is None and len(hdul) > 1:
-                    data = hdul[1].data
+                if data is None:  # hdul[1], not len(hdul): len would read every HDU
+                    try:
+                        ext = hdul[1]
+                    except IndexError:
+                        ext = None
+                    if not isinstance(ext, fits.ImageHDU):
+                        raise CutoutError("cutout FITS holds no 2-D image", reason="cutout_bad_fits")
+                    if _declared_pixels(ext.header) > MAX_PIXELS:
+                        raise CutoutError("cutout FITS extension claims too many pixels", reason="cutout_too_large")
+                    data = ext.data
                 arr = None if data is None else np.array(data)
+    except CutoutError:
+        raise
     except Exception as e:
         raise CutoutError(f"cutout is not a readable FITS image: {e}", reason="cutout_bad_fits") from e
     if arr is None or arr.ndim != 2 or arr.size == 0:

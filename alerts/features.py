@@ -248,9 +248,20 @@ def history_features(alert: Alert) -> np.ndarray:
     )  # fmt: skip
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def as_float32_features(values: np.ndarray | list[float]) -> np.ndarray:
+    """Features computed in float64 -> float32, with +-inf and values past float32's range as NaN
+    (missing): a crafted field (a flux of 1e300, an infinite FWHM) must reach the model as "no
+    value", the same as a null, not as an infinity, and must not make numpy warn on every alert."""
+    a = np.asarray(values, dtype=np.float64)
+    return np.where(np.abs(a) <= _FLOAT32_MAX, a, np.nan).astype(np.float32)
+
+
 def alert_features(alert: Alert) -> np.ndarray:
     """alert -> (len(FEATURE_NAMES),) float32, NaN where missing."""
-    return np.concatenate([metadata_features(alert), history_features(alert)]).astype(np.float32)
+    return as_float32_features(np.concatenate([metadata_features(alert), history_features(alert)]))
 
 
 SEQUENCE_LENGTH = 64

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alerts.features import ecliptic_latitude, galactic_latitude
+from alerts.features import as_float32_features, ecliptic_latitude, galactic_latitude
 from alerts.rubin import BANDS, RubinAlert
 
 RUBIN_FEATURES_VERSION = 1
@@ -63,7 +63,7 @@ def rubin_features(alert: RubinAlert) -> np.ndarray:
     mjd = alert.mjd
     first = float(alert.obj[0])
     obj = [mjd - first if np.isfinite(first) and first <= mjd else np.nan, float(alert.obj[1])]
-    return np.array(source + bands + position + obj + _history(alert, mjd, flux), dtype=np.float32)
+    return as_float32_features(source + bands + position + obj + _history(alert, mjd, flux))
 
 
 def _history(alert: RubinAlert, mjd: float, flux: float) -> list[float]:

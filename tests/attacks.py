@@ -83,6 +83,21 @@ def fits_size_bomb(candid: int) -> bytes:
     return message_of(ALERT_SCHEMA, record)
 
 
+def tile_compressed_fits(side: int = 2048) -> bytes:
+    """A FITS file whose image sits tile-compressed (GZIP_1) in a binary-table extension: its size
+    is known only after decompressing (at 16000x16000 a 55 KB message took 6.6 s and ~1 GB)."""
+    hdus = fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.zeros((side, side), np.float32), compression_type="GZIP_1")])
+    raw = io.BytesIO()
+    hdus.writeto(raw)
+    return raw.getvalue()
+
+
+def tile_compressed_stamp(candid: int) -> bytes:
+    record = record_of(candid)
+    record["cutoutDifference"]["stampData"] = gzip.compress(tile_compressed_fits())
+    return message_of(ALERT_SCHEMA, record)
+
+
 def infinite_jd(candid: int) -> bytes:
     record = record_of(candid)
     record["candidate"]["jd"] = float("inf")
@@ -146,6 +161,7 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("bzip2 bomb block", bzip2_bomb(), "codec"),
         ("gzip stamp bomb", gzip_stamp_bomb(start + 4), "cutout_too_large"),
         ("FITS header size bomb", fits_size_bomb(start + 5), "cutout_too_large"),
+        ("tile-compressed FITS image (decompression bomb)", tile_compressed_stamp(start + 10), "cutout_bad_fits"),
         ("infinite jd", infinite_jd(start + 6), "bad_value"),
         ("candid as a double", candid_as_double(start + 7), "schema_policy"),
         ("over-long objectId", long_object_id(start + 8), "bad_value"),
@@ -155,6 +171,7 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("Rubin: unknown schema id", b"\x00\x00\x00\x10\x92" + rubin_message(start + 21)[5:], "unknown_schema"),
         ("Rubin: header cut short", b"\x00\x00\x00", "bad_framing"),
         ("Rubin: FITS header size bomb", rubin_fits_bomb(start + 23), "cutout_too_large"),
+        ("Rubin: tile-compressed FITS image", rubin_message(start + 26, cutoutDifference=tile_compressed_fits()), "cutout_bad_fits"),
         ("Rubin: a band that is no band", rubin_bad_band(start + 24), "bad_value"),
         ("Rubin: bytes after the record", rubin_message(start + 25) + b"\x00" * 16, "truncated"),
     ]

@@ -209,3 +209,45 @@ def test_fast_path_equals_general_path_on_mutated_schemas(data: st.DataObject) -
         return
     assert cache.fast_hits == 1, "a mutated ZTF-like schema still takes the fast path"
     assert decode_alert(message, cache, fast=False) == fast
+
+
+def _stamp_fits() -> bytes:
+    import io
+
+    from astropy.io import fits
+
+    raw = io.BytesIO()
+    fits.PrimaryHDU(np.random.default_rng(0).normal(size=(63, 63)).astype(np.float32)).writeto(raw)
+    return raw.getvalue()
+
+
+STAMP_FITS = _stamp_fits()
+CARD_NAMES = [b"SIMPLE", b"BITPIX", b"NAXIS", b"NAXIS1", b"NAXIS2", b"NAXIS3", b"BSCALE", b"BZERO", b"BLANK",
+              b"EXTEND", b"XTENSION", b"PCOUNT", b"GCOUNT", b"END", b"ZIMAGE", b"ZNAXIS1"]  # fmt: skip
+CARD_VALUES = [b"-64", b"-32", b"8", b"16", b"32", b"64", b"0", b"1", b"2", b"3", b"-1", b"999", b"63", b"1000000",
+               b"2147483647", b"99999999999999999999", b"1E300", b"NAN", b"T", b"F", b"'IMAGE   '", b"", b"0.5"]  # fmt: skip
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 35), st.sampled_from(CARD_NAMES), st.sampled_from(CARD_VALUES)), min_size=1,
+                max_size=4), st.integers(min_value=0, max_value=len(STAMP_FITS)))  # fmt: skip
+def test_mutated_fits_headers_crop_or_raise_named_error(cards: list[tuple[int, bytes, bytes]], keep: int) -> None:
+    """The cutout's own FITS, its header cards rewritten (sizes, types, scaling, END, extension
+    and tile-compression keywords) and cut at any byte: a (21, 21) crop or a CutoutError, through
+    both the fast parser and astropy's fallback."""
+    import gzip
+
+    from alerts.cutouts import cutout_crop
+    from alerts.errors import CutoutError
+
+    raw = bytearray(STAMP_FITS)
+    for i, name, value in cards:
+        raw[i * 80 : (i + 1) * 80] = (name.ljust(8) + b"= " + value.rjust(20)).ljust(80)
+    gz = gzip.compress(bytes(raw[:keep]), 1)
+    for fast in (True, False):
+        try:
+            crop, _ = cutout_crop(gz, "science", 1500.0, 1500.0, fast=fast)
+        except CutoutError as e:
+            assert e.reason.startswith("cutout_")
+            continue
+        assert crop.shape == (21, 21)

@@ -19,6 +19,7 @@ from alerts.features import (
     POSITION_FEATURES,
     SEQUENCE_CHANNELS,
     alert_features,
+    as_float32_features,
     ecliptic_latitude,
     galactic_latitude,
     history_features,
@@ -90,6 +91,21 @@ def test_missing_candidate_fields_are_nan_not_sentinels() -> None:
     cand[:] = np.where(np.isnan(cand), -999.0, cand)  # ZTF's sentinel for "no value"
     g = alert_features(dataclasses.replace(a, candidate=cand))
     assert np.isnan(g[F["sgscore1"]]) and np.isnan(g[F["distnr"]])
+
+
+def test_values_past_float32_are_missing_not_infinite() -> None:
+    """An infinite FWHM, or a history whose slope overflows float32, reach the model as NaN."""
+    import warnings
+
+    a = decode_alert(make_alert(2_400_000_000_000_000_902).message, SchemaCache())
+    cand = a.candidate.copy()
+    cand[CANDIDATE_FIELDS.index("fwhm")] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = alert_features(dataclasses.replace(a, candidate=cand))
+    assert np.isnan(f[F["fwhm"]]) and not np.isinf(f).any()
+    assert np.array_equal(as_float32_features([1.0, -np.inf, 1e300, -1e39, np.nan, 3e38]),
+                          np.array([1.0, np.nan, np.nan, np.nan, np.nan, 3e38], np.float32), equal_nan=True)  # fmt: skip
 
 
 def test_latitudes() -> None:

@@ -272,6 +272,28 @@ def test_features_handle_missing_on_purpose() -> None:
     assert features_of(no_obj).shape == (len(RUBIN_FEATURE_NAMES),)
 
 
+def test_fluxes_past_float32_are_missing_not_infinite() -> None:
+    """A crafted psfFlux of 3e38 over an error of 1e-30 overflows float32 in its ratio: NaN, no
+    infinity, no warning (the daemon would print one per alert)."""
+    import warnings
+
+    from fastavro import parse_schema, schemaless_writer
+
+    from alerts.synthetic_rubin import make_rubin_record
+
+    schema = json.loads(packaged_schema(1000) or b"")
+    rec = make_rubin_record(schema, 8, np.random.default_rng(0), 2)
+    rec["diaSource"]["psfFlux"], rec["diaSource"]["psfFluxErr"] = 3e38, 1e-30
+    buf = io.BytesIO()
+    schemaless_writer(buf, parse_schema(schema), rec)
+    a = decode_rubin(b"\x00\x00\x00\x03\xe8" + buf.getvalue(), RubinSchemaCache())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = dict(zip(RUBIN_FEATURE_NAMES, rubin_features(a), strict=True))
+    assert not any(np.isinf(v) for v in f.values())
+    assert np.isnan(f["psf_flux_over_err"]) and f["log_abs_psf_flux"] == pytest.approx(38.477, abs=1e-3)
+
+
 # ---- the schema source: registry, fallback, rate limit --------------------------------------
 
 
