@@ -47,6 +47,7 @@ from alerts.schema_policy import (
     field_of,
     record_of,
 )
+from alerts.strict_reader import strict_reader
 
 __all__ = ["Alert", "History", "SchemaCache", "alert_from_record", "decode_alert", "decode_alert_reference", "decode_alerts"]
 
@@ -397,8 +398,7 @@ def _decode_block(data: bytes, pos: int, end: int, count: int, plan: _SchemaPlan
         cache.fast_hits += count
     else:
         cache.fast_misses += count
-        bio = io.BytesIO(data)
-        bio.seek(pos)
+        bio = strict_reader(data, pos)
         for _ in range(count):
             try:
                 rec = _as_record(schemaless_reader(bio, plan.writer, plan.reader))

@@ -18,7 +18,6 @@ the cache: no I/O here.
 
 from __future__ import annotations
 
-import io
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from alerts.schema_policy import (
     field_of,
     record_of,
 )
+from alerts.strict_reader import strict_reader
 
 SURVEY = "lsst"
 BANDS = "ugrizy"  # band code = index + 1 (u=1 ... y=6); 0: unknown
@@ -304,8 +304,7 @@ def _decode_fast(message: bytes, plan: RubinPlan, max_items: int) -> RubinAlert:
 
 
 def _decode_general(message: bytes, plan: RubinPlan, max_items: int) -> RubinAlert:
-    bio = io.BytesIO(message)
-    bio.seek(HEADER_SIZE)
+    bio = strict_reader(message, HEADER_SIZE)
     try:
         rec = schemaless_reader(bio, plan.writer, None)
     except Exception as e:

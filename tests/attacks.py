@@ -83,6 +83,22 @@ def fits_size_bomb(candid: int) -> bytes:
     return message_of(ALERT_SCHEMA, record)
 
 
+def array_count_past_the_end(candid: int) -> bytes:
+    """A writer schema with an array of doubles inside ``candidate`` (no compiled layout: the
+    general path, fastavro), whose count says 2^62: fastavro read empty doubles past the end of the
+    message for minutes with the GIL held (found by fuzzing mutated schemas)."""
+    schema = json.loads(SCHEMA_JSON)
+    cand = next(f for f in schema["fields"] if f["name"] == "candidate")["type"]
+    cand["fields"].append({"name": "extra", "type": {"type": "array", "items": "double"}})
+    record = record_of(candid)
+    record["candidate"]["extra"] = [1234.5678]
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
+    raw = body.getvalue()
+    i = raw.index(zigzag(1) + struct.pack("<d", 1234.5678) + b"\x00")
+    return ContainerFramer(json.dumps(schema).encode()).frame(raw[:i] + zigzag(2**62) + raw[i + 1 :])
+
+
 def tile_compressed_fits(side: int = 2048) -> bytes:
     """A FITS file whose image sits tile-compressed (GZIP_1) in a binary-table extension: its size
     is known only after decompressing (at 16000x16000 a 55 KB message took 6.6 s and ~1 GB)."""
@@ -158,6 +174,7 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("deep recursive schema", deep_recursive_schema(), "schema_policy"),
         ("2^62 zero-byte array items", zero_byte_items(start + 1), "schema_policy"),
         ("2^62 history entries", huge_history_count(start + 2), "too_large"),
+        ("2^62 doubles in an array only fastavro reads", array_count_past_the_end(start + 11), "truncated"),
         ("bzip2 bomb block", bzip2_bomb(), "codec"),
         ("gzip stamp bomb", gzip_stamp_bomb(start + 4), "cutout_too_large"),
         ("FITS header size bomb", fits_size_bomb(start + 5), "cutout_too_large"),

@@ -251,3 +251,33 @@ def test_mutated_fits_headers_crop_or_raise_named_error(cards: list[tuple[int, b
             assert e.reason.startswith("cutout_")
             continue
         assert crop.shape == (21, 21)
+
+
+@SETTINGS
+@given(st.binary(max_size=256), st.integers(0, 16), st.lists(st.integers(-1, 40), max_size=30))
+def test_strict_reader_reads_as_bytesio_and_refuses_short_reads(data: bytes, start: int, sizes: list[int]) -> None:
+    """What fastavro's general path reads through (alerts/strict_reader.py): the bytes io.BytesIO
+    would give while they are there, an EOFError where BytesIO would return fewer than asked."""
+    import io
+
+    from alerts.strict_reader import StrictReader
+
+    start = min(start, len(data))
+    strict, plain = StrictReader(data, start), io.BytesIO(data)
+    plain.seek(start)
+    for n in sizes:
+        left = len(data) - plain.tell()
+        if n > left:
+            with pytest.raises(EOFError):
+                strict.read(n)
+            return
+        assert strict.read(n) == plain.read(n) and strict.tell() == plain.tell()
+
+
+def test_strict_reader_bounds_zero_length_reads() -> None:
+    from alerts.strict_reader import StrictReader
+
+    r = StrictReader(b"abc")
+    with pytest.raises(EOFError):
+        for _ in range(1000):
+            r.read(0)
