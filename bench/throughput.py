@@ -206,6 +206,10 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
     return {"alerts": seen, "seconds": elapsed, "stage_s": stage}
 
 
+def _run_names(runs: list[tuple[int, str, int]]) -> list[tuple[tuple[int, str, int], str]]:
+    return [(r, f"ours_{r[0]}" + ("_noindex" if r[1] == "off" else "") + (f"_workers{r[2]}" if r[2] else "")) for r in runs]
+
+
 def ours(config_path: Path, processes: int, total: int, workdir: Path) -> dict[str, Any]:
     """`consumer run` as real processes in one group; RSS sampled from outside every 0.2 s."""
     env = dict(os.environ) | {"PYTHONUNBUFFERED": "1"}
@@ -359,6 +363,8 @@ def table(res: dict[str, Any]) -> str:
     rows = [("(a) floor: consume + gunzip", res["floor"]), ("(b) naive pipeline", res["naive"]),
             ("(c) ours, 1 process", res["ours_1"]), ("(c) ours, 2 processes", res["ours_2"]),
             ("(c) ours, 1 process, similarity index off", res["ours_1_noindex"])]  # fmt: skip
+    rows += [(f"(c) ours, 1 process, {k.rsplit('workers', 1)[1]} decode workers (CPU: main process only)", res[k])
+             for k in res if k.startswith("ours_1_workers")]  # fmt: skip
     lines = ["| path | alerts | alerts/s | µs/alert | CPU µs/alert: path / broker / Redis | peak RSS MiB |", "|---|---|---|---|---|---|"]
     for name, r in rows:
         rss = "/".join(f"{m['peak_rss_mb']:.0f}" for m in r.get("memory", [])) or "-"
@@ -426,6 +432,8 @@ def main() -> int:
     ap.add_argument("--bundle", default=str(ROOT / "model" / "bundles" / "default.npz"),
                     help="model bundle of (b) and (c): the shipped default (.npz, ONNX Runtime) or a .pt (torch)")
     ap.add_argument("--torch-threads", type=int, default=0, help="model.torch_threads of (c); 0: the CPUs minus one")
+    ap.add_argument("--decode-workers", type=int, default=0,
+                    help="also run (c) with 1 process decoding in this many worker processes (its CPU column counts the main process only)")
     ap.add_argument("--quick", action="store_true", help="only (a) and (c) with 1 process: for development, not for the docs")
     ap.add_argument("--history-only", action="store_true", help="only the cost-by-history-length table (no broker)")
     ap.add_argument("--rubin-only", action="store_true", help="only the Rubin row (d) and its cost table")
@@ -482,20 +490,23 @@ def main() -> int:
 
     # (c) with the config's similarity index (on where Redis has vector sets), and once more
     # without it, so the index's cost shows in the same run
-    runs = [(1, "auto"), (1, "off")] if a.quick else [(1, "auto"), (2, "auto"), (1, "off")]
-    for procs, index in runs:
+    # (--decode-workers N: once more, 1 process decoding in N worker processes)
+    runs = [(1, "auto", 0), (1, "off", 0)] if a.quick else [(1, "auto", 0), (2, "auto", 0), (1, "off", 0)]
+    runs += [(1, "auto", a.decode_workers)] if a.decode_workers else []
+    for procs, index, workers in runs:
         data = json.loads(json.dumps(cfg_data))
-        data["kafka"]["group_id"] = f"bench-ours{procs}{index}-{tag}"
+        data["kafka"]["group_id"] = f"bench-ours{procs}{index}{workers}-{tag}"
         data["redis"]["index"] = {"mode": index}
-        name = f"ours_{procs}" + ("_noindex" if index == "off" else "")
+        data["batching"]["decode_workers"] = workers
+        name = dict(_run_names(runs))[(procs, index, workers)]
         cfg_path = work / f"config-{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(data))
-        print(f"(c) ours, {procs} process(es), similarity index {index} ...", flush=True)
+        print(f"(c) ours, {procs} process(es), similarity index {index}, decode workers {workers} ...", flush=True)
         with CpuMeter(ports) as meter:
             res[name] = ours(cfg_path, procs, total, work)
         res[name]["cpu_s"] = meter.shares(res[name]["cpu_s"])
     if a.quick:
-        r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", "ours_1", "ours_1_noindex")}
+        r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", *(name for _, name in _run_names(runs)))}
         print(json.dumps({k: round(v) for k, v in r.items()} | {"ours_over_floor": r["ours_1"] / r["floor"],
                           "rss_mb": {k: round(v) for k, v in res["ours_1"]["memory"][0].items()},
                           "cpu_us": {k: {c: round(v / res[k]["alerts"] * 1e6) for c, v in res[k]["cpu_s"].items()} for k in ("floor", "ours_1")},

@@ -97,6 +97,10 @@ class BatchingConfig:
     # meanwhile), because giving up would mean either losing results or committing unprocessed offsets.
     retry_initial_s: float = 0.5
     retry_max_s: float = 10.0
+    # Decode + cutouts + features of ZTF messages in this many spawned worker processes (0: in the
+    # main process). Pays where one consumer has cores of its own beyond ~2; on 2 shared cores it
+    # does not (docs/benchmarks.md). A message that kills a worker becomes a dead letter.
+    decode_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,8 @@ def _validate(cfg: ConsumerConfig) -> None:
     b = cfg.batching
     if b.max_batch < 1 or b.max_wait_ms < 0:
         raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
+    if not 0 <= b.decode_workers <= 256:
+        raise ConfigError("batching.decode_workers must be in 0..256")
     if not cfg.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one topic")
     for topic in cfg.kafka.input_topics:

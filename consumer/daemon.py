@@ -40,7 +40,6 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
-from alerts.message import decode_any, features_of
 from alerts.rubin import SURVEY as RUBIN
 from alerts.rubin import RubinSchemaCache, SchemaLookup
 from config import ConsumerConfig
@@ -55,6 +54,7 @@ from consumer.batches import (
     build_results,
     dead_letter,
 )
+from consumer.decoding import DecodePool, Outcome, decode_one, is_rubin
 from consumer.inference import ModelRunner
 from consumer.kafka_sink import KafkaSink, Outgoing
 from consumer.metrics import Metrics
@@ -121,6 +121,8 @@ class StreamProcessor:
         self._last_lag = 0.0
         self._progress_mark = (time.monotonic(), 0)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        workers = cfg.batching.decode_workers
+        self.decode_pool = DecodePool(workers, cfg.decoding) if workers > 0 else None
 
     @property
     def stats(self) -> RunStats:
@@ -185,6 +187,8 @@ class StreamProcessor:
             self._housekeeping(now)
         self.finish(inferring, awaiting_redis)
         self._worker.shutdown(wait=True)
+        if self.decode_pool is not None:
+            self.decode_pool.close()
         self.stats.elapsed_s = time.monotonic() - start
         self._log_progress(force=True)
         return self.stats
@@ -219,10 +223,9 @@ class StreamProcessor:
     def decode_batch(self, messages: Sequence[Message]) -> DecodedBatch:
         """decode + cutouts + features; a bad message becomes a dead letter right here."""
         out = DecodedBatch(size=len(messages))
-        n_in = 0
+        items: list[tuple[Source, bytes | None]] = []
         with self.counters.timed("decode"):
             for m in messages:
-                self.metrics.beat()  # per message: a slow message must not look like a dead loop
                 if m.error() is not None:
                     self.counters.kafka_error()
                     log.warning("kafka error event on %s[%s]: %s", m.topic(), m.partition(), m.error())
@@ -230,24 +233,34 @@ class StreamProcessor:
                 src = Source(m.topic() or "", m.partition() or 0, m.offset() or 0)
                 key = (src.topic, src.partition)
                 out.offsets[key] = max(out.offsets.get(key, -1), src.offset)
-                n_in += 1
-                value = m.value()
-                try:
-                    alert, stamp = decode_any(value, self.schemas, self.rubin_schemas)
-                    if alert.survey == RUBIN and self.rubin_runner is None:
-                        raise NoModelForSurvey("a Rubin alert, and no Rubin bundle is configured", candid=alert.candid)
-                    features = features_of(alert)
-                except BadAlertError as e:
-                    out.outgoing.append(self._dead(value, src, e))
-                    continue
-                except Exception as e:  # a bug on odd input must not stop the stream either
-                    err = BadAlertError(f"unexpected {type(e).__name__}: {e}", reason="unexpected")
-                    out.outgoing.append(self._dead(value, src, err))
-                    continue
-                out.good.append(GoodAlert(alert, stamp, features, src))
-        self.counters.messages_in(n_in)
+                items.append((src, m.value()))
+            for (src, value), o in zip(items, self._decode_values([v for _, v in items]), strict=True):
+                if not isinstance(o, BadAlertError) and o[0].survey == RUBIN and self.rubin_runner is None:
+                    o = NoModelForSurvey("a Rubin alert, and no Rubin bundle is configured", candid=o[0].candid)
+                if isinstance(o, BadAlertError):
+                    out.outgoing.append(self._dead(value, src, o))
+                else:
+                    out.good.append(GoodAlert(*o, src))
+        self.counters.messages_in(len(items))
         self.counters.batch_gathered(len(messages))
         return out
+
+    def _decode_values(self, values: list[bytes | None]) -> list[Outcome]:
+        """In this process, or the ZTF messages in the decode workers (consumer/decoding.py)."""
+        if self.decode_pool is None:
+            outcomes = []
+            for v in values:
+                self.metrics.beat()  # per message: a slow message must not look like a dead loop
+                outcomes.append(decode_one(v, self.schemas, self.rubin_schemas))
+            return outcomes
+        here = [i for i, v in enumerate(values) if is_rubin(v)]
+        there = [i for i, v in enumerate(values) if not is_rubin(v)]
+        got: list[Outcome] = [None] * len(values)  # type: ignore[list-item]  # every row is set below
+        for i, o in zip(there, self.decode_pool.decode([values[i] for i in there], self.metrics.beat), strict=True):
+            got[i] = o
+        for i in here:
+            got[i] = decode_one(values[i], self.schemas, self.rubin_schemas)
+        return got
 
     def start_inference(self, decoded: DecodedBatch) -> InFlight:
         """Queue the batch to the model worker: each survey's alerts to its own bundle. The models

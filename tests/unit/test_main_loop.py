@@ -179,10 +179,12 @@ class Harness:
         return [o for o in self.kafka.acked if o.topic == DLQ]
 
 
-def harness(msgs: list[Message], pipeline: bool = True, max_batch: int = 4, partitions: int = 2) -> Harness:
+def harness(msgs: list[Message], pipeline: bool = True, max_batch: int = 4, partitions: int = 2,
+            decode_workers: int = 0) -> Harness:  # fmt: skip
     cfg = parse_consumer_config({
         "kafka": {"input_topics": [TOPIC], "output_topic": OUT, "dead_letter_topic": DLQ},
-        "batching": {"max_batch": max_batch, "max_wait_ms": 0, "pipeline": pipeline, "retry_initial_s": 0.01},
+        "batching": {"max_batch": max_batch, "max_wait_ms": 0, "pipeline": pipeline, "retry_initial_s": 0.01,
+                     "decode_workers": decode_workers},
         "metrics": {"port": 0, "lag_interval_s": 3600},
     })  # fmt: skip
     consumer = FakeConsumer(msgs, list(range(partitions)))
@@ -217,10 +219,11 @@ def corpus(alerts: list[bytes], bad_every: int = 5) -> tuple[list[Message], dict
     return msgs, good
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_every_message_lands_once_and_commits_follow_both_sinks(alerts: list[bytes], pipeline: bool) -> None:
+@pytest.mark.parametrize(("pipeline", "decode_workers"), [(True, 0), (False, 0), (True, 2)])
+def test_every_message_lands_once_and_commits_follow_both_sinks(alerts: list[bytes], pipeline: bool,
+                                                                 decode_workers: int) -> None:  # fmt: skip
     msgs, good = corpus(alerts)
-    h = harness(msgs, pipeline=pipeline)
+    h = harness(msgs, pipeline=pipeline, decode_workers=decode_workers)
     check_commits_follow_both_sinks(h, msgs, good)
     stats = h.proc.run(idle_exit_s=0.05)
     assert h.output_candids() == set(good.values()) == set(h.redis.stored)
@@ -410,14 +413,15 @@ class FakeRubinRunner(FakeRunner):
         return np.ones((n, 6), np.float32), np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32)
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_a_mixed_topic_goes_to_each_surveys_bundle(alerts: list[bytes], pipeline: bool) -> None:
+@pytest.mark.parametrize(("pipeline", "decode_workers"), [(True, 0), (False, 0), (True, 1)])
+def test_a_mixed_topic_goes_to_each_surveys_bundle(alerts: list[bytes], pipeline: bool, decode_workers: int) -> None:
+    """(ZTF in the decode worker, Rubin in the main process, in the order of the topic.)"""
     from alerts.synthetic_rubin import make_rubin_message
 
     rubin = [make_rubin_message(900 if i % 2 else 1100, 7_000 + i, seed=i) for i in range(9)]
     values = [v for pair in zip(alerts[:9], rubin, strict=True) for v in pair] + alerts[9:12]
     msgs = messages(values)
-    h = harness(msgs, pipeline=pipeline, max_batch=5)
+    h = harness(msgs, pipeline=pipeline, max_batch=5, decode_workers=decode_workers)
     h.proc.rubin_runner = FakeRubinRunner()  # type: ignore[assignment]
     h.proc.run(max_alerts=len(values))
     out = [decode_result(o.value) for o in h.kafka.acked if o.topic == OUT]

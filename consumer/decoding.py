@@ -1,0 +1,172 @@
+"""The decode stage of the main loop: message bytes -> (alert, raw crops, features) or the named
+error that makes it a dead letter, in the main process or in worker processes.
+
+Why worker processes (``batching.decode_workers``): decode + cutouts + features is the main
+thread's largest stage (~275 of ~440 CPU µs per alert, docs/benchmarks.md) and sets one consumer's
+rate; threads would serialise on the GIL for most of it. With N workers the main thread only
+consumes, infers (on its own thread) and publishes, so one consumer can use the cores one
+process cannot. Off by default: on a 2-core machine shared with the broker and Redis the cores are
+already full and the workers cost more than they bring (measured, docs/benchmarks.md); the scale-out
+that needs no change at all is more consumers in the group.
+
+What goes over the pipe: the message bytes to a worker; back the alert without its cutout bytes
+(the crops are cut already), the (2, 21, 21) crops and the features, or the error's class name,
+text, reason and candid. Rubin messages stay in the main process: their schema source talks to
+the schema registry (alerts/rubin.py), which a worker would have to open again.
+
+Isolation: a message that kills a worker (a crash in a C library, the OOM killer) breaks only the
+pool. The batch is then decoded again one message per task, the pool restarted after each
+death, and the message that killed a worker becomes a dead letter (``worker_crashed``): it never
+reaches the main process, so it can neither crash the daemon nor repeat on an uncommitted offset.
+
+Workers are spawned, never forked: the daemon's process runs librdkafka's threads, and a fork
+copies their locks in whatever state they are in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from alerts.cutouts import StampPixels
+from alerts.decoder import Alert, SchemaCache
+from alerts.errors import BadAlertError
+from alerts.limits import DecodeLimits
+from alerts.message import AnyAlert, decode_any, features_of, warm_up
+from alerts.rubin import RubinSchemaCache
+from alerts.rubin_schemas import WIRE_MAGIC
+
+log = logging.getLogger("stampstream.consumer")
+
+Decoded = tuple[AnyAlert, StampPixels, np.ndarray]  # alert, raw crops, features
+Outcome = Decoded | BadAlertError
+
+
+def decode_one(value: bytes | None, ztf: SchemaCache, rubin: RubinSchemaCache) -> Outcome:
+    """One message -> its decoded parts, or the named error it is dead-lettered with. Never
+    raises: a bug on odd input must not stop the stream either (reason ``unexpected``)."""
+    try:
+        alert, stamp = decode_any(value, ztf, rubin)
+        return alert, stamp, features_of(alert)
+    except BadAlertError as e:
+        return e
+    except Exception as e:
+        return BadAlertError(f"unexpected {type(e).__name__}: {e}", reason="unexpected")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A BadAlertError as it crosses the pipe (its keyword attributes would not survive pickling)."""
+
+    kind: type[BadAlertError]  # pickled by its qualified name
+    text: str
+    reason: str
+    candid: int | None
+
+    def error(self) -> BadAlertError:
+        return self.kind(self.text, reason=self.reason, candid=self.candid)
+
+
+Task = Callable[[list[bytes | None]], list[Decoded | Refused]]
+
+# -- in the worker ------------------------------------------------------------------------------
+PARENT_CHECK_S = 1.0
+_ZTF: SchemaCache | None = None
+_RUBIN: RubinSchemaCache | None = None
+
+
+def _start_worker(limits: DecodeLimits, parent: int) -> None:
+    global _ZTF, _RUBIN
+    _ZTF, _RUBIN = SchemaCache(limits), RubinSchemaCache(limits)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+    warm_up()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker outlives a daemon killed with -9 (measured: idle, blocked on its queue, 180 MB):
+    it leaves as soon as its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
+def decode_chunk(values: list[bytes | None]) -> list[Decoded | Refused]:
+    assert _ZTF is not None and _RUBIN is not None, "worker not started"
+    out: list[Decoded | Refused] = []
+    for value in values:
+        o = decode_one(value, _ZTF, _RUBIN)
+        if isinstance(o, BadAlertError):
+            out.append(Refused(type(o), str(o), o.reason, o.candid))
+        else:
+            alert, stamp, features = o
+            if isinstance(alert, Alert):  # the cutout bytes are cut already: do not send them back
+                alert = dataclasses.replace(alert, science=None, difference=None)
+            out.append((alert, stamp, features))
+    return out
+
+
+# -- in the daemon ------------------------------------------------------------------------------
+class DecodePool:
+    """``workers`` spawned processes, each with its own schema caches (bounded by ``limits``)."""
+
+    def __init__(self, workers: int, limits: DecodeLimits, chunk: int = 64, task: Task | None = None) -> None:
+        """``task``: what a worker runs on a chunk of messages (tests pass one that dies on a marker)."""
+        if workers < 1:
+            raise ValueError("a decode pool needs at least one worker")
+        self.workers, self.limits, self.chunk = workers, limits, chunk
+        self.task: Task = task or decode_chunk
+        self.restarts = 0
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_worker,
+                                   initargs=(self.limits, os.getpid()))  # fmt: skip
+
+    def _restart(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.restarts += 1
+        self._pool = self._start()
+
+    def decode(self, values: Sequence[bytes | None], beat: Callable[[], None] = lambda: None) -> list[Outcome]:
+        """Outcomes in the order of ``values``; ``beat`` is called as each chunk comes back."""
+        size = max(1, min(self.chunk, -(-len(values) // self.workers)))
+        chunks = [list(values[i : i + size]) for i in range(0, len(values), size)]
+        try:
+            futures = [self._pool.submit(self.task, c) for c in chunks]
+            got: list[Decoded | Refused] = []
+            for f in futures:
+                got += f.result()
+                beat()
+        except BrokenProcessPool:
+            log.error("a decode worker died: decoding the batch again, one message per task")
+            self._restart()
+            got = [self._one_by_one(v, beat) for v in values]
+        return [g.error() if isinstance(g, Refused) else g for g in got]
+
+    def _one_by_one(self, value: bytes | None, beat: Callable[[], None]) -> Decoded | Refused:
+        try:
+            (o,) = self._pool.submit(self.task, [value]).result()
+        except BrokenProcessPool:
+            self._restart()
+            return Refused(BadAlertError, "the message killed a decode worker", "worker_crashed", None)
+        beat()
+        return o
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def is_rubin(value: bytes | None) -> bool:
+    """Rubin's wire form (decoded in the main process, see the module docstring)."""
+    return bool(value) and value[:1] == bytes([WIRE_MAGIC])  # type: ignore[index]

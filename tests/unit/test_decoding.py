@@ -1,0 +1,114 @@
+"""The decode stage in worker processes (consumer/decoding.py): the same outcome as in the main
+process for every message, good or hostile; a worker killed by a message costs that message
+alone (a dead letter), and a dead worker is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from attacks import all_attacks
+
+from alerts.decoder import SchemaCache
+from alerts.errors import BadAlertError
+from alerts.limits import DecodeLimits
+from alerts.rubin import RubinSchemaCache
+from alerts.synthetic import make_alert
+from alerts.synthetic_rubin import make_rubin_message
+from consumer.decoding import Decoded, DecodePool, Outcome, Refused, decode_chunk, decode_one
+
+START = 2_400_000_000_000_009_000
+KILL = b"kill this worker"
+
+
+def dies_on_marker(values: list[bytes | None]) -> list[Decoded | Refused]:
+    """A worker task that dies the way a crash in a C library would (no exception, no reply)."""
+    if KILL in values:
+        os._exit(1)
+    return decode_chunk(values)
+
+
+@pytest.fixture(scope="module")
+def values() -> list[bytes | None]:
+    good = [make_alert(START + i, n_prv=i % 4).message for i in range(12)]
+    rubin = [make_rubin_message(1000, 170_000_000_000_000_000 + i, seed=i, n_prv=2) for i in range(3)]
+    hostile: list[bytes | None] = [m for _, m, _ in all_attacks(START + 100)]
+    return good[:6] + hostile + rubin + [b"", None, b"garbage"] + good[6:]
+
+
+def same(a: Outcome, b: Outcome) -> bool:
+    if isinstance(a, BadAlertError) or isinstance(b, BadAlertError):
+        return (type(a), getattr(a, "reason", None), getattr(a, "candid", None), str(a)) == (
+            type(b), getattr(b, "reason", None), getattr(b, "candid", None), str(b))  # fmt: skip
+    (alert_a, stamp_a, feat_a), (alert_b, stamp_b, feat_b) = a, b
+    return (alert_a.candid == alert_b.candid and alert_a.object_id == alert_b.object_id
+            and np.array_equal(stamp_a.pixels, stamp_b.pixels, equal_nan=True)
+            and np.array_equal(feat_a, feat_b, equal_nan=True))  # fmt: skip
+
+
+def test_workers_give_what_the_main_process_gives(values: list[bytes | None]) -> None:
+    here = [decode_one(v, SchemaCache(), RubinSchemaCache()) for v in values]
+    pool = DecodePool(2, DecodeLimits(), chunk=5)
+    try:
+        beats: list[int] = []
+        there = pool.decode(values, beat=lambda: beats.append(1))
+    finally:
+        pool.close()
+    assert len(there) == len(values) and all(same(a, b) for a, b in zip(here, there, strict=True))
+    assert sum(not isinstance(o, BadAlertError) for o in there) == 15  # 12 ZTF + 3 Rubin
+    assert len(beats) == -(-len(values) // 5)  # one per chunk
+    ztf = [o for o in there if not isinstance(o, BadAlertError) and o[0].survey == "ztf"]
+    assert all(o[0].science is None and o[0].difference is None for o in ztf)  # the cut bytes stay behind
+
+
+def test_a_message_that_kills_a_worker_is_a_dead_letter_and_the_rest_decode(values: list[bytes | None]) -> None:
+    good = [v for v in values[:6]]
+    batch = good[:3] + [KILL] + good[3:]
+    pool = DecodePool(2, DecodeLimits(), chunk=2, task=dies_on_marker)
+    try:
+        got = pool.decode(batch)
+        assert pool.restarts >= 2  # once for the batch, once for the killer alone
+        again = pool.decode(good)  # the pool works after the restarts
+    finally:
+        pool.close()
+    killed = got[3]
+    assert isinstance(killed, BadAlertError) and killed.reason == "worker_crashed"
+    assert [o[0].candid for o in got[:3] + got[4:] if not isinstance(o, BadAlertError)] == list(range(START, START + 6))
+    assert not any(isinstance(o, BadAlertError) for o in again)
+
+
+def test_a_worker_killed_from_outside_is_replaced(values: list[bytes | None]) -> None:
+    pool = DecodePool(1, DecodeLimits())
+    try:
+        assert not isinstance(pool.decode(values[:1])[0], BadAlertError)
+        for pid in list(pool._pool._processes or {}):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+        got = pool.decode(values[:4])
+    finally:
+        pool.close()
+    assert not any(isinstance(o, BadAlertError) for o in got) and pool.restarts == 1
+
+
+def test_workers_leave_when_the_daemon_is_killed() -> None:
+    """kill -9 of the daemon must not leave its decode workers behind (they block on their queue)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = ("from alerts.limits import DecodeLimits\nfrom consumer.decoding import DecodePool\nimport time\n"
+            "if __name__ == '__main__':\n    p = DecodePool(2, DecodeLimits())\n    p.decode([b'x', b'y', b'z'])\n"
+            "    print('ready', flush=True)\n    time.sleep(120)\n")  # fmt: skip
+    daemon = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline().strip() == "ready"
+        workers = [c for c in psutil.Process(daemon.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert workers
+        daemon.kill()
+        daemon.wait()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"{len(alive)} decode worker(s) outlived the daemon"
+    finally:
+        daemon.kill()
