@@ -22,9 +22,11 @@ MAX_SECONDS = 240  # the whole run, joining the group included
 MAX_PEAK_RSS_MB = 1500  # the pod's memory limit
 
 
+@pytest.mark.parametrize("decode_workers", [0, 2])
 def test_every_attack_is_dead_lettered_and_every_good_alert_comes_out(
-    stack: Stack, corpus: list[bytes], tmp_path: Path
+    stack: Stack, corpus: list[bytes], tmp_path: Path, decode_workers: int
 ) -> None:
+    """(decode_workers 2: the same, decoded in spawned worker processes, consumer/decoding.py.)"""
     good_msgs = corpus[:: max(1, len(corpus) // 120)][:120]
     attacks = all_attacks(2_400_000_000_000_010_000)
     # interleave: one attack after every 12 good alerts
@@ -39,7 +41,8 @@ def test_every_attack_is_dead_lettered_and_every_good_alert_comes_out(
     values += [a[1] for a in it]
     cache = SchemaCache()
     good = {decode_alert(m, cache).candid for m in good_msgs}
-    cfg_path, data = stack.config(tmp_path, kafka={"dead_letter_max_bytes": 200_000})
+    cfg_path, data = stack.config(tmp_path, kafka={"dead_letter_max_bytes": 200_000},
+                                  batching={"decode_workers": decode_workers})  # fmt: skip
     topic = data["kafka"]["input_topics"][0]
     create_topic(stack.bootstrap, topic, 2)
     produce(stack.bootstrap, topic, values)
@@ -60,5 +63,5 @@ def test_every_attack_is_dead_lettered_and_every_good_alert_comes_out(
     reasons = sorted(h["reason"].decode() for _, h in o.dead_letters)
     assert reasons == sorted(reason for _, _, reason in attacks), reasons
     assert o.committed == o.end_offsets
-    print(f"\npoison tier: {len(attacks)} attacks among {len(good)} alerts, {took:.1f}s, peak RSS "
+    print(f"\npoison tier ({decode_workers} decode workers): {len(attacks)} attacks among {len(good)} alerts, {took:.1f}s, peak RSS "
           f"{stats['peak_rss_mb']:.0f} MiB, reasons {reasons}")  # fmt: skip
