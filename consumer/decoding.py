@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -77,12 +78,24 @@ class Refused:
         return self.kind(self.text, reason=self.reason, candid=self.candid)
 
 
-Task = Callable[[list[bytes | None]], list[Decoded | Refused]]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Messages of a batch in the pool's shared memory: the block's name and each message's
+    (offset, length), length -1 for a message without a value."""
+
+    memory: str
+    spans: tuple[tuple[int, int], ...]
+
+
+Task = Callable[[Chunk], list[Decoded | Refused]]
 
 # -- in the worker ------------------------------------------------------------------------------
 PARENT_CHECK_S = 1.0
 _ZTF: SchemaCache | None = None
 _RUBIN: RubinSchemaCache | None = None
+_ATTACHED: shared_memory.SharedMemory | None = None
 
 
 def _start_worker(limits: DecodeLimits, parent: int) -> None:
@@ -100,10 +113,22 @@ def _exit_with(parent: int) -> None:
     os._exit(0)
 
 
-def decode_chunk(values: list[bytes | None]) -> list[Decoded | Refused]:
+def chunk_values(chunk: Chunk) -> list[bytes | None]:
+    """The messages of a chunk, read from the pool's shared memory (attached once per block)."""
+    global _ATTACHED
+    if _ATTACHED is None or _ATTACHED.name != chunk.memory:
+        if _ATTACHED is not None:
+            _ATTACHED.close()
+        _ATTACHED = shared_memory.SharedMemory(chunk.memory)
+    buf = _ATTACHED.buf
+    assert buf is not None  # an open block
+    return [None if n < 0 else bytes(buf[o : o + n]) for o, n in chunk.spans]
+
+
+def decode_chunk(chunk: Chunk) -> list[Decoded | Refused]:
     assert _ZTF is not None and _RUBIN is not None, "worker not started"
     out: list[Decoded | Refused] = []
-    for value in values:
+    for value in chunk_values(chunk):
         o = decode_one(value, _ZTF, _RUBIN)
         if isinstance(o, BadAlertError):
             out.append(Refused(type(o), str(o), o.reason, o.candid))
@@ -126,6 +151,7 @@ class DecodePool:
         self.workers, self.limits, self.chunk = workers, limits, chunk
         self.task: Task = task or decode_chunk
         self.restarts = 0
+        self._memory: shared_memory.SharedMemory | None = None
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -138,10 +164,31 @@ class DecodePool:
         self.restarts += 1
         self._pool = self._start()
 
+    def _load(self, values: Sequence[bytes | None]) -> list[tuple[int, int]]:
+        """The batch's messages into the shared block (grown, never shrunk) -> their spans. The
+        block is rewritten only by the next decode(), when every worker has answered."""
+        total = sum(len(v) for v in values if v is not None)
+        if self._memory is None or self._memory.size < total:
+            self._release()
+            self._memory = shared_memory.SharedMemory(create=True, size=max(2 * total, 1 << 20))
+        buf, pos, spans = self._memory.buf, 0, []
+        assert buf is not None  # an open block
+        for v in values:
+            if v is None:
+                spans.append((0, -1))
+                continue
+            buf[pos : pos + len(v)] = v
+            spans.append((pos, len(v)))
+            pos += len(v)
+        return spans
+
     def decode(self, values: Sequence[bytes | None], beat: Callable[[], None] = lambda: None) -> list[Outcome]:
         """Outcomes in the order of ``values``; ``beat`` is called as each chunk comes back."""
+        spans = self._load(values)
+        assert self._memory is not None
+        name = self._memory.name
         size = max(1, min(self.chunk, -(-len(values) // self.workers)))
-        chunks = [list(values[i : i + size]) for i in range(0, len(values), size)]
+        chunks = [Chunk(name, tuple(spans[i : i + size])) for i in range(0, len(values), size)]
         try:
             futures = [self._pool.submit(self.task, c) for c in chunks]
             got: list[Decoded | Refused] = []
@@ -151,20 +198,27 @@ class DecodePool:
         except BrokenProcessPool:
             log.error("a decode worker died: decoding the batch again, one message per task")
             self._restart()
-            got = [self._one_by_one(v, beat) for v in values]
+            got = [self._one_by_one(Chunk(name, (span,)), beat) for span in spans]
         return [g.error() if isinstance(g, Refused) else g for g in got]
 
-    def _one_by_one(self, value: bytes | None, beat: Callable[[], None]) -> Decoded | Refused:
+    def _one_by_one(self, chunk: Chunk, beat: Callable[[], None]) -> Decoded | Refused:
         try:
-            (o,) = self._pool.submit(self.task, [value]).result()
+            (o,) = self._pool.submit(self.task, chunk).result()
         except BrokenProcessPool:
             self._restart()
             return Refused(BadAlertError, "the message killed a decode worker", "worker_crashed", None)
         beat()
         return o
 
+    def _release(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+            self._memory.unlink()
+            self._memory = None
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._release()
 
 
 def is_rubin(value: bytes | None) -> bool:

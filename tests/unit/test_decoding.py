@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -17,17 +18,26 @@ from alerts.limits import DecodeLimits
 from alerts.rubin import RubinSchemaCache
 from alerts.synthetic import make_alert
 from alerts.synthetic_rubin import make_rubin_message
-from consumer.decoding import Decoded, DecodePool, Outcome, Refused, decode_chunk, decode_one
+from consumer.decoding import (
+    Chunk,
+    Decoded,
+    DecodePool,
+    Outcome,
+    Refused,
+    chunk_values,
+    decode_chunk,
+    decode_one,
+)
 
 START = 2_400_000_000_000_009_000
 KILL = b"kill this worker"
 
 
-def dies_on_marker(values: list[bytes | None]) -> list[Decoded | Refused]:
+def dies_on_marker(chunk: Chunk) -> list[Decoded | Refused]:
     """A worker task that dies the way a crash in a C library would (no exception, no reply)."""
-    if KILL in values:
+    if KILL in chunk_values(chunk):
         os._exit(1)
-    return decode_chunk(values)
+    return decode_chunk(chunk)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +64,11 @@ def test_workers_give_what_the_main_process_gives(values: list[bytes | None]) ->
     try:
         beats: list[int] = []
         there = pool.decode(values, beat=lambda: beats.append(1))
+        block = pool._memory.name if pool._memory else ""
     finally:
         pool.close()
+    with pytest.raises(FileNotFoundError):  # the shared block is gone with the pool
+        shared_memory.SharedMemory(block)
     assert len(there) == len(values) and all(same(a, b) for a, b in zip(here, there, strict=True))
     assert sum(not isinstance(o, BadAlertError) for o in there) == 15  # 12 ZTF + 3 Rubin
     assert len(beats) == -(-len(values) // 5)  # one per chunk
