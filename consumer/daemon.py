@@ -256,7 +256,12 @@ class StreamProcessor:
         here = [i for i, v in enumerate(values) if is_rubin(v)]
         there = [i for i, v in enumerate(values) if not is_rubin(v)]
         got: list[Outcome] = [None] * len(values)  # type: ignore[list-item]  # every row is set below
-        for i, o in zip(there, self.decode_pool.decode([values[i] for i in there], self.metrics.beat), strict=True):
+        try:
+            pooled = self.decode_pool.decode([values[i] for i in there], self.metrics.beat)
+        except OSError as e:  # no room in /dev/shm for this batch's messages: decode them here
+            log.warning("decode workers unavailable for this batch (%s): decoding in the main process", e)
+            pooled = [decode_one(values[i], self.schemas, self.rubin_schemas) for i in there]
+        for i, o in zip(there, pooled, strict=True):
             got[i] = o
         for i in here:
             got[i] = decode_one(values[i], self.schemas, self.rubin_schemas)

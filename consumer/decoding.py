@@ -144,6 +144,25 @@ def decode_chunk(chunk: Chunk) -> list[Decoded | Refused]:
 
 
 # -- in the daemon ------------------------------------------------------------------------------
+def _reserved_block(size: int) -> shared_memory.SharedMemory:
+    """A shared block whose pages are reserved now: /dev/shm is a tmpfs (64 MB by default in a
+    Docker container), and writing into an unreserved page past its size kills the writer with
+    SIGBUS. Reserved, a block that does not fit is an OSError here, and the daemon decodes that
+    batch in its own process instead (consumer/daemon.py)."""
+    block = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        fd = os.open(f"/dev/shm/{block.name.lstrip('/')}", os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError:
+        block.close()
+        block.unlink()
+        raise
+    return block
+
+
 class DecodePool:
     """``workers`` spawned processes, each with its own schema caches (bounded by ``limits``)."""
 
@@ -173,7 +192,7 @@ class DecodePool:
         total = sum(len(v) for v in values if v is not None)
         if self._memory is None or self._memory.size < total:
             self._release()
-            self._memory = shared_memory.SharedMemory(create=True, size=max(2 * total, 1 << 20))
+            self._memory = _reserved_block(max(total + total // 4, 1 << 20))
         buf, pos, spans = self._memory.buf, 0, []
         assert buf is not None  # an open block
         for v in values:

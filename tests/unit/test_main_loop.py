@@ -451,3 +451,26 @@ def test_rubin_alerts_without_a_rubin_bundle_are_dead_letters(alerts: list[bytes
     headers = dict(dead.headers or [])
     assert headers["reason"] == b"no_model_for_survey" and headers["candid"] == b"8001"
     assert len(h.output_candids()) == 2
+
+
+def test_a_batch_the_decode_workers_cannot_take_is_decoded_in_process(alerts: list[bytes]) -> None:
+    """No room in /dev/shm for a batch (a container's 64 MB tmpfs): that batch decodes in the main
+    process, nothing is lost, and the workers take the next one."""
+    import errno
+
+    msgs, good = corpus(alerts[:12])
+    h = harness(msgs, decode_workers=1, max_batch=6)
+    pool = h.proc.decode_pool
+    assert pool is not None
+    real_load, calls = pool._load, []
+
+    def full_once(values: Any) -> Any:
+        calls.append(len(values))
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_load(values)
+
+    pool._load = full_once  # type: ignore[method-assign]
+    h.proc.run(idle_exit_s=0.05)
+    assert h.output_candids() == set(good.values()) == set(h.redis.stored)
+    assert len(calls) >= 2  # the workers were asked again after the refusal
