@@ -101,6 +101,11 @@ class BatchingConfig:
     # main process). Pays where one consumer has cores of its own beyond ~2; on 2 shared cores it
     # does not (docs/benchmarks.md). A message that kills a worker becomes a dead letter.
     decode_workers: int = 0
+    # After a consumer of this group on this host died mid-run (SIGKILL, OOM, a crash: its marker
+    # file is left, consumer/crash_marker.py), decode this many batches in a worker process, so
+    # that a message which crashes a decoding library becomes a dead letter instead of a crash
+    # loop on its uncommitted offset. 0: off. (Moot with decode_workers > 0.)
+    isolate_after_crash: int = 3
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,8 @@ def _validate(cfg: ConsumerConfig) -> None:
         raise ConfigError("batching: max_batch must be >= 1 and max_wait_ms >= 0")
     if not 0 <= b.decode_workers <= 256:
         raise ConfigError("batching.decode_workers must be in 0..256")
+    if b.isolate_after_crash < 0:
+        raise ConfigError("batching.isolate_after_crash must be >= 0")
     if not cfg.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one topic")
     for topic in cfg.kafka.input_topics:

@@ -11,8 +11,10 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from config import ConsumerConfig, load_consumer_config
 
@@ -62,6 +64,7 @@ def ensure_topics(cfg: ConsumerConfig, topics: Sequence[str], partitions: int) -
 def cmd_run(args: argparse.Namespace) -> int:
     from confluent_kafka import Consumer, Producer
 
+    from consumer import crash_marker
     from consumer.clients import consumer_settings, producer_settings, redis_client
     from consumer.daemon import AbortRequested, NeverAssigned, StreamProcessor
     from consumer.inference import ModelRunner, inference_threads
@@ -121,8 +124,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     rsink = RedisSink(rclient, cfg.redis.key_prefix, cfg.redis.ttl_seconds, index)
     ksink = KafkaSink(producer, cfg.kafka.dead_letter_topic, cfg.kafka.dead_letter_max_bytes,
                       on_rejected=lambda where: metrics.produce_rejected.labels(where).inc())  # fmt: skip
+    markers = Path(tempfile.gettempdir())
+    died = crash_marker.claim(markers, cfg.kafka.group_id)
+    if died:
+        log.warning("a previous consumer of group %s on this host died mid-run (killed or crashed)", cfg.kafka.group_id)
     proc = StreamProcessor(cfg, consumer, ksink, rsink, runner, metrics, rubin_runner=rubin_runner,
-                           rubin_schemas=rubin_schemas)  # fmt: skip
+                           rubin_schemas=rubin_schemas, isolate_batches=cfg.batching.isolate_after_crash if died else 0)  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: proc.request_stop())
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: stacks of all threads to stderr
@@ -155,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         consumer.close()
         if server:
             server.shutdown()
+        crash_marker.release(markers, cfg.kafka.group_id)  # every exit Python sees is not a crash
     return code
 
 

@@ -94,10 +94,12 @@ class StreamProcessor:
         sleep: Callable[[float], None] = time.sleep,
         rubin_runner: ModelRunner | None = None,
         rubin_schemas: SchemaLookup | None = None,
+        isolate_batches: int = 0,
     ) -> None:
         """``runner``: ZTF's bundle; ``rubin_runner``: Rubin's (None: Rubin alerts are dead
         letters); ``rubin_schemas``: Rubin schema id -> schema (the registry with its fallback;
-        default: the packaged schemas)."""
+        default: the packaged schemas); ``isolate_batches``: decode the first batches in a worker
+        process (after a predecessor's hard death, consumer/crash_marker.py)."""
         self.cfg = cfg
         self.consumer = consumer
         self.kafka_sink = kafka_sink
@@ -123,6 +125,8 @@ class StreamProcessor:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         workers = cfg.batching.decode_workers
         self.decode_pool = DecodePool(workers, cfg.decoding) if workers > 0 else None
+        self._isolate_left = isolate_batches if self.decode_pool is None else 0
+        self._isolation: DecodePool | None = None
 
     @property
     def stats(self) -> RunStats:
@@ -187,8 +191,9 @@ class StreamProcessor:
             self._housekeeping(now)
         self.finish(inferring, awaiting_redis)
         self._worker.shutdown(wait=True)
-        if self.decode_pool is not None:
-            self.decode_pool.close()
+        for pool in (self.decode_pool, self._isolation):
+            if pool is not None:
+                pool.close()
         self.stats.elapsed_s = time.monotonic() - start
         self._log_progress(force=True)
         return self.stats
@@ -246,8 +251,10 @@ class StreamProcessor:
         return out
 
     def _decode_values(self, values: list[bytes | None]) -> list[Outcome]:
-        """In this process, or the ZTF messages in the decode workers (consumer/decoding.py)."""
-        if self.decode_pool is None:
+        """In this process, or the ZTF messages in the decode workers (consumer/decoding.py):
+        always with ``decode_workers``, for the first batches after a predecessor died mid-run."""
+        pool = self.decode_pool or self._isolation_pool()
+        if pool is None:
             outcomes = []
             for v in values:
                 self.metrics.beat()  # per message: a slow message must not look like a dead loop
@@ -257,7 +264,7 @@ class StreamProcessor:
         there = [i for i, v in enumerate(values) if not is_rubin(v)]
         got: list[Outcome] = [None] * len(values)  # type: ignore[list-item]  # every row is set below
         try:
-            pooled = self.decode_pool.decode([values[i] for i in there], self.metrics.beat)
+            pooled = pool.decode([values[i] for i in there], self.metrics.beat)
         except OSError as e:  # no room in /dev/shm for this batch's messages: decode them here
             log.warning("decode workers unavailable for this batch (%s): decoding in the main process", e)
             pooled = [decode_one(values[i], self.schemas, self.rubin_schemas) for i in there]
@@ -266,6 +273,21 @@ class StreamProcessor:
         for i in here:
             got[i] = decode_one(values[i], self.schemas, self.rubin_schemas)
         return got
+
+    def _isolation_pool(self) -> DecodePool | None:
+        """The worker for the first ``isolate_batches`` batches (then closed), or None."""
+        if self._isolate_left <= 0:
+            if self._isolation is not None:
+                self._isolation.close()
+                self._isolation = None
+                log.info("decoding in the main process again")
+            return None
+        if self._isolation is None:
+            log.warning("decoding the next %d batches in a worker process: a message that kills it becomes a dead letter",
+                        self._isolate_left)  # fmt: skip
+            self._isolation = DecodePool(1, self.cfg.decoding)
+        self._isolate_left -= 1
+        return self._isolation
 
     def start_inference(self, decoded: DecodedBatch) -> InFlight:
         """Queue the batch to the model worker: each survey's alerts to its own bundle. The models

@@ -192,3 +192,20 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("Rubin: a band that is no band", rubin_bad_band(start + 24), "bad_value"),
         ("Rubin: bytes after the record", rubin_message(start + 25) + b"\x00" * 16, "truncated"),
     ]
+
+
+# A message no library crashes on today, made to: the worker task below dies on it the way a
+# segfault in a decoding library would (no exception, no reply), so the tests can show what the
+# daemon does with such a message (consumer/decoding.py, consumer/crash_marker.py).
+KILL_WORKER = b"this message kills the process that decodes it"
+
+
+def decode_or_die(chunk):  # type: ignore[no-untyped-def]
+    """A decode-worker task (``DecodePool(task=...)``) that exits on KILL_WORKER."""
+    import os
+
+    from consumer.decoding import chunk_values, decode_chunk
+
+    if KILL_WORKER in chunk_values(chunk):
+        os._exit(1)
+    return decode_chunk(chunk)

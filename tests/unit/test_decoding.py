@@ -10,7 +10,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
-from attacks import all_attacks
+from attacks import KILL_WORKER, all_attacks, decode_or_die
 
 from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
@@ -19,25 +19,12 @@ from alerts.rubin import RubinSchemaCache
 from alerts.synthetic import make_alert
 from alerts.synthetic_rubin import make_rubin_message
 from consumer.decoding import (
-    Chunk,
-    Decoded,
     DecodePool,
     Outcome,
-    Refused,
-    chunk_values,
-    decode_chunk,
     decode_one,
 )
 
 START = 2_400_000_000_000_009_000
-KILL = b"kill this worker"
-
-
-def dies_on_marker(chunk: Chunk) -> list[Decoded | Refused]:
-    """A worker task that dies the way a crash in a C library would (no exception, no reply)."""
-    if KILL in chunk_values(chunk):
-        os._exit(1)
-    return decode_chunk(chunk)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +65,8 @@ def test_workers_give_what_the_main_process_gives(values: list[bytes | None]) ->
 
 def test_a_message_that_kills_a_worker_is_a_dead_letter_and_the_rest_decode(values: list[bytes | None]) -> None:
     good = [v for v in values[:6]]
-    batch = good[:3] + [KILL] + good[3:]
-    pool = DecodePool(2, DecodeLimits(), chunk=2, task=dies_on_marker)
+    batch = good[:3] + [KILL_WORKER] + good[3:]
+    pool = DecodePool(2, DecodeLimits(), chunk=2, task=decode_or_die)
     try:
         got = pool.decode(batch)
         assert pool.restarts >= 2  # once for the batch, once for the killer alone

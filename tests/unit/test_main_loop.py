@@ -474,3 +474,31 @@ def test_a_batch_the_decode_workers_cannot_take_is_decoded_in_process(alerts: li
     h.proc.run(idle_exit_s=0.05)
     assert h.output_candids() == set(good.values()) == set(h.redis.stored)
     assert len(calls) >= 2  # the workers were asked again after the refusal
+
+
+def test_after_a_predecessor_died_a_message_that_kills_the_decoder_becomes_a_dead_letter(alerts: list[bytes],
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The restart after a hard death (consumer/crash_marker.py): the first batches decode in a
+    worker; the message that kills it is dead-lettered (worker_crashed) and committed past, every
+    good alert comes out, and later batches decode in the main process again."""
+    from attacks import KILL_WORKER, decode_or_die
+
+    import consumer.daemon as daemon_module
+    from consumer.decoding import DecodePool
+
+    made: list[DecodePool] = []
+
+    def pool(workers: int, limits: Any) -> DecodePool:
+        made.append(DecodePool(workers, limits, task=decode_or_die))
+        return made[-1]
+
+    monkeypatch.setattr(daemon_module, "DecodePool", pool)
+    values = alerts[:5] + [KILL_WORKER] + alerts[5:12]
+    msgs = messages(values)
+    h = harness(msgs, max_batch=6, partitions=2)  # max_wait_ms 0: batches of one message here
+    h.proc._isolate_left = 8  # as StreamProcessor(isolate_batches=8) after a death
+    h.proc.run(idle_exit_s=0.05)
+    assert [dict(o.headers or [])["reason"] for o in h.dead()] == [b"worker_crashed"]
+    assert h.output_candids() == {START + i for i in range(12)} == set(h.redis.stored)
+    assert {tp.partition: tp.offset for c in h.consumer.commits for tp in c} == {0: 7, 1: 6}
+    assert len(made) == 1 and h.proc._isolation is None  # one worker, closed after its batches
