@@ -19,6 +19,7 @@ path never changes the result (tests compare both on every real alert).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,20 @@ def _header_size_check(raw: bytes) -> None:
         raise CutoutError(f"cutout FITS header claims {size} pixels", reason="cutout_too_large")
 
 
+# Cards whose value astropy loops over when it builds an HDU (axes; a table's columns), before
+# anything can be checked: NAXIS = 2147483647 kept it busy for minutes (found by the FITS-header
+# property test, tests/unit/test_decoder_properties.py). The FITS standard allows at most 999.
+_COUNT_CARD = re.compile(rb"(?:NAXIS   |TFIELDS )= *([-+]?[0-9]{1,40})")
+MAX_FITS_COUNT = 999
+
+
+def _count_cards_check(raw: bytes) -> None:
+    """Refuse a file in which any HDU's header claims more than 999 axes or table columns."""
+    for m in _COUNT_CARD.finditer(raw):
+        if m.start() % _CARD == 0 and not 0 <= int(m.group(1)) <= MAX_FITS_COUNT:
+            raise CutoutError(f"cutout FITS header claims {m.group(0)[:40]!r}", reason="cutout_bad_fits")
+
+
 def _declared_pixels(header: Any) -> int:
     """Pixels an HDU's header declares (NAXIS1 x ... x NAXISn), before anything is allocated."""
     size = 1
@@ -135,6 +150,7 @@ def _astropy_fits(raw: bytes) -> np.ndarray:
     from astropy.io import fits  # imported lazily: only the fallback path pays for it
 
     _header_size_check(raw)
+    _count_cards_check(raw)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -114,6 +114,24 @@ def tile_compressed_stamp(candid: int) -> bytes:
     return message_of(ALERT_SCHEMA, record)
 
 
+def fits_count_bomb(card: str) -> bytes:
+    """A cutout whose header claims 2^31 axes (NAXIS) or table columns (TFIELDS, in an extension):
+    astropy loops over them while building the HDU, minutes before anything can be checked."""
+    raw = io.BytesIO()
+    if card == "NAXIS":
+        fits.PrimaryHDU(np.zeros((63, 63), np.float32)).writeto(raw)
+        return raw.getvalue().replace(b"NAXIS   =                    2", b"NAXIS   =           2147483647")
+    table = fits.BinTableHDU.from_columns([fits.Column(name="a", format="E", array=np.zeros(3, np.float32))])
+    fits.HDUList([fits.PrimaryHDU(), table]).writeto(raw)
+    return raw.getvalue().replace(b"TFIELDS =                    1", b"TFIELDS =           2147483647")
+
+
+def fits_count_stamp(candid: int, card: str) -> bytes:
+    record = record_of(candid)
+    record["cutoutScience"]["stampData"] = gzip.compress(fits_count_bomb(card))
+    return message_of(ALERT_SCHEMA, record)
+
+
 def infinite_jd(candid: int) -> bytes:
     record = record_of(candid)
     record["candidate"]["jd"] = float("inf")
@@ -179,6 +197,8 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("gzip stamp bomb", gzip_stamp_bomb(start + 4), "cutout_too_large"),
         ("FITS header size bomb", fits_size_bomb(start + 5), "cutout_too_large"),
         ("tile-compressed FITS image (decompression bomb)", tile_compressed_stamp(start + 10), "cutout_bad_fits"),
+        ("FITS header claiming 2^31 axes", fits_count_stamp(start + 12, "NAXIS"), "cutout_bad_fits"),
+        ("FITS table extension claiming 2^31 columns", fits_count_stamp(start + 13, "TFIELDS"), "cutout_bad_fits"),
         ("infinite jd", infinite_jd(start + 6), "bad_value"),
         ("candid as a double", candid_as_double(start + 7), "schema_policy"),
         ("over-long objectId", long_object_id(start + 8), "bad_value"),
@@ -189,6 +209,7 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("Rubin: header cut short", b"\x00\x00\x00", "bad_framing"),
         ("Rubin: FITS header size bomb", rubin_fits_bomb(start + 23), "cutout_too_large"),
         ("Rubin: tile-compressed FITS image", rubin_message(start + 26, cutoutDifference=tile_compressed_fits()), "cutout_bad_fits"),
+        ("Rubin: FITS header claiming 2^31 axes", rubin_message(start + 27, cutoutScience=fits_count_bomb("NAXIS")), "cutout_bad_fits"),
         ("Rubin: a band that is no band", rubin_bad_band(start + 24), "bad_value"),
         ("Rubin: bytes after the record", rubin_message(start + 25) + b"\x00" * 16, "truncated"),
     ]
