@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,10 +109,7 @@ def _header_size_check(raw: bytes) -> None:
     (astropy scales BSCALE images to floats first: +580 MB from a 65 KB stamp)."""
     cards, _ = _header_cards(raw)
     try:
-        naxis = int(cards.get("NAXIS", "0"))
-        size = 1
-        for i in range(1, min(naxis, 999) + 1):
-            size *= max(int(cards.get(f"NAXIS{i}", "0")), 0)
+        size = _declared_pixels(cards)
     except ValueError as e:
         raise CutoutError(f"cutout FITS header is not readable: {e}", reason="cutout_bad_fits") from e
     if size > MAX_PIXELS:
@@ -132,10 +130,11 @@ def _count_cards_check(raw: bytes) -> None:
             raise CutoutError(f"cutout FITS header claims {m.group(0)[:40]!r}", reason="cutout_bad_fits")
 
 
-def _declared_pixels(header: Any) -> int:
-    """Pixels an HDU's header declares (NAXIS1 x ... x NAXISn), before anything is allocated."""
+def _declared_pixels(header: Mapping[str, Any]) -> int:
+    """Pixels a header declares (NAXIS1 x ... x NAXISn), before anything is allocated: of our own
+    card reader (values as text) or of astropy (numbers). ValueError for a value that is no integer."""
     size = 1
-    for i in range(1, min(int(header.get("NAXIS", 0)), 999) + 1):
+    for i in range(1, min(int(header.get("NAXIS", 0)), MAX_FITS_COUNT) + 1):
         size *= max(int(header.get(f"NAXIS{i}", 0)), 0)
     return size
 

@@ -45,10 +45,18 @@ def decode_rubin_message(value: bytes, schemas: RubinSchemaCache) -> tuple[Rubin
         raise
 
 
+_RUBIN_MAGIC = bytes([WIRE_MAGIC])
+
+
+def is_rubin(value: bytes | None) -> bool:
+    """Whether a message is in Rubin's wire form (0x00 + schema id + body), by its first byte."""
+    return value is not None and value[:1] == _RUBIN_MAGIC
+
+
 def decode_any(value: bytes | None, ztf: SchemaCache, rubin: RubinSchemaCache) -> tuple[AnyAlert, StampPixels]:
     """A message of either survey, told by its first bytes -> (alert, raw crops)."""
     value = value or b""
-    if value[:1] == bytes([WIRE_MAGIC]):
+    if is_rubin(value):
         return decode_rubin_message(value, rubin)
     if value[:4] == MAGIC or not value:
         return decode_message(value, ztf)

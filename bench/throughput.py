@@ -206,8 +206,9 @@ def naive_path(bootstrap: str, topic: str, total: int, cfg_data: dict[str, Any],
     return {"alerts": seen, "seconds": elapsed, "stage_s": stage}
 
 
-def _run_names(runs: list[tuple[int, str, int]]) -> list[tuple[tuple[int, str, int], str]]:
-    return [(r, f"ours_{r[0]}" + ("_noindex" if r[1] == "off" else "") + (f"_workers{r[2]}" if r[2] else "")) for r in runs]
+def _run_name(procs: int, index: str, workers: int) -> str:
+    """Key of a (c) run in the results: ours_1, ours_2, ours_1_noindex, ours_1_workers2."""
+    return f"ours_{procs}" + ("_noindex" if index == "off" else "") + (f"_workers{workers}" if workers else "")
 
 
 def ours(config_path: Path, processes: int, total: int, workdir: Path) -> dict[str, Any]:
@@ -498,7 +499,7 @@ def main() -> int:
         data["kafka"]["group_id"] = f"bench-ours{procs}{index}{workers}-{tag}"
         data["redis"]["index"] = {"mode": index}
         data["batching"]["decode_workers"] = workers
-        name = dict(_run_names(runs))[(procs, index, workers)]
+        name = _run_name(procs, index, workers)
         cfg_path = work / f"config-{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(data))
         print(f"(c) ours, {procs} process(es), similarity index {index}, decode workers {workers} ...", flush=True)
@@ -506,7 +507,7 @@ def main() -> int:
             res[name] = ours(cfg_path, procs, total, work)
         res[name]["cpu_s"] = meter.shares(res[name]["cpu_s"])
     if a.quick:
-        r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", *(name for _, name in _run_names(runs)))}
+        r = {k: res[k]["alerts"] / res[k]["seconds"] for k in ("floor", *(_run_name(*r) for r in runs))}
         print(json.dumps({k: round(v) for k, v in r.items()} | {"ours_over_floor": r["ours_1"] / r["floor"],
                           "rss_mb": {k: round(v) for k, v in res["ours_1"]["memory"][0].items()},
                           "cpu_us": {k: {c: round(v / res[k]["alerts"] * 1e6) for c, v in res[k]["cpu_s"].items()} for k in ("floor", "ours_1")},

@@ -40,6 +40,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
+from alerts.message import is_rubin
 from alerts.rubin import SURVEY as RUBIN
 from alerts.rubin import RubinSchemaCache, SchemaLookup
 from config import ConsumerConfig
@@ -54,7 +55,7 @@ from consumer.batches import (
     build_results,
     dead_letter,
 )
-from consumer.decoding import DecodePool, Outcome, decode_one, is_rubin
+from consumer.decoding import DecodePool, Outcome, decode_one
 from consumer.inference import ModelRunner
 from consumer.kafka_sink import KafkaSink, Outgoing
 from consumer.metrics import Metrics

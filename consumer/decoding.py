@@ -48,7 +48,6 @@ from alerts.errors import BadAlertError
 from alerts.limits import DecodeLimits
 from alerts.message import AnyAlert, decode_any, features_of, warm_up
 from alerts.rubin import RubinSchemaCache
-from alerts.rubin_schemas import WIRE_MAGIC
 
 log = logging.getLogger("stampstream.consumer")
 
@@ -79,8 +78,6 @@ class Refused:
 
     def error(self) -> BadAlertError:
         return self.kind(self.text, reason=self.reason, candid=self.candid)
-
-
 
 
 @dataclass(frozen=True)
@@ -241,8 +238,3 @@ class DecodePool:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._release()
-
-
-def is_rubin(value: bytes | None) -> bool:
-    """Rubin's wire form (decoded in the main process, see the module docstring)."""
-    return bool(value) and value[:1] == bytes([WIRE_MAGIC])  # type: ignore[index]
