@@ -14,9 +14,14 @@ the consumer's config (``redis.index``, defaults unless --config):
      (what the consumer waits for: Redis inserting into the HNSW graph);
   3. N synthetic vectors (default 1,000,000) of the embedding's dimension, drawn from a Gaussian
      with the real embeddings' mean and covariance: insert rate, index memory per vector
-     (``used_memory``), recall@10 and p50/p99 query latency at several query EFs.
+     (``used_memory``), recall@10 and p50/p99 query latency at several query EFs;
+  4. Redis memory per alert (``used_memory``) of the sink's layout, plain and with the index, as
+     the consumer writes it (realistic field values, two alerts per object by default), split by
+     key kind (``MEMORY USAGE``), and the vector set's memory per element at each setting Redis
+     offers (stored precision, M, with and without attributes): the floor any per-alert index has.
 
-Prints Markdown and writes JSON; figures go to docs/similarity.md with the date and command.
+Prints Markdown and writes JSON; figures go to docs/similarity.md (1-3) and docs/benchmarks.md
+(4, "Redis memory") with the date and command. ``--memory-only`` runs part 4 alone (~2 min).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from config.consumer import VectorIndexConfig  # noqa: E402
 from consumer.redis_keys import index_key  # noqa: E402
 from consumer.redis_sink import RedisSink  # noqa: E402
 from consumer.results import Result  # noqa: E402
-from consumer.vector_index import QUANT_ARG, exact_neighbours, parse_vsim_reply  # noqa: E402
+from consumer.vector_index import QUANT_ARG, attributes, exact_neighbours, parse_vsim_reply  # noqa: E402
 
 K = 10
 
@@ -204,6 +209,119 @@ def synthetic(r: redis.Redis, z: np.ndarray, n: int, n_queries: int, index: Vect
             "distribution": "Gaussian with the real embeddings' mean and covariance"}  # fmt: skip
 
 
+def realistic_results(n: int, per_object: int, now_ms: int, seed: int = 0) -> list[Result]:
+    """Results whose Redis fields are as long as real ones: 19-digit candids, ZTF object ids,
+    full-precision jd/ra/dec, the fused classifier's fields and the shipped bundle's name."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 42)).astype(np.float32)
+    p = rng.dirichlet(np.full(5, 0.5), size=n).astype(np.float32)
+    sp = rng.dirichlet(np.full(5, 0.5), size=n).astype(np.float32)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    out = []
+    for i in range(n):
+        o = i // per_object
+        oid = "ZTF2" + str(o % 6) + "".join(letters[np.random.default_rng(o).integers(0, 26, 7)])
+        out.append(Result(
+            candid=2_400_000_000_000_000_000 + int(rng.integers(0, 10**17)), object_id=oid,
+            jd=float(2460600.5 + rng.random() * 30), fid=int(rng.integers(1, 3)), ra=float(rng.random() * 360),
+            dec=float(rng.random() * 120 - 30), embedding=z[i], probabilities=p[i],
+            class_names=("AGN", "SN", "VS", "asteroid", "bogus"), model_name="stampstream-ae",
+            model_version="20261126b", cutout_padded=False, nan_fraction=(0.0, 0.0), alert_schema_version="4.02",
+            processed_at_ms=now_ms, source_topic="ztf", source_partition=0, source_offset=i,
+            stamp_probabilities=sp[i], classifier="fused", features_version=1,
+        ))  # fmt: skip
+    return out
+
+
+def _mean_usage(r: redis.Redis, pattern: str, sample: int = 300) -> tuple[float, int]:
+    """Mean ``MEMORY USAGE`` of up to ``sample`` keys matching ``pattern`` and how many there are."""
+    keys = list(r.scan_iter(pattern, count=10_000))
+    used = [int(r.memory_usage(k, samples=0) or 0) for k in keys[:sample]]
+    return (float(np.mean(used)) if used else 0.0), len(keys)
+
+
+def layout_memory(r: redis.Redis, n: int, per_object: int, index: VectorIndexConfig, prefix: str,
+                  ttl: int) -> list[dict[str, Any]]:  # fmt: skip
+    """``used_memory`` per alert of what the sink writes, plain and indexed, split by kind of key
+    (``MEMORY USAGE``). What MEMORY USAGE leaves out (each key's entries in the keyspace and expiry
+    tables) is measured from the plain layout, where nothing else is left, and taken out of the
+    indexed layout's rest, which leaves the vector set."""
+    rows: list[dict[str, Any]] = []
+    for name, ix in (("plain", None), ("indexed", index)):
+        r.flushall()
+        res = realistic_results(n, per_object, int(time.time() * 1000))
+        sink = RedisSink(r, prefix, ttl, ix)
+        sink.write(res[:1])  # loads the script
+        r.flushall()
+        mem0 = int(r.info("memory")["used_memory"])
+        for i in range(0, n, 512):
+            sink.write(res[i : i + 512])
+        total = (int(r.info("memory")["used_memory"]) - mem0) / n
+        split: dict[str, float] = {}
+        keys = 0
+        for kind, pattern in (("hash", "cand"), ("object pointer", "obj"), ("embedding key", "emb")):
+            mean, count = _mean_usage(r, f"{prefix}:{pattern}:*")
+            split[kind] = mean * count / n
+            keys += count
+        encoding = r.object("encoding", next(r.scan_iter(f"{prefix}:cand:*")))
+        rows.append({"layout": name, "alerts": n, "alerts_per_object": per_object, "bytes_per_alert": total,
+                     "split": split, "keys_per_alert": keys / n, "rest": total - sum(split.values()),
+                     "hash_encoding": (encoding or b"").decode()})  # fmt: skip
+    r.flushall()
+    per_key = rows[0]["rest"] / rows[0]["keys_per_alert"]
+    for row in rows:
+        row["split"]["keyspace and expiry entries"] = per_key * row["keys_per_alert"]
+        row["split"]["vector set"] = row["rest"] - per_key * row["keys_per_alert"]
+    rows[0]["split"]["vector set"] = 0.0
+    return rows
+
+
+def element_memory(r: redis.Redis, n: int) -> list[dict[str, Any]]:
+    """The vector set's ``used_memory`` per element at each setting, element named by a candid,
+    with the sink's attributes or none."""
+    res = realistic_results(n, 1, 0, seed=1)
+    rows: list[dict[str, Any]] = []
+    for quant in ("noquant", "q8", "bin"):
+        for m in (4, 8, 16):
+            for with_attrs in (True, False):
+                r.flushall()
+                mem0 = int(r.info("memory")["used_memory"])
+                pipe = r.pipeline(transaction=False)
+                for i, x in enumerate(res):
+                    args: list[Any] = ["VADD", "v", "FP32", x.embedding.astype("<f4").tobytes(), str(x.candid),
+                                       QUANT_ARG[quant], "EF", 40, "M", m]  # fmt: skip
+                    if with_attrs:
+                        args += ["SETATTR", attributes(x)]
+                    pipe.execute_command(*args)  # type: ignore[no-untyped-call]
+                    if i % 1000 == 999:
+                        pipe.execute()
+                pipe.execute()
+                per = (int(r.info("memory")["used_memory"]) - mem0) / n
+                rows.append({"quantisation": quant, "m": m, "attributes": with_attrs, "bytes_per_element": per})
+    r.flushall()
+    return rows
+
+
+def memory_lines(layout: list[dict[str, Any]], elements: list[dict[str, Any]]) -> list[str]:
+    kinds = list(layout[0]["split"])
+    lines = [
+        f"## Redis memory per alert ({layout[0]['alerts']:,} alerts, {layout[0]['alerts_per_object']} per object; `used_memory`)",
+        "| layout | B/alert | " + " | ".join(kinds) + " | hash encoding |", "|---" * (len(kinds) + 3) + "|",
+        *(f"| {row['layout']} | **{row['bytes_per_alert']:.0f}** | " + " | ".join(f"{row['split'][k]:.0f}" for k in kinds)
+          + f" | {row['hash_encoding']} |" for row in layout),
+        "", "Target: ≤ 600 B/alert with the index fed.", "",
+        "## The vector set alone: memory per element by setting (element = a candid)",
+        "| stored as | M | with the sink's attributes | without attributes |", "|---|---|---|---|",
+    ]  # fmt: skip
+    by = {(e["quantisation"], e["m"], e["attributes"]): e["bytes_per_element"] for e in elements}
+    for quant, m in sorted({(e["quantisation"], e["m"]) for e in elements}, key=lambda t: (["noquant", "q8", "bin"].index(t[0]), t[1])):
+        lines.append(f"| {quant} | {m} | {by[(quant, m, True)]:.0f} | {by[(quant, m, False)]:.0f} |")
+    floor = min(elements, key=lambda e: e["bytes_per_element"])
+    lines += ["", f"Cheapest element: {floor['bytes_per_element']:.0f} B ({floor['quantisation']}, M {floor['m']}, "
+              f"{'with' if floor['attributes'] else 'no'} attributes)."]  # fmt: skip
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="consumer config whose redis.index settings to use")
@@ -212,8 +330,14 @@ def main() -> None:
     ap.add_argument("--efs", default="50,100,200,400", help="query EFs to measure")
     ap.add_argument("--limit", type=int, default=None, help="at most this many real alerts")
     ap.add_argument("--cost-rounds", type=int, default=3)
+    ap.add_argument("--memory-n", type=int, default=20_000, help="alerts for the memory part (0: skip it)")
+    ap.add_argument("--per-object", type=int, default=2, help="alerts per object in the memory part")
+    ap.add_argument("--memory-only", action="store_true", help="part 4 alone")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
+    if a.memory_only:
+        memory_main(a)
+        return
     index = load_consumer_config(a.config, env={}).redis.index if a.config else VectorIndexConfig()
     efs = [int(e) for e in a.efs.split(",")]
     tmp = tempfile.mkdtemp()
@@ -232,6 +356,7 @@ def main() -> None:
         pur = purity(z, objects, y)
         cost = consumer_cost(r, (res * (1 + 4096 // max(1, len(res))))[:4096], index, a.cost_rounds)
         synth = synthetic(r, z, a.n_synthetic, a.queries, index, efs, 0) if a.n_synthetic else None
+        memory = memory_parts(r, a, index)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -243,6 +368,7 @@ def main() -> None:
         "real": {"n": len(z), "dim": int(z.shape[1]), "queries": real_rows, "purity": pur},
         "consumer_cost": cost,
         "synthetic": synth,
+        "memory": memory,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +399,40 @@ def main() -> None:
             "", "| query EF | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|",
             *(f"| {q['ef']} | {q['recall_at_10']:.3f} | {q['p50_ms']:.2f} | {q['p99_ms']:.2f} |" for q in synth["queries"]),
         ]  # fmt: skip
+    if memory:
+        lines += ["", *memory_lines(memory["layout"], memory["elements"])]
     (out / "similarity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def memory_parts(r: redis.Redis, a: argparse.Namespace, index: VectorIndexConfig) -> dict[str, Any] | None:
+    if not a.memory_n:
+        return None
+    cfg = load_consumer_config(a.config, env={}).redis if a.config else None
+    prefix, ttl = (cfg.key_prefix, cfg.ttl_seconds) if cfg else ("stamp", 7 * 24 * 3600)
+    layout = layout_memory(r, a.memory_n, a.per_object, index, prefix, ttl)
+    return {"layout": layout, "elements": element_memory(r, a.memory_n)}
+
+
+def memory_main(a: argparse.Namespace) -> None:
+    """Part 4 alone, on its own private server."""
+    index = load_consumer_config(a.config, env={}).redis.index if a.config else VectorIndexConfig()
+    tmp = tempfile.mkdtemp()
+    proc, r = start_server(tmp)
+    try:
+        version = r.info("server")["redis_version"]
+        memory = memory_parts(r, a, index)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert memory is not None
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Redis memory, {date}, Redis {version}, index {index.quantisation} M {index.m}", "",
+             *memory_lines(memory["layout"], memory["elements"])]  # fmt: skip
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "redis-memory.json").write_text(json.dumps({"date": date, "redis": version, **memory}, indent=1))
+    (out / "redis-memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
