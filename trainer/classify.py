@@ -35,7 +35,7 @@ from config.trainer import HeadConfig
 from model.autoencoder import dihedral_views
 from model.fused import FusedHead
 from model.trees import TreeEnsemble
-from trainer.trees import tree_arrays
+from trainer.trees import TreeBag, tree_arrays
 
 log = logging.getLogger("stampstream.trainer")
 
@@ -74,13 +74,17 @@ class _Trees(HistGradientBoostingClassifier):  # type: ignore[misc]
         return self
 
 
-def _gbt(cfg: HeadConfig, seed: int) -> HistGradientBoostingClassifier:
-    return _Trees(
-        max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_depth=cfg.max_depth,
-        max_leaf_nodes=cfg.max_leaf_nodes, l2_regularization=cfg.l2_regularization, max_features=cfg.max_features,
-        class_weight="balanced",
-        early_stopping=False, random_state=seed,
-    )  # fmt: skip
+def _gbt(cfg: HeadConfig, seed: int) -> TreeBag:
+    """``cfg.bag`` tree models, member b seeded ``seed + 7919 b`` (the first one as a lone model was)."""
+    return TreeBag([
+        _Trees(
+            max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_depth=cfg.max_depth,
+            max_leaf_nodes=cfg.max_leaf_nodes, l2_regularization=cfg.l2_regularization,
+            max_features=cfg.max_features, class_weight="balanced", early_stopping=False,
+            random_state=seed + 7919 * b,
+        )
+        for b in range(cfg.bag)
+    ])  # fmt: skip
 
 
 def _impute_scale(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +162,7 @@ def _fit_fusion(
 
 @dataclass(frozen=True)
 class FittedFused:
-    trees: HistGradientBoostingClassifier
+    trees: TreeBag
     w: np.ndarray
     b: np.ndarray
     z_mean: np.ndarray

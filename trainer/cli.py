@@ -22,7 +22,7 @@ def _trainer_cfg(args: argparse.Namespace) -> TrainerConfig:
         cfg = dataclasses.replace(cfg, max_epochs=args.max_epochs)
     if getattr(args, "smoke", False):
         cfg = dataclasses.replace(cfg, max_epochs=2, probe_epochs=20, patience=2, probe_l2_grid=(1e-2,),
-                                  head=HeadConfig(max_iter=30, max_depth=4, cv_seeds=1, cv_folds=3, inner_folds=2))
+                                  head=HeadConfig(bag=2, max_iter=15, max_depth=4, cv_seeds=1, cv_folds=3, inner_folds=2))
     return cfg
 
 

@@ -1,7 +1,8 @@
-"""scikit-learn's HistGradientBoostingClassifier -> ``model.trees.TreeArrays`` (tensors the
-consumer evaluates in torch). Reads the fitted estimator's tree tables (``_predictors``, a private
-but long-stable attribute); ``tests/unit/test_trees.py`` holds the result to ``predict_proba``, so
-a change in scikit-learn fails loudly instead of silently changing the predictions."""
+"""scikit-learn's HistGradientBoostingClassifier (or a bag of them) -> ``model.trees.TreeArrays``
+(tensors the consumer evaluates in torch). Reads the fitted estimator's tree tables
+(``_predictors``, a private but long-stable attribute); ``tests/unit/test_trees.py`` holds the
+result to ``predict_proba``, so a change in scikit-learn fails loudly instead of silently changing
+the predictions."""
 
 from __future__ import annotations
 
@@ -14,16 +15,51 @@ from model.trees import TreeArrays
 ABSENT_CLASS_LOGIT = -30.0  # a class the trees never saw in training: probability ~0
 
 
-def tree_arrays(clf: HistGradientBoostingClassifier, n_classes: int | None = None) -> TreeArrays:
+class TreeBag:
+    """Gradient-boosted tree models fitted on the same data, differing only in their random seed
+    (each split chooses among a random part of the features), their raw scores averaged: one
+    ensemble whose leaves are worth 1/B each, so the bundle and the consumer see one set of trees
+    (``tree_arrays``). Why: on 525 labels one model's feature draws move the macro-F1 by a point or
+    two; 3 models of 50 rounds at learning rate 0.3 (as many trees as one model of 150 rounds at
+    0.1, so the consumer's cost is unchanged) scored ~1 point higher in object-grouped
+    cross-validation over 10 seeds (docs/model.md)."""
+
+    def __init__(self, members: list[HistGradientBoostingClassifier]) -> None:
+        if not members:
+            raise ValueError("a bag needs at least one model")
+        self.members = members
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> TreeBag:
+        for m in self.members:
+            m.fit(x, y)
+        self.classes_ = self.members[0].classes_
+        return self
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """The members' raw scores (log-odds), averaged: (N, classes seen)."""
+        return np.mean([np.asarray(m.decision_function(x), np.float64) for m in self.members], axis=0)  # type: ignore[no-any-return]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        s = self.decision_function(x)
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+
+
+def tree_arrays(clf: HistGradientBoostingClassifier | TreeBag, n_classes: int | None = None) -> TreeArrays:
     """``n_classes``: the model's class count, when the training data lacked some classes
-    (``clf.classes_`` holds the class indices it saw)."""
-    predictors = clf._predictors  # [iteration][class] -> TreePredictor with a .nodes table
+    (``clf.classes_`` holds the class indices it saw). A bag becomes one ensemble: every member's
+    trees, each leaf divided by the bag's size, and the members' mean baseline."""
+    members = clf.members if isinstance(clf, TreeBag) else [clf]
     seen = np.asarray(clf.classes_, dtype=np.int64)
     n_classes = len(seen) if n_classes is None else n_classes
     if len(seen) < 3:
         raise ValueError("binary classifiers keep one tree per iteration: not supported here")
+    # [iteration][class] -> TreePredictor with a .nodes table, for every member
+    predictors = [it for m in members for it in m._predictors]
     if any(bool(n["is_categorical"].any()) for it in predictors for p in it for n in [p.nodes]):
         raise ValueError("categorical splits are not supported")
+    if any(not np.array_equal(m.classes_, seen) for m in members):
+        raise ValueError("the bag's members saw different classes")
     tables = [(k, p.nodes) for it in predictors for k, p in enumerate(it)]
     m = max(len(nodes) for _, nodes in tables)
     t = len(tables)
@@ -46,11 +82,11 @@ def tree_arrays(clf: HistGradientBoostingClassifier, n_classes: int | None = Non
         right[i, :n] = nodes["right"]
         missing_left[i, :n] = nodes["missing_go_to_left"].astype(bool)
         is_leaf[i, :n] = nodes["is_leaf"].astype(bool)
-        value[i, :n] = nodes["value"]
+        value[i, :n] = nodes["value"] / len(members)
         tree_class[i] = seen[k]
         depth = max(depth, int(nodes["depth"].max()))
     baseline = np.full(n_classes, ABSENT_CLASS_LOGIT, dtype=np.float32)
-    baseline[seen] = np.asarray(clf._baseline_prediction, dtype=np.float32).reshape(-1)
+    baseline[seen] = np.mean([np.asarray(m._baseline_prediction, np.float64).reshape(-1) for m in members], axis=0)
     return TreeArrays(
         torch.from_numpy(feature), torch.from_numpy(threshold), torch.from_numpy(left), torch.from_numpy(right),
         torch.from_numpy(missing_left), torch.from_numpy(is_leaf), torch.from_numpy(value),
