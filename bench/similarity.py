@@ -27,6 +27,7 @@ Prints Markdown and writes JSON; figures go to docs/similarity.md (1-3) and docs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from corpus import SHARED, corpus_messages, decode_corpus  # noqa: E402
 
 from config import load_consumer_config  # noqa: E402
-from config.consumer import VectorIndexConfig  # noqa: E402
+from config.consumer import RedisConfig, VectorIndexConfig  # noqa: E402
 from consumer.redis_keys import index_key  # noqa: E402
 from consumer.redis_sink import RedisSink  # noqa: E402
 from consumer.results import Result  # noqa: E402
@@ -63,20 +65,28 @@ def redis8_binary() -> str:
     return out.stdout.strip()
 
 
-def start_server(tmp: str) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+@contextlib.contextmanager
+def private_server() -> Iterator[redis.Redis]:
+    """A Redis 8 server of our own on a free port, stopped on leaving."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([redis8_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", tmp], stdout=subprocess.DEVNULL)  # fmt: skip
-    r = redis.Redis(port=port, socket_timeout=600)
-    for _ in range(200):
-        try:
-            r.ping()
-            return proc, r
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis 8 did not start")
+                             "--appendonly", "no", "--dir", tempfile.mkdtemp()], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        r = redis.Redis(port=port, socket_timeout=600)
+        for _ in range(200):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis 8 did not start")
+        yield r
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def real_embeddings(limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
@@ -212,10 +222,14 @@ def synthetic(r: redis.Redis, z: np.ndarray, n: int, n_queries: int, index: Vect
 def realistic_results(n: int, per_object: int, now_ms: int, seed: int = 0) -> list[Result]:
     """Results whose Redis fields are as long as real ones: 19-digit candids, ZTF object ids,
     full-precision jd/ra/dec, the fused classifier's fields and the shipped bundle's name."""
+    from model.runtime import load_runtime
+
+    shipped = load_runtime(ROOT / "model" / "bundles" / "default.npz")
     rng = np.random.default_rng(seed)
-    z = rng.normal(size=(n, 42)).astype(np.float32)
-    p = rng.dirichlet(np.full(5, 0.5), size=n).astype(np.float32)
-    sp = rng.dirichlet(np.full(5, 0.5), size=n).astype(np.float32)
+    z = rng.normal(size=(n, shipped.latent_dim)).astype(np.float32)
+    k = len(shipped.class_names)
+    p = rng.dirichlet(np.full(k, 0.5), size=n).astype(np.float32)
+    sp = rng.dirichlet(np.full(k, 0.5), size=n).astype(np.float32)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     out = []
     for i in range(n):
@@ -225,8 +239,8 @@ def realistic_results(n: int, per_object: int, now_ms: int, seed: int = 0) -> li
             candid=2_400_000_000_000_000_000 + int(rng.integers(0, 10**17)), object_id=oid,
             jd=float(2460600.5 + rng.random() * 30), fid=int(rng.integers(1, 3)), ra=float(rng.random() * 360),
             dec=float(rng.random() * 120 - 30), embedding=z[i], probabilities=p[i],
-            class_names=("AGN", "SN", "VS", "asteroid", "bogus"), model_name="stampstream-ae",
-            model_version="20261126b", cutout_padded=False, nan_fraction=(0.0, 0.0), alert_schema_version="4.02",
+            class_names=shipped.class_names, model_name=shipped.name,
+            model_version=shipped.version, cutout_padded=False, nan_fraction=(0.0, 0.0), alert_schema_version="4.02",
             processed_at_ms=now_ms, source_topic="ztf", source_partition=0, source_offset=i,
             stamp_probabilities=sp[i], classifier="fused", features_version=1,
         ))  # fmt: skip
@@ -335,14 +349,13 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="part 4 alone")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
+    redis_cfg = load_consumer_config(a.config, env={}).redis if a.config else RedisConfig()
     if a.memory_only:
-        memory_main(a)
+        memory_main(a, redis_cfg)
         return
-    index = load_consumer_config(a.config, env={}).redis.index if a.config else VectorIndexConfig()
+    index = redis_cfg.index
     efs = [int(e) for e in a.efs.split(",")]
-    tmp = tempfile.mkdtemp()
-    proc, r = start_server(tmp)
-    try:
+    with private_server() as r:
         version = r.info("server")["redis_version"]
         z, candid, objects, y, class_names = real_embeddings(a.limit)
         now_ms = int(time.time() * 1000)
@@ -356,10 +369,7 @@ def main() -> None:
         pur = purity(z, objects, y)
         cost = consumer_cost(r, (res * (1 + 4096 // max(1, len(res))))[:4096], index, a.cost_rounds)
         synth = synthetic(r, z, a.n_synthetic, a.queries, index, efs, 0) if a.n_synthetic else None
-        memory = memory_parts(r, a, index)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        memory = memory_parts(r, a, redis_cfg)
     info = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -405,26 +415,19 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def memory_parts(r: redis.Redis, a: argparse.Namespace, index: VectorIndexConfig) -> dict[str, Any] | None:
+def memory_parts(r: redis.Redis, a: argparse.Namespace, cfg: RedisConfig) -> dict[str, Any] | None:
     if not a.memory_n:
         return None
-    cfg = load_consumer_config(a.config, env={}).redis if a.config else None
-    prefix, ttl = (cfg.key_prefix, cfg.ttl_seconds) if cfg else ("stamp", 7 * 24 * 3600)
-    layout = layout_memory(r, a.memory_n, a.per_object, index, prefix, ttl)
+    layout = layout_memory(r, a.memory_n, a.per_object, cfg.index, cfg.key_prefix, cfg.ttl_seconds)
     return {"layout": layout, "elements": element_memory(r, a.memory_n)}
 
 
-def memory_main(a: argparse.Namespace) -> None:
+def memory_main(a: argparse.Namespace, cfg: RedisConfig) -> None:
     """Part 4 alone, on its own private server."""
-    index = load_consumer_config(a.config, env={}).redis.index if a.config else VectorIndexConfig()
-    tmp = tempfile.mkdtemp()
-    proc, r = start_server(tmp)
-    try:
+    index = cfg.index
+    with private_server() as r:
         version = r.info("server")["redis_version"]
-        memory = memory_parts(r, a, index)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+        memory = memory_parts(r, a, cfg)
     assert memory is not None
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Redis memory, {date}, Redis {version}, index {index.quantisation} M {index.m}", "",
