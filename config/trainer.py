@@ -59,6 +59,13 @@ class TrainerConfig:
     # (flip/rotation + noise) of a stamp are pulled together; "contrastive": NT-Xent over the batch.
     extra_objective: Literal["none", "invariance", "contrastive"] = "none"
     extra_weight: float = 0.1
+    # NT-Xent's temperature, and a projection head for it (SimCLR): 0 = the loss reads z itself;
+    # > 0 = a training-only MLP z -> 128 -> projection_dim that the bundle does not ship.
+    # The second view is also shifted by up to view_shift pixels (edges repeated). Both measured
+    # on a GPU (docs/gpu/2026-11-26-h100.md): they lower the stamp probe, hence off by default.
+    contrastive_temperature: float = 0.2
+    projection_dim: int = 0
+    view_shift: int = 0
     probe_epochs: int = 200  # full-batch L-BFGS iterations
     # L2 penalty of the probe, chosen on the validation objects among these values
     probe_l2_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -97,6 +104,8 @@ def validate_trainer_config(cfg: TrainerConfig) -> TrainerConfig:
         raise ConfigError("autoencoder.channels must be two positive integers")
     if cfg.batch_size < 1 or cfg.max_epochs < 0:
         raise ConfigError("batch_size must be >= 1 and max_epochs >= 0")
+    if cfg.contrastive_temperature <= 0 or cfg.projection_dim < 0 or not 0 <= cfg.view_shift <= 5:
+        raise ConfigError("contrastive_temperature must be > 0, projection_dim >= 0, view_shift in 0..5")
     if not 0.0 < cfg.head.max_features <= 1.0:
         raise ConfigError("head.max_features must be in (0, 1]")
     if not 1 <= cfg.head.bag <= 16:

@@ -6,18 +6,32 @@ from __future__ import annotations
 
 import torch
 
+from model.autoencoder import dihedral_views
+
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each stamp of the batch gets one of the 8 flips/rotations, drawn uniformly."""
+    """Each stamp of the batch gets one of the 8 flips/rotations, drawn uniformly.
+
+    All 8 views are computed and each stamp's is gathered: no data-dependent branch, so on a GPU
+    no host synchronisation per view (a per-view ``mask.any()`` cost 8 syncs per batch)."""
     k = torch.randint(0, 8, (x.shape[0],), generator=generator, device="cpu").to(x.device)
-    out = torch.empty_like(x)
-    for t in range(8):
-        m = k == t
-        if not bool(m.any()):
-            continue
-        v = torch.rot90(x[m], t // 2, dims=(2, 3))
-        out[m] = torch.flip(v, dims=(3,)) if t % 2 else v
-    return out
+    views = torch.stack(dihedral_views(x))  # (8, N, C, H, W): view t = rot90^(t // 2), flipped if t odd
+    return views[k, torch.arange(x.shape[0], device=x.device)]
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each stamp moved by up to ``max_shift`` pixels in each direction (drawn uniformly), edges
+    repeated: a centroid off by a pixel or two, as a second view for the contrastive objective."""
+    if max_shift <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (max_shift,) * 4, mode="replicate")
+    d = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator, device="cpu").to(x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + d[0][:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device)[None, :] + d[1][:, None])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
 
 
 def tile_shuffle(x: torch.Tensor, grid: int = 3, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:

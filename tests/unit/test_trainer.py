@@ -21,7 +21,7 @@ from config import TrainerConfig
 from config.trainer import HeadConfig
 from consumer.inference import ModelRunner
 from model.bundle import load_bundle
-from trainer.augment import random_dihedral, tile_shuffle
+from trainer.augment import random_dihedral, random_shift, tile_shuffle
 from trainer.classify import END_TO_END_ROW, FUSED_ROW, REFERENCE_ROW, STUDY_ROW
 from trainer.data import UNLABELLED, load_dataset, read_labels, split_by_object
 from trainer.export import export_bundle
@@ -39,6 +39,54 @@ def test_random_dihedral_keeps_pixels_and_shape() -> None:
     for i in range(len(x)):
         assert torch.equal(torch.sort(x[i].flatten())[0], torch.sort(y[i].flatten())[0])
     assert not torch.equal(x, y)
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_dihedral_gives_each_stamp_its_drawn_view(device: str) -> None:
+    from model.autoencoder import dihedral_views
+
+    x = torch.rand(40, 2, 21, 21, device=device)
+    y = random_dihedral(x, torch.Generator().manual_seed(3))
+    k = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(3))  # the same draw
+    for i in range(len(x)):
+        assert torch.equal(y[i], dihedral_views(x[i : i + 1])[int(k[i])][0])
+    assert len(set(k.tolist())) == 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_shift_moves_whole_stamps_within_the_bound(device: str) -> None:
+    x = torch.rand(200, 2, 21, 21, device=device)
+    assert torch.equal(random_shift(x, 0), x)
+    y = random_shift(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    seen = set()
+    for i in range(len(x)):
+        (match,) = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(y[i], padded[i, :, dy : dy + 21, dx : dx + 21])]
+        seen.add(match)
+    assert len(seen) == 25  # every offset in [-2, 2]^2 is drawn
+
+
+def test_projection_head_is_trained_checkpointed_and_resumed(tmp_path: Path) -> None:
+    from trainer.fit import train_autoencoder
+
+    x = torch.rand(48, 2, 21, 21)
+    cfg = TrainerConfig(device="cpu").with_overrides(latent_dim=8, extra_objective="contrastive", extra_weight=1.0,
+                                                     projection_dim=4, view_shift=1, max_epochs=2, batch_size=16, lr=1e-3)  # fmt: skip
+    _, state = train_autoencoder(cfg, x[:32], x[32:], tmp_path, torch.device("cpu"), show_progress=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state.epoch == 2 and ckpt["projection"]["net.2.weight"].shape == (4, 128)
+    before = {k: v.clone() for k, v in ckpt["projection"].items()}
+    _, state = train_autoencoder(dataclasses.replace(cfg, max_epochs=3), x[:32], x[32:], tmp_path, torch.device("cpu"),
+                                 show_progress=False)  # fmt: skip
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state.epoch == 3 and not torch.equal(after["projection"]["net.0.weight"], before["net.0.weight"])
+    del after["projection"]  # a resume reads the head back: without it, it refuses
+    torch.save(after, tmp_path / "checkpoint.pt")
+    with pytest.raises(KeyError, match="projection"):
+        train_autoencoder(dataclasses.replace(cfg, max_epochs=4), x[:32], x[32:], tmp_path, torch.device("cpu"), show_progress=False)
 
 
 def test_tile_shuffle_permutes_whole_tiles() -> None:
