@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from model.trees import TreeArrays
@@ -40,9 +41,7 @@ class TreeBag:
         return np.mean([np.asarray(m.decision_function(x), np.float64) for m in self.members], axis=0)  # type: ignore[no-any-return]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        s = self.decision_function(x)
-        e = np.exp(s - s.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
+        return softmax(self.decision_function(x), axis=1)  # type: ignore[no-any-return]
 
 
 def tree_arrays(clf: HistGradientBoostingClassifier | TreeBag, n_classes: int | None = None) -> TreeArrays:
