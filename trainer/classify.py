@@ -16,6 +16,7 @@ is measured on the out-of-fold probabilities of the fused model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from config.trainer import HeadConfig
 from model.autoencoder import dihedral_views
 from model.fused import FusedHead
 from model.trees import TreeEnsemble
+from trainer.stages import STAGES
 from trainer.trees import TreeBag, tree_arrays
 
 log = logging.getLogger("stampstream.trainer")
@@ -43,6 +45,9 @@ STUDY_ROW = "study: stamp-only linear probe on z (the study's method)"
 REFERENCE_ROW = "metadata + history, gradient-boosted trees (reference)"
 FUSED_ROW = "fused: trees on metadata + history + linear on z, calibrated (shipped)"
 END_TO_END_ROW = "stamps + metadata + history, encoder fine-tuned end to end (ALeRCE's recipe)"
+# Rows also evaluated on the earlier views of the test alerts (trainer/stages.py): they read only
+# the features and z, so the views cost a prediction, not a fit.
+STAGED_ROWS = (REFERENCE_ROW, FUSED_ROW)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,19 @@ class Labelled:
     class_names: tuple[str, ...]
     sequences: np.ndarray | None = None  # (N, L, 6): alerts.features.history_sequence
     stamps: np.ndarray | None = None  # (N, 2, 21, 21) normalised: for the end-to-end row
+    stages: np.ndarray | None = None  # (S, N, F): features of the earlier views (trainer/stages.py)
+
+    def with_views(self) -> Labelled:
+        """The alerts followed by each earlier view of them: (1 + S) N rows, the views' features in
+        place of the alert's, the rest repeated. A row fitted on indices below N and asked for the
+        test indices of every block predicts each view with the very model it fitted on the alerts
+        as they are."""
+        assert self.stages is not None
+        blocks = 1 + len(self.stages)
+        return dataclasses.replace(
+            self, features=np.concatenate([self.features, *self.stages]), z=np.tile(self.z, (blocks, 1)),
+            y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None, stages=None,
+        )  # fmt: skip
 
 
 def _columns(names: Sequence[str]) -> list[int]:
@@ -418,31 +436,45 @@ def calibration(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str, A
 def cross_validate(d: Labelled, table: list[tuple[str, Predictor]], seeds: int = 3, folds: int = 5,
                    show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Every row over ``seeds`` x ``folds`` object-grouped folds -> per row: macro-F1 per seed,
-    per-class F1 per seed, and (for the fused row) out-of-fold probabilities of seed 0."""
-    n_classes = len(d.class_names)
-    out: dict[str, Any] = {"seeds": seeds, "folds": folds, "labelled": len(d.y), "objects": len(set(d.groups.tolist())),
+    per-class F1 per seed, and (for the fused row) out-of-fold probabilities of seed 0. With
+    ``d.stages``, the rows of ``STAGED_ROWS`` are scored on each earlier view as well ("stages":
+    the same per seed for each number of detections of ``trainer.stages.STAGES``)."""
+    n_classes, n = len(d.class_names), len(d.y)
+    out: dict[str, Any] = {"seeds": seeds, "folds": folds, "labelled": n, "objects": len(set(d.groups.tolist())),
                            "rows": {}}  # fmt: skip
+    viewed = d.with_views() if d.stages is not None else None
+    n_views = 0 if d.stages is None else len(d.stages)
     bar = tqdm(total=len(table) * seeds * folds, desc="cross-validation", unit="fit", disable=not show_progress)
     for name, predict in table:
-        macro, per_class = [], []
+        blocks = 1 + n_views if name in STAGED_ROWS else 1
+        scores: list[dict[str, list[Any]]] = [{"macro_f1": [], "per_class_f1": []} for _ in range(blocks)]
         oof0 = None
         for seed in range(seeds):
-            oof = np.zeros((len(d.y), n_classes))
+            oof = np.zeros((blocks, n, n_classes))
             for tr, te in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(d.features, d.y, d.groups):
-                oof[te] = predict(d, tr, te, seed)
+                if blocks == 1:
+                    oof[0, te] = predict(d, tr, te, seed)
+                else:
+                    assert viewed is not None
+                    every = np.concatenate([te + b * n for b in range(blocks)])
+                    oof[:, te] = predict(viewed, tr, every, seed).reshape(blocks, len(te), n_classes)
                 bar.update(1)
-            pred = oof.argmax(1)
-            macro.append(float(f1_score(d.y, pred, average="macro", zero_division=0)))
-            per_class.append(f1_score(d.y, pred, average=None, labels=list(range(n_classes)), zero_division=0).tolist())
+            for b in range(blocks):
+                pred = oof[b].argmax(1)
+                scores[b]["macro_f1"].append(float(f1_score(d.y, pred, average="macro", zero_division=0)))
+                scores[b]["per_class_f1"].append(
+                    f1_score(d.y, pred, average=None, labels=list(range(n_classes)), zero_division=0).tolist())
             if seed == 0:
-                oof0 = oof
+                oof0 = oof[0]
         assert oof0 is not None
-        row: dict[str, Any] = {"macro_f1": macro, "per_class_f1": per_class}
+        row: dict[str, Any] = dict(scores[0])
+        if blocks > 1:
+            row["stages"] = [{"detections": k} | s for k, s in zip(STAGES, scores[1:], strict=True)]
         if name == FUSED_ROW:
             row["calibration"] = calibration(oof0, d.y)
             row["oof_probabilities_seed0"] = oof0.tolist()
         out["rows"][name] = row
-        log.info("%s: macro-F1 %.3f ± %.3f", name, np.mean(macro), np.std(macro))
+        log.info("%s: macro-F1 %.3f ± %.3f", name, np.mean(row["macro_f1"]), np.std(row["macro_f1"]))
     bar.close()
     return out
 
@@ -452,24 +484,31 @@ def summarise(table: dict[str, Any], class_names: Sequence[str]) -> dict[str, An
     out: dict[str, Any] = {"seeds": table["seeds"], "folds": table["folds"], "labelled": table["labelled"],
                            "objects": table["objects"], "rows": {}}  # fmt: skip
     for name, row in table["rows"].items():
-        per = np.asarray(row["per_class_f1"])
-        out["rows"][name] = {
-            "macro_f1_mean": float(np.mean(row["macro_f1"])), "macro_f1_std": float(np.std(row["macro_f1"])),
-            "per_class_f1": {c: float(per[:, i].mean()) for i, c in enumerate(class_names)},
-        }  # fmt: skip
+        out["rows"][name] = _mean_scores(row, class_names)
+        if "stages" in row:
+            out["rows"][name]["stages"] = [{"detections": s["detections"]} | _mean_scores(s, class_names) for s in row["stages"]]
         if "calibration" in row:
             out["rows"][name]["ece"] = row["calibration"]["ece"]
     return out
 
 
+def _mean_scores(scores: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
+    per = np.asarray(scores["per_class_f1"])
+    return {
+        "macro_f1_mean": float(np.mean(scores["macro_f1"])), "macro_f1_std": float(np.std(scores["macro_f1"])),
+        "per_class_f1": {c: float(per[:, i].mean()) for i, c in enumerate(class_names)},
+    }  # fmt: skip
+
+
 def train_head(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: tuple[str, ...],
                cfg: HeadConfig, *, sequences: np.ndarray | None = None, quick: bool = False,
                show_progress: bool = True, stamps: np.ndarray | None = None,
-               encoder: torch.nn.Module | None = None) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
+               encoder: torch.nn.Module | None = None, stages: np.ndarray | None = None) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
     """Cross-validate the table's rows on the labelled alerts, then fit the shipped head on all of
     them. -> (fitted head, the full table). With ``stamps`` and the pretrained ``encoder``, the
-    table also has the end-to-end row."""
-    d = Labelled(features, z, y, groups, class_names, sequences, stamps)
+    table also has the end-to-end row; with ``stages`` (features of trainer/stages.py's earlier
+    views), the reference and fused rows are scored on them too."""
+    d = Labelled(features, z, y, groups, class_names, sequences, stamps, stages)
     n_objects_min = min(len(set(groups[y == c].tolist())) for c in np.unique(y))
     folds = max(2, min(cfg.cv_folds, n_objects_min))
     end_to_end = encoder if stamps is not None and not quick else None

@@ -25,6 +25,7 @@ from alerts.features import FEATURE_NAMES, alert_features, history_sequence
 from alerts.files import iter_messages
 from model.classifier import CLASS_NAMES
 from model.preprocess import normalise
+from trainer.stages import STAGES, earlier_view
 
 log = logging.getLogger("stampstream.trainer")
 UNLABELLED = -1
@@ -39,6 +40,7 @@ class Dataset:
     class_names: tuple[str, ...]
     features: np.ndarray  # (N, len(FEATURE_NAMES)) float32, NaN where missing
     sequences: np.ndarray  # (N, SEQUENCE_LENGTH, 6) float32: the cleaned history (features.history_sequence)
+    stages: np.ndarray  # (len(STAGES), N, len(FEATURE_NAMES)) float32: features of trainer.stages' earlier views
     skipped: int = 0
 
     def __len__(self) -> int:
@@ -46,7 +48,7 @@ class Dataset:
 
     def subset(self, idx: np.ndarray) -> Dataset:
         return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names,
-                       self.features[idx], self.sequences[idx])  # fmt: skip
+                       self.features[idx], self.sequences[idx], self.stages[:, idx])  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         counts = Counter(int(v) for v in self.y)
@@ -87,6 +89,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     raws: list[np.ndarray] = []
     feats: list[np.ndarray] = []
     seqs: list[np.ndarray] = []
+    views: list[np.ndarray] = []
     candids: list[int] = []
     objects: list[str] = []
     seen: set[int] = set()
@@ -101,6 +104,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
                 raws.append(stamp.pixels)
                 feats.append(alert_features(alert))
                 seqs.append(history_sequence(alert))
+                views.append(np.stack([alert_features(earlier_view(alert, k)) for k in STAGES]))
                 candids.append(alert.candid)
                 objects.append(alert.object_id)
         except BadAlertError as e:
@@ -113,7 +117,8 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     cand = np.array(candids, dtype=np.int64)
     y = np.array([labels.get(int(c), UNLABELLED) for c in cand], dtype=np.int64)
     features = np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32)
-    return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, features, np.stack(seqs), skipped)
+    return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, features, np.stack(seqs),
+                   np.stack(views, axis=1), skipped)  # fmt: skip
 
 
 @dataclass(frozen=True)

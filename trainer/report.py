@@ -126,6 +126,61 @@ def _reliability(bins: list[dict[str, Any]], ece: float, out: Path) -> None:
     plt.close(fig)
 
 
+def _stages_figure(summary: dict[str, Any], names: list[str], out: Path) -> None:
+    """F1 of the fused classifier per class, and macro-F1 of the fused and reference rows, against
+    the number of detections the object has had (the last point: the alerts as they are)."""
+    from trainer.classify import FUSED_ROW, REFERENCE_ROW
+
+    fused = summary["rows"][FUSED_ROW]
+    ticks = [str(s["detections"]) for s in fused["stages"]] + ["as labelled"]
+    x = np.arange(len(ticks))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for n in names:
+        ax.plot(x, [100 * s["per_class_f1"][n] for s in fused["stages"]] + [100 * fused["per_class_f1"][n]],
+                "o-", lw=1.2, ms=4, label=n)  # fmt: skip
+    for row, style, label in ((FUSED_ROW, "k-", "macro, fused"), (REFERENCE_ROW, "k--", "macro, reference trees")):
+        r = summary["rows"].get(row)
+        if r and "stages" in r:
+            ax.plot(x, [100 * s["macro_f1_mean"] for s in r["stages"]] + [100 * r["macro_f1_mean"]], style, lw=2.2, label=label)
+    ax.set_xticks(x, ticks)
+    ax.set_xlabel("detections of the object so far (earlier views of the labelled alerts)")
+    ax.set_ylabel("F1 %")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) -> list[str]:
+    from trainer.classify import FUSED_ROW, REFERENCE_ROW
+
+    fused, reference = summary["rows"].get(FUSED_ROW, {}), summary["rows"].get(REFERENCE_ROW, {})
+    if "stages" not in fused:
+        return []
+    _stages_figure(summary, names, run_dir / "stages.png")
+    lines = [
+        "### By detections so far",
+        "",
+        "The labelled SN, AGN and VS alerts come from objects detected many times, its asteroids and bogus alerts "
+        "are first detections: the same folds, scored on each test alert as it would have looked when its object "
+        "had been detected only k times (trainer/stages.py: earlier detections of the history become upper "
+        "limits, ndethist = k; an alert of an object with at most k detections is unchanged). The model is the "
+        "one fitted on the alerts as they are.",
+        "",
+        "| detections so far | fused macro F1 % | reference trees macro F1 % | " + " | ".join(f"{n} F1 %" for n in names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    ref_stages = reference.get("stages", [None] * len(fused["stages"]))
+    for s, r in [*zip(fused["stages"], ref_stages, strict=True), ({"detections": "as labelled"} | fused, reference or None)]:
+        ref = f"{100 * r['macro_f1_mean']:.1f} ± {100 * r['macro_f1_std']:.1f}" if r else ""
+        per = " | ".join(f"{100 * s['per_class_f1'][n]:.1f}" for n in names)
+        lines.append(f"| {s['detections']} | {100 * s['macro_f1_mean']:.1f} ± {100 * s['macro_f1_std']:.1f} | {ref} | {per} |")
+    lines += ["", "![F1 by detections so far](stages.png)", ""]
+    return lines
+
+
 def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
     """The cross-validated comparison table, per-class F1, the fused model's confusion matrix and
     reliability diagram (out-of-fold predictions of seed 0)."""
@@ -170,7 +225,7 @@ def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
             "Reliability diagram: ![reliability](reliability.png)",
             "",
         ]
-    return lines
+    return lines + _stages_section(summary, names, run_dir)
 
 
 def _stamps_of(run: rf.Run, candids: np.ndarray) -> dict[int, np.ndarray] | None:

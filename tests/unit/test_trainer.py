@@ -179,7 +179,8 @@ def test_cli_fit_report_export_smoke(alert_dir: Path, tmp_path: Path) -> None:
     res = subprocess.run([*py, "report", str(run)], **kw)
     assert res.returncode == 0, res.stderr[-2000:]
     report = (run / "report.md").read_text()
-    for png in ("curves.png", "confusion.png", "latent_umap.png", "reconstructions.png"):
+    assert "By detections so far" in report  # the fused classifier on earlier views of the labelled alerts
+    for png in ("curves.png", "confusion.png", "latent_umap.png", "reconstructions.png", "stages.png"):
         assert png in report
         img = plt.imread(run / png)  # a real PNG, of a plausible size, with something drawn on it
         assert img.ndim == 3 and min(img.shape[:2]) >= 200

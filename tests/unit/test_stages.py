@@ -1,0 +1,107 @@
+"""Earlier views of an alert (trainer/stages.py) and their scores in the cross-validation: a view
+keeps what the sky and the alert itself say and takes away only what later detections told."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from alerts.alert import Alert, History
+from alerts.allowlist import CANDIDATE_FIELDS
+from alerts.decoder import SchemaCache, decode_alerts
+from alerts.features import FEATURE_NAMES, alert_features
+from alerts.synthetic import make_alert
+from config.trainer import HeadConfig
+from trainer.classify import FUSED_ROW, REFERENCE_ROW, Labelled, cross_validate, rows, summarise
+from trainer.stages import STAGES, earlier_view
+
+JD = 2_460_100.5
+
+
+def alert_with_history(ndethist: float = 40.0) -> Alert:
+    """Detections 1, 2, 4, 7 days before the alert (newest last in the packet, as ZTF orders them)
+    and upper limits 3 and 10 days before."""
+    (a,) = decode_alerts(make_alert(2_400_000_000_000_000_001).message, SchemaCache())
+    c = a.candidate.copy()
+    i = {n: k for k, n in enumerate(CANDIDATE_FIELDS)}
+    c[i["jd"]], c[i["ndethist"]], c[i["jdstarthist"]] = JD, ndethist, JD - 400.0
+    days = np.array([10.0, 7.0, 4.0, 3.0, 2.0, 1.0])
+    mag = np.array([np.nan, 19.0, 18.8, np.nan, 18.6, 18.5])
+    history = History(JD - days, np.array([1.0, 2, 1, 2, 1, 2]), mag, np.where(np.isnan(mag), np.nan, 0.1),
+                      np.array([20.1, 20.2, 20.3, 20.4, 20.5, 20.6]), np.where(np.isnan(mag), -1, 1).astype(np.int8))  # fmt: skip
+    return dataclasses.replace(a, candidate=c, history=history)
+
+
+def test_first_detection_view_turns_earlier_detections_into_upper_limits() -> None:
+    a = alert_with_history()
+    v = earlier_view(a, 1)
+    assert v.value("ndethist") == 1 and v.value("jdstarthist") == JD
+    assert np.isnan(v.history.magpsf).all() and np.isnan(v.history.sigmapsf).all() and (v.history.positive == -1).all()
+    # every epoch is still there, with its own limiting magnitude and band
+    assert np.array_equal(v.history.jd, a.history.jd) and np.array_equal(v.history.diffmaglim, a.history.diffmaglim)
+    assert np.array_equal(v.history.fid, a.history.fid)
+    # the alert's own measurements, the sky around it and its stamps are untouched
+    changed = {CANDIDATE_FIELDS[k] for k in np.flatnonzero(~np.isclose(v.candidate, a.candidate, equal_nan=True))}
+    assert changed == {"ndethist", "jdstarthist"}
+    assert (v.science, v.difference, v.candid, v.object_id) == (a.science, a.difference, a.candid, a.object_id)
+    f, fv = alert_features(a), alert_features(v)
+    assert f[FEATURE_NAMES.index("all_n_det")] == 5 and fv[FEATURE_NAMES.index("all_n_det")] == 1
+    assert fv[FEATURE_NAMES.index("all_n_nondet")] == 6  # 2 upper limits + 4 former detections
+
+
+def test_a_view_keeps_the_most_recent_detections() -> None:
+    a = alert_with_history()
+    v = earlier_view(a, 3)  # this alert and the two detections before it (1 and 2 days ago)
+    assert v.value("ndethist") == 3 and v.value("jdstarthist") == JD - 2.0
+    assert np.array_equal(~np.isnan(v.history.magpsf), [False, False, False, False, True, True])
+    assert alert_features(v)[FEATURE_NAMES.index("all_n_det")] == 3
+
+
+def test_an_object_with_no_more_detections_is_unchanged() -> None:
+    a = alert_with_history(ndethist=3.0)
+    assert earlier_view(a, 3) is a and earlier_view(a, 10) is a
+    assert earlier_view(a, 2) is not a
+
+
+def test_a_start_before_the_window_stays_where_it_was() -> None:
+    """Four detections in the 30-day window, 40 in all: the 6th-detection view keeps all four and
+    the first detection is still before the window."""
+    a = alert_with_history()
+    v = earlier_view(a, 6)
+    assert v.value("ndethist") == 6 and v.value("jdstarthist") == JD - 400.0
+    assert np.array_equal(v.history.magpsf, a.history.magpsf, equal_nan=True)
+    with pytest.raises(ValueError):
+        earlier_view(a, 0)
+
+
+def _labelled(stages: np.ndarray | None, rng: np.random.Generator, n: int = 200) -> Labelled:
+    y = np.repeat(np.arange(5), n // 5)
+    features = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
+    features[:, 0] += 3.0 * y  # one column carries the class
+    return Labelled(features, rng.normal(0, 1, (n, 4)), y, np.array([f"o{i // 2}" for i in range(n)]),
+                    ("AGN", "SN", "VS", "asteroid", "bogus"), stages=stages)  # fmt: skip
+
+
+def test_views_are_scored_by_the_model_fitted_on_the_alerts_as_they_are() -> None:
+    rng = np.random.default_rng(0)
+    plain = _labelled(None, rng)
+    blind = plain.features.copy()
+    blind[:, 0] = 0.0  # a view that has lost the telling column
+    stages = np.stack([plain.features] + [blind] * (len(STAGES) - 1))
+    viewed = dataclasses.replace(plain, stages=stages)
+    cfg = HeadConfig(max_iter=20, max_depth=3, cv_seeds=1, cv_folds=2, inner_folds=2)
+    table = [r for r in rows(cfg, quick=True) if r[0] in (REFERENCE_ROW, FUSED_ROW)]
+    without = cross_validate(plain, table, seeds=2, folds=3, show_progress=False)
+    got = cross_validate(viewed, table, seeds=2, folds=3, show_progress=False)
+    for name in (REFERENCE_ROW, FUSED_ROW):
+        row = got["rows"][name]
+        # the views do not enter training: the alerts' own scores are those of a run without views
+        assert row["macro_f1"] == without["rows"][name]["macro_f1"]
+        assert [s["detections"] for s in row["stages"]] == list(STAGES)
+        assert row["stages"][0]["macro_f1"] == row["macro_f1"]  # a view equal to the alerts scores the same
+        assert max(row["stages"][1]["macro_f1"]) < min(row["macro_f1"]) - 0.3  # the views are what is predicted
+        assert "stages" not in without["rows"][name]
+    summary = summarise(got, plain.class_names)
+    assert [s["detections"] for s in summary["rows"][FUSED_ROW]["stages"]] == list(STAGES)
