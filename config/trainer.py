@@ -37,6 +37,13 @@ class HeadConfig:
     # L2 penalty of the linear correction from z: with the bagged trees, over 10 seeds
     # (docs/model.md), 0.03 / 0.1 / 0.3 / 1.0 gave fused 90.3 / 90.4 / 90.5 / 90.6 (± 1.5 -> 0.9).
     fusion_l2: float = 1.0
+    # Which alerts the correction from z is fitted on: the labelled alerts as they are, plus this
+    # fraction of their earlier views (trainer/stages.py: the alert at its object's 1st, 2nd, ...
+    # detection), drawn at random; the trees stay fitted on the alerts as they are. 0 = the alerts
+    # only. Measured (docs/model.md "New objects", 3 seeds): 0.5 costs ~2 points of macro-F1 on
+    # the alerts as labelled and lifts young objects by 5 to 34 points; the default serves the
+    # population the labels describe.
+    fusion_views: float = 0.0
     inner_folds: int = 4  # out-of-fold tree outputs on which the correction and T are fitted
     cv_folds: int = 5  # object-grouped cross-validation of the comparison table
     cv_seeds: int = 3
@@ -108,6 +115,8 @@ def validate_trainer_config(cfg: TrainerConfig) -> TrainerConfig:
         raise ConfigError("contrastive_temperature must be > 0, projection_dim >= 0, view_shift in 0..5")
     if not 0.0 < cfg.head.max_features <= 1.0:
         raise ConfigError("head.max_features must be in (0, 1]")
+    if not 0.0 <= cfg.head.fusion_views <= 1.0:
+        raise ConfigError("head.fusion_views must be in [0, 1]")
     if not 1 <= cfg.head.bag <= 16:
         raise ConfigError("head.bag must be in 1..16")
     return cfg

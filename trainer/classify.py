@@ -70,7 +70,7 @@ class Labelled:
         blocks = 1 + len(self.stages)
         return dataclasses.replace(
             self, features=np.concatenate([self.features, *self.stages]), z=np.tile(self.z, (blocks, 1)),
-            y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None, stages=None,
+            y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None,
         )  # fmt: skip
 
 
@@ -208,19 +208,24 @@ class FittedFused:
 
 
 def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int,
-              cfg: HeadConfig, seed: int) -> FittedFused:  # fmt: skip
+              cfg: HeadConfig, seed: int, stages: np.ndarray | None = None) -> FittedFused:  # fmt: skip
     """Trees on all of the data; the fusion and the temperature on out-of-fold tree outputs (inner
-    object-grouped folds), so neither learns from trees that have seen the same alerts."""
-    oof = np.zeros((len(y), n_classes))
+    object-grouped folds), so neither learns from trees that have seen the same alerts. With
+    ``cfg.fusion_views`` > 0 and ``stages`` (features of the alerts' earlier views, (S, N, F)),
+    that fraction of the views' out-of-fold outputs joins the fusion's fit, drawn at random."""
+    views = stages if stages is not None and cfg.fusion_views > 0 else np.zeros((0, *features.shape))
+    oof = np.zeros((1 + len(views), len(y), n_classes))
     k = max(2, min(cfg.inner_folds, min(len(set(groups[y == c].tolist())) for c in np.unique(y))))
     inner = StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1000)
     for tr, te in inner.split(features, y, groups):
         m = _gbt(cfg, seed).fit(features[tr], y[tr])
-        oof[te] = np.log(np.clip(_full_proba(m, features[te], n_classes), 1e-12, 1.0))
-    w, b, mean, std, scale = _fit_fusion(oof, z, y, n_classes, cfg.fusion_l2)
+        for block, x in enumerate([features, *views]):
+            oof[block, te] = np.log(np.clip(_full_proba(m, x[te], n_classes), 1e-12, 1.0))
+    drawn = np.concatenate([np.ones(len(y), bool), np.random.default_rng(seed).random(len(views) * len(y)) < cfg.fusion_views])
+    offset, zz, yy = oof.reshape(-1, n_classes)[drawn], np.tile(z, (len(oof), 1))[drawn], np.tile(y, len(oof))[drawn]
+    w, b, mean, std, scale = _fit_fusion(offset, zz, yy, n_classes, cfg.fusion_l2)
     log.debug("fusion: trees' log-odds scaled by %.3f", scale)
-    fused_oof = oof + ((z - mean) / std) @ w.T + b
-    temperature = fit_temperature(fused_oof, y)
+    temperature = fit_temperature(offset + ((zz - mean) / std) @ w.T + b, yy)
     trees = _gbt(cfg, seed).fit(features, y)
     return FittedFused(trees, w, b, mean, std, temperature)
 
@@ -385,7 +390,8 @@ def _row_end_to_end(encoder: torch.nn.Module, epochs: int = 80) -> Predictor:
 
 def _row_fused(cfg: HeadConfig) -> Predictor:
     def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
-        f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed)
+        stages = None if d.stages is None else d.stages[:, tr]
+        f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed, stages)
         return f.predict_proba(d.features[te], d.z[te])
 
     return run
@@ -514,5 +520,5 @@ def train_head(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nd
     end_to_end = encoder if stamps is not None and not quick else None
     table = cross_validate(d, rows(cfg, quick, sequences is not None, end_to_end), seeds=1 if quick else cfg.cv_seeds, folds=folds,
                            show_progress=show_progress)  # fmt: skip
-    fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0)
+    fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0, stages=stages)
     return fitted, table

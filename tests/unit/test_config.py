@@ -102,6 +102,7 @@ def test_bad_consumer_values_are_rejected(data: dict[str, Any]) -> None:
         {"latent_dim": 8},  # architecture fields live under autoencoder
         {"head": {"max_features": 0.0}},
         {"head": {"max_features": 1.5}},
+        {"head": {"fusion_views": 1.5}},
         {"contrastive_temperature": 0.0},
         {"projection_dim": -1},
         {"view_shift": 6},
