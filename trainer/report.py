@@ -183,7 +183,7 @@ def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) ->
 
 def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
     """The cross-validated comparison table, per-class F1, the fused model's confusion matrix and
-    reliability diagram (out-of-fold predictions of seed 0)."""
+    reliability diagram (out-of-fold predictions of seed 0), and the scores by detections so far."""
     from sklearn.metrics import confusion_matrix
 
     from trainer.classify import FUSED_ROW, STUDY_ROW, summarise

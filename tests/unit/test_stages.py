@@ -14,7 +14,7 @@ from alerts.decoder import SchemaCache, decode_alerts
 from alerts.features import FEATURE_NAMES, alert_features
 from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
-from trainer.classify import FUSED_ROW, REFERENCE_ROW, Labelled, cross_validate, rows, summarise
+from trainer.classify import FUSED_ROW, REFERENCE_ROW, Labelled, cross_validate, fit_fused, rows, summarise
 from trainer.stages import STAGES, earlier_view
 
 JD = 2_460_100.5
@@ -111,8 +111,6 @@ def test_the_fusion_can_be_fitted_on_the_views_too() -> None:
     """Views that lost the telling column, a z that carries the class: fitted on the alerts only,
     the correction trusts the trees and fails on the views; with ``fusion_views`` it learns to
     lean on z there. Without it, the views change nothing (the shipped default)."""
-    from trainer.classify import fit_fused
-
     rng = np.random.default_rng(1)
     d = _labelled(None, rng, n=300)
     z = d.z + np.eye(5)[d.y][:, :4] * 2.0  # four of the five classes show in z
