@@ -40,9 +40,10 @@ class HeadConfig:
     # Which alerts the correction from z is fitted on: the labelled alerts as they are, plus this
     # fraction of their earlier views (trainer/stages.py: the alert at its object's 1st, 2nd, ...
     # detection), drawn at random; the trees stay fitted on the alerts as they are. 0 = the alerts
-    # only. Measured (docs/model.md "New objects", 3 seeds): 0.5 costs ~2 points of macro-F1 on
-    # the alerts as labelled and lifts young objects by 5 to 34 points; the default serves the
-    # population the labels describe.
+    # only. Measured (docs/model.md "New objects", 5 seeds): 0.1 costs ~0.5 points of macro-F1 on
+    # the alerts as labelled and lifts young objects by 5 to 23 points (0.5: ~2 points, 5 to 34),
+    # at the price of ~1 % more real asteroids and artefacts called astrophysical; the default
+    # serves the population the labels describe, 0.1 a broker after young transients.
     fusion_views: float = 0.0
     inner_folds: int = 4  # out-of-fold tree outputs on which the correction and T are fitted
     cv_folds: int = 5  # object-grouped cross-validation of the comparison table
