@@ -4,6 +4,7 @@ message (NaN compares equal to NaN here: a null field is NaN in both)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,16 @@ def sign_of(isdiffpos: str | bytes | None) -> int:
     return 1 if c in ("t", "1") else 0 if c in ("f", "0") else -1
 
 
+def count_or_none(v: float) -> int | None:
+    """A count read into a float column -> int, or None where null, NaN or outside Avro's int
+    (what an output field of type int can carry)."""
+    return int(v) if math.isfinite(v) and 0 <= v <= 2**31 - 1 and v == int(v) else None
+
+
+def finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Alert(FieldsEqual):
     """One ZTF alert as the service uses it. ``candidate`` holds the values of
@@ -126,3 +137,15 @@ class Alert(FieldsEqual):
     @property
     def magpsf(self) -> float | None:
         return self._optional("magpsf")
+
+    @property
+    def ndethist(self) -> int | None:
+        """Detections of the object so far, this one included (ZTF: same field and readout
+        channel, since the survey began). The published classes need the object's history
+        (docs/model.md, "New objects"), so results carry it."""
+        return count_or_none(self.value("ndethist"))
+
+    @property
+    def jdstarthist(self) -> float | None:
+        """Julian date of the object's first detection."""
+        return finite_or_none(self.value("jdstarthist"))

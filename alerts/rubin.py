@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from fastavro import schemaless_reader
 
-from alerts.alert import ArrayColumns, FieldsEqual
+from alerts.alert import ArrayColumns, FieldsEqual, count_or_none, finite_or_none
 from alerts.allowlist import RUBIN_HISTORY_FIELDS, RUBIN_OBJECT_FIELDS, RUBIN_SOURCE_FIELDS
 from alerts.decoder import check_history_length, field_bytes, field_text
 from alerts.errors import AlertDecodeError
@@ -48,6 +48,7 @@ from alerts.strict_reader import strict_reader
 SURVEY = "lsst"
 BANDS = "ugrizy"  # band code = index + 1 (u=1 ... y=6); 0: unknown
 _SOURCE_INDEX = {n: i for i, n in enumerate(RUBIN_SOURCE_FIELDS)}
+_OBJECT_INDEX = {n: i for i, n in enumerate(RUBIN_OBJECT_FIELDS)}
 _TOP_COLUMNS = (
     "diaSourceId", "diaSource.diaObjectId", "diaSource.band", "cutoutScience", "cutoutDifference",
     *(f"diaSource.{n}" for n in RUBIN_SOURCE_FIELDS), *(f"diaObject.{n}" for n in RUBIN_OBJECT_FIELDS),
@@ -132,6 +133,17 @@ class RubinAlert(FieldsEqual):
     @property
     def dec(self) -> float:
         return self.value("dec")
+
+    @property
+    def ndethist(self) -> int | None:
+        """ZTF's name for it: the diaObject's ``nDiaSources`` (None without a diaObject)."""
+        return count_or_none(float(self.obj[_OBJECT_INDEX["nDiaSources"]]))
+
+    @property
+    def jdstarthist(self) -> float | None:
+        """The diaObject's ``firstDiaSourceMjdTai`` as a Julian date, like ZTF's ``jdstarthist``."""
+        mjd = finite_or_none(float(self.obj[_OBJECT_INDEX["firstDiaSourceMjdTai"]]))
+        return None if mjd is None else mjd + 2_400_000.5
 
 
 # ---- schemas ---------------------------------------------------------------------------------

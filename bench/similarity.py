@@ -243,6 +243,7 @@ def realistic_results(n: int, per_object: int, now_ms: int, seed: int = 0) -> li
             model_version=shipped.version, cutout_padded=False, nan_fraction=(0.0, 0.0), alert_schema_version="4.02",
             processed_at_ms=now_ms, source_topic="ztf", source_partition=0, source_offset=i,
             stamp_probabilities=sp[i], classifier="fused", features_version=1,
+            ndethist=int(rng.integers(1, 1000)), jdstarthist=float(2459000.5 + rng.random() * 1600),
         ))  # fmt: skip
     return out
 

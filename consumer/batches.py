@@ -126,6 +126,8 @@ def _result(g: GoodAlert, z: np.ndarray, stamp_probs: np.ndarray, probs: np.ndar
         band=r.band if r else _ZTF_BANDS.get(a.fid, ""),
         dia_source_id=r.dia_source_id if r else None,
         dia_object_id=r.dia_object_id if r else None,
+        ndethist=a.ndethist,
+        jdstarthist=a.jdstarthist,
     )
 
 

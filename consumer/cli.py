@@ -272,7 +272,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     from consumer.subscribe import ResultFilter, json_ready, subscribe, table_header, table_row
 
     cfg = load_consumer_config(args.config)
-    flt = ResultFilter(tuple(args.cls or ()), args.min_probability, tuple(args.survey or ()))
+    flt = ResultFilter(tuple(args.cls or ()), args.min_probability, tuple(args.survey or ()), args.min_detections)
     n = 0
     if not args.json:
         print(table_header(), flush=True)
@@ -331,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sb.add_argument("--class", dest="cls", action="append", help="predicted class to keep (repeatable)")
     sb.add_argument("--min-probability", type=float, default=0.0)
     sb.add_argument("--survey", action="append", choices=["ztf", "lsst"], help="survey to keep (repeatable; default: both)")
+    sb.add_argument("--min-detections", type=int, default=0,
+                    help="only objects detected at least N times (ndethist): the classes of younger ones are not to be trusted")  # fmt: skip
     sb.add_argument("--from-beginning", action="store_true")
     sb.add_argument("--group", default=None, help="a named group resumes where it stopped (default: a fresh one)")
     sb.add_argument("--json", action="store_true", help="JSON lines instead of the table")

@@ -66,6 +66,8 @@ def redis_fields(r: Result) -> dict[str, str]:
     if r.survey != "ztf":  # ZTF's hash stays as it was (memory per alert: docs/benchmarks.md)
         fields["survey"] = r.survey
         fields["band"] = r.band
+    if r.ndethist is not None:  # how far to trust the classes (docs/model.md, "New objects")
+        fields["ndethist"] = str(r.ndethist)
     if len(r.stamp_probabilities):
         best = int(np.argmax(r.stamp_probabilities))
         fields["stamp_class"] = r.class_names[best]

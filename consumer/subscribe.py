@@ -2,8 +2,8 @@
 
 What fink-client offers for Fink's topics, for ours: a consumer group of its own on the output
 topic (so it never takes partitions from the daemon or from another subscriber), records decoded
-from their Avro containers (the schema travels in each message: no registry), filtered by class
-and probability, as dicts of the output schema (consumer/output_schema.avsc)::
+from their Avro containers (the schema travels in each message: no registry), filtered by class,
+probability, survey and detections so far, as dicts of the output schema (consumer/output_schema.avsc)::
 
     from config import load_consumer_config
     from consumer.subscribe import ResultFilter, subscribe
@@ -33,14 +33,21 @@ from consumer.results import decode_result
 @dataclass(frozen=True)
 class ResultFilter:
     """Which records a subscriber wants: predicted class among ``classes`` (empty: any) with
-    at least ``min_probability``, of the ``surveys`` named (empty: any; ztf, lsst)."""
+    at least ``min_probability``, of the ``surveys`` named (empty: any; ztf, lsst), of objects
+    detected at least ``min_detections`` times (``ndethist``; a record that does not say, from
+    schema < 3.1 or an alert without it, passes). The classes of young objects are not to be
+    trusted (docs/model.md, "New objects"): ``min_detections`` 5 keeps the ones that are."""
 
     classes: tuple[str, ...] = ()
     min_probability: float = 0.0
     surveys: tuple[str, ...] = ()
+    min_detections: int = 0
 
     def matches(self, record: dict[str, Any]) -> bool:
         if self.surveys and record.get("survey", "ztf") not in self.surveys:
+            return False
+        ndet = record.get("ndethist")
+        if self.min_detections and ndet is not None and ndet < self.min_detections:
             return False
         if self.classes and record.get("predicted_class") not in self.classes:
             return False
@@ -103,7 +110,8 @@ def subscribe(
         consumer.close()
 
 
-COLUMNS = (("processed", 23), ("candid", 20), ("objectId", 13), ("class", 9), ("p", 6), ("jd", 15), ("model", 26))
+COLUMNS = (("processed", 23), ("candid", 20), ("objectId", 13), ("class", 9), ("p", 6), ("ndet", 5), ("jd", 15),
+           ("model", 26))  # fmt: skip
 
 
 def table_header() -> str:
@@ -123,6 +131,7 @@ def table_row(rec: dict[str, Any]) -> str:
     processed = at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     values = (
         processed, str(rec["candid"]), rec["objectId"], rec["predicted_class"],
-        f"{rec['predicted_probability']:.3f}", f"{rec['jd']:.5f}", f"{rec['model_name']}:{rec['model_version']}",
+        f"{rec['predicted_probability']:.3f}", "-" if rec.get("ndethist") is None else str(rec["ndethist"]),
+        f"{rec['jd']:.5f}", f"{rec['model_name']}:{rec['model_version']}",
     )  # fmt: skip
     return "  ".join(v.ljust(w) for v, (_, w) in zip(values, COLUMNS, strict=True))

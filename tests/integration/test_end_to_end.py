@@ -80,11 +80,15 @@ def test_replay_consume_publish_commit(stack: Stack, corpus: list[bytes], tmp_pa
     # study's stamp-only probe beside them, in both sinks
     assert h[b"classifier"] == b"fused" and h[b"stamp_class"].decode() in ("AGN", "SN", "VS", "asteroid", "bogus")
     rec = next(decode_result(v) for v in read_output_topic(cfg, cfg.kafka.output_topic) if decode_result(v)["candid"] == some)
-    assert rec["classifier"] == "fused" and rec["features_version"] >= 1 and rec["schemavsn"] == "3.0"
+    assert rec["classifier"] == "fused" and rec["features_version"] >= 1 and rec["schemavsn"] == "3.1"
     assert rec["survey"] == "ztf" and rec["band"] in ("g", "r", "i") and rec["diaSourceId"] is None
     assert len(rec["stamp_probabilities"]) == len(rec["probabilities"]) == 5
     assert abs(sum(rec["probabilities"]) - 1) < 1e-4 and rec["probabilities"] != rec["stamp_probabilities"]
     assert rec["predicted_class"].encode() == h[b"class"]
+    # the object's detections so far, in both sinks (schema 3.1; real alerts have them)
+    alert = next(a for a in (decode_alert(m, cache) for m in good_msgs) if a.candid == some)
+    assert (rec["ndethist"], rec["jdstarthist"]) == (alert.ndethist, alert.jdstarthist)
+    assert h.get(b"ndethist") == (None if alert.ndethist is None else str(alert.ndethist).encode())
 
 
 def test_replay_cli_and_peek(stack: Stack, tmp_path: Path) -> None:

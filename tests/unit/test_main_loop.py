@@ -434,6 +434,16 @@ def test_a_mixed_topic_goes_to_each_surveys_bundle(alerts: list[bytes], pipeline
         assert r["band"] in "ugrizy" and r["alert_schema_version"] in ("9.0", "11.0")
     for r in by_survey["ztf"]:
         assert r["predicted_class"] in FakeRunner.class_names and len(r["embedding"]) == 4 and r["diaSourceId"] is None
+        assert r["ndethist"] is None, "the synthetic ZTF schema has no ndethist: null, not a number made up"
+    # detections so far travel from the alert to the result (schema 3.1)
+    from alerts.rubin import RubinSchemaCache, decode_rubin
+
+    cache = RubinSchemaCache()
+    truth = {a.candid: a for a in (decode_rubin(v, cache) for v in rubin)}
+    for r in by_survey["lsst"]:
+        a = truth[r["candid"]]
+        assert (r["ndethist"], r["jdstarthist"]) == (a.ndethist, a.jdstarthist)
+    assert any(r["jdstarthist"] is not None for r in by_survey["lsst"]), "some synthetic alerts have a diaObject"
     assert set(h.redis.stored) == {r["candid"] for r in out}
     assert dict(h.proc.stats.survey_out) == {"ztf": 12, "lsst": 9}
     assert h.metrics.survey_alerts_out.labels("lsst")._value.get() == 9

@@ -158,9 +158,13 @@ def test_subscriber_filter_and_table() -> None:
     assert ResultFilter(surveys=("ztf",)).matches(rec), "a record without survey (schema < 3.0) is ZTF's"
     assert not ResultFilter(surveys=("lsst",)).matches(rec)
     assert ResultFilter(surveys=("lsst",)).matches(rec | {"survey": "lsst", "predicted_class": ""})
+    assert ResultFilter(min_detections=5).matches(rec), "a record that does not say (schema < 3.1) passes"
+    assert ResultFilter(min_detections=5).matches(rec | {"ndethist": 5})
+    assert not ResultFilter(min_detections=5).matches(rec | {"ndethist": 4})
+    assert "  12   " in table_row(rec | {"ndethist": 12}) and "  -    " in table_row(rec)
     row = table_row(rec)
     assert row.startswith("2026-11-26 01:02:03.456") and "ZTF25abcdefg" in row and "0.830" in row
-    assert len(table_header().split()) == 7
+    assert len(table_header().split()) == 8
     assert json.loads(json.dumps(json_ready(rec)))["processed_at"] == "2026-11-26T01:02:03.456000+00:00"
     assert table_row(rec | {"processed_at": 1_795_654_923_456}).startswith("2026-11-26 01:02:03.456")
 
