@@ -2,9 +2,9 @@
 the same batched graph as the stamp encoder (on the GPU when there is one) and is saved in the
 bundle as plain tensors (no pickled estimator is ever loaded).
 
-The trees are grown by scikit-learn's HistGradientBoostingClassifier in the trainer
+The trees are grown by LightGBM in the trainer
 (``trainer/trees.py`` turns it into ``TreeArrays``); this module only evaluates them. Rule per
-node, as scikit-learn's: a NaN feature goes where ``missing_left`` says, else left if
+node: a NaN feature goes where ``missing_left`` says, else left if
 ``x <= threshold``. Leaves add their value to their class's raw score; the scores start at
 ``baseline``. A unit test holds ``TreeEnsemble`` to ``predict_proba`` on data with NaNs.
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.ensemble import HistGradientBoostingClassifier
+from lightgbm import LGBMClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedGroupKFold
@@ -78,28 +78,15 @@ def _columns(names: Sequence[str]) -> list[int]:
     return [FEATURE_NAMES.index(n) for n in names]
 
 
-class _Trees(HistGradientBoostingClassifier):  # type: ignore[misc]
-    """scikit-learn's trees, fitted with the columns that are all NaN in the training data set to
-    0 (its binning refuses an all-NaN column; a constant column is never split on, so the trees
-    never read it, NaN or not)."""
-
-    def fit(self, x: np.ndarray, y: np.ndarray) -> _Trees:
-        empty = np.isnan(x).all(axis=0)
-        if empty.any():
-            x = x.copy()
-            x[:, empty] = 0.0
-        super().fit(x, y)
-        return self
-
-
 def _gbt(cfg: HeadConfig, seed: int) -> TreeBag:
-    """``cfg.bag`` tree models, member b seeded ``seed + 7919 b`` (the first one as a lone model was)."""
+    """``cfg.bag`` LightGBM models, member b seeded ``seed + 7919 b``; one thread each, so a run
+    is reproducible whatever the machine (525 alerts take ~0.1 s per model)."""
     return TreeBag([
-        _Trees(
-            max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_depth=cfg.max_depth,
-            max_leaf_nodes=cfg.max_leaf_nodes, l2_regularization=cfg.l2_regularization,
-            max_features=cfg.max_features, class_weight="balanced", early_stopping=False,
-            random_state=seed + 7919 * b,
+        LGBMClassifier(
+            n_estimators=cfg.max_iter, learning_rate=cfg.learning_rate, max_depth=cfg.max_depth,
+            num_leaves=cfg.max_leaf_nodes, reg_lambda=cfg.l2_regularization, colsample_bytree=cfg.max_features,
+            subsample=cfg.subsample, subsample_freq=1, min_child_samples=cfg.min_samples_leaf,
+            class_weight="balanced", random_state=seed + 7919 * b, n_jobs=1, verbose=-1,
         )
         for b in range(cfg.bag)
     ])  # fmt: skip

@@ -1,4 +1,4 @@
-"""The tree ensemble in torch equals scikit-learn's predict_proba (NaNs, float32 inputs)."""
+"""The tree ensemble in torch equals LightGBM's predict_proba (NaNs, float32 inputs)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,31 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.ensemble import HistGradientBoostingClassifier
+from lightgbm import LGBMClassifier
 
 from model.trees import TreeEnsemble
 from trainer.trees import TreeBag, tree_arrays
 
 
+def _lgbm(seed: int, **kw: object) -> LGBMClassifier:
+    args: dict[str, object] = dict(n_estimators=30, num_leaves=15, max_depth=5, min_child_samples=5, subsample=0.8,
+                                   subsample_freq=1, colsample_bytree=0.7, random_state=seed, n_jobs=1, verbose=-1)  # fmt: skip
+    return LGBMClassifier(**(args | kw))
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.sampled_from([3, 5]), st.floats(0.0, 0.3))
-def test_tree_ensemble_equals_sklearn(seed: int, n_classes: int, nan_rate: float) -> None:
+def test_tree_ensemble_equals_lightgbm(seed: int, n_classes: int, nan_rate: float) -> None:
+    """Also where a feature had no NaN in training (LightGBM then reads NaN as 0) and the test has
+    NaN there (column 6 is never NaN in training)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(400, 7)).astype(np.float32)
     y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5).astype(int) + (n_classes == 5) * (x[:, 2] > 1).astype(int) * 2
+    y = np.minimum(y, n_classes - 1) + (x[:, 6] > 1.5)
     y = np.minimum(y, n_classes - 1)
-    y[: n_classes] = np.arange(n_classes)
-    x[rng.random(x.shape) < nan_rate] = np.nan
-    clf = HistGradientBoostingClassifier(max_iter=30, max_depth=5, random_state=seed).fit(x, y)
+    y[:n_classes] = np.arange(n_classes)
+    x[:, :6][rng.random((400, 6)) < nan_rate] = np.nan
+    clf = _lgbm(seed).fit(x, y)
     trees = TreeEnsemble.from_arrays(tree_arrays(clf))
     test = rng.normal(size=(300, 7)).astype(np.float32)
     test[rng.random(test.shape) < nan_rate + 0.05] = np.nan
@@ -34,22 +43,39 @@ def test_tree_ensemble_equals_sklearn(seed: int, n_classes: int, nan_rate: float
     np.testing.assert_allclose(tensors, clf.predict_proba(test), atol=1e-5)
 
 
+def test_nan_where_training_had_none_goes_where_zero_goes() -> None:
+    """The rule the conversion must copy: a split on a feature without NaN in training sends NaN
+    the way of 0. Built so that 0 and the split's missing default disagree, so that reading NaN
+    any other way changes the class (this test fails with missing_left = default_left)."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-3.0, -1.0, size=(600, 1)).astype(np.float32)  # never NaN, all below 0
+    y = np.digitize(x[:, 0], [-2.3, -1.7])
+    clf = _lgbm(0, subsample=1.0, colsample_bytree=1.0).fit(x, y)
+    trees = TreeEnsemble.from_arrays(tree_arrays(clf))
+    probe = np.array([[np.nan], [0.0], [-2.9]], np.float32)
+    with torch.no_grad():
+        ours = torch.softmax(trees(torch.from_numpy(probe)), 1).numpy()
+    np.testing.assert_allclose(ours, clf.predict_proba(probe), atol=1e-5)
+    np.testing.assert_allclose(ours[0], ours[1], atol=1e-6)
+    assert ours[0].argmax() == 2 and ours[2].argmax() == 0
+
+
 def test_binary_is_refused() -> None:
     x = np.random.default_rng(0).normal(size=(50, 2))
-    clf = HistGradientBoostingClassifier(max_iter=3).fit(x, (x[:, 0] > 0).astype(int))
+    clf = _lgbm(0, n_estimators=3).fit(x, (x[:, 0] > 0).astype(int))
     with pytest.raises(ValueError):
         tree_arrays(clf)
 
 
 def test_bag_is_one_ensemble_equal_to_its_mean_raw_score() -> None:
-    """A bag of three models becomes one set of trees (leaves / 3, mean baseline) whose softmax is
-    the bag's predict_proba, on the compiled loop and the GPU form alike; and it differs from
-    each member (else averaging would be a no-op and this test could not fail)."""
+    """A bag of three models becomes one set of trees (leaves / 3) whose softmax is the bag's
+    predict_proba, on the compiled loop and the GPU form alike; and it differs from each member
+    (else averaging would be a no-op and this test could not fail)."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(500, 6)).astype(np.float32)
     y = np.digitize(x[:, 0] + 0.5 * x[:, 1] + 0.3 * rng.normal(size=500), [-0.8, 0.0, 0.8])
     x[rng.random(x.shape) < 0.1] = np.nan
-    members = [HistGradientBoostingClassifier(max_iter=20, max_depth=4, max_features=0.5, random_state=s) for s in range(3)]
+    members = [_lgbm(s, n_estimators=20, max_depth=4, colsample_bytree=0.5) for s in range(3)]
     bag = TreeBag(members).fit(x, y)
     trees = TreeEnsemble.from_arrays(tree_arrays(bag))
     test = rng.normal(size=(300, 6)).astype(np.float32)
@@ -67,6 +93,6 @@ def test_bag_of_one_is_the_model() -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(size=(300, 4)).astype(np.float32)
     y = np.digitize(x[:, 0], [-0.5, 0.5])
-    bag = TreeBag([HistGradientBoostingClassifier(max_iter=10, random_state=0)]).fit(x, y)
-    lone = HistGradientBoostingClassifier(max_iter=10, random_state=0).fit(x, y)
+    bag = TreeBag([_lgbm(0, n_estimators=10)]).fit(x, y)
+    lone = _lgbm(0, n_estimators=10).fit(x, y)
     np.testing.assert_allclose(bag.predict_proba(x), lone.predict_proba(x), atol=1e-12)
