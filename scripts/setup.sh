@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a fresh machine needs, idempotent: Debian's redis-server (and Java 17 + Maven if
+# Everything a fresh machine needs, idempotent: Debian's redis-server (and Java 17 + Maven, OpenMP if
 # missing), a Python virtual environment with the pinned packages, and the Kafka jars.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
+# LightGBM (the trainer's trees) links the system's OpenMP runtime
+compgen -G '/usr/lib/*/libgomp.so.1' >/dev/null || compgen -G '/lib/*/libgomp.so.1' >/dev/null || need_apt+=(libgomp1)
 if ((${#need_apt[@]})); then
   echo "[setup] installing ${need_apt[*]}"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
