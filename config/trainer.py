@@ -38,7 +38,7 @@ class HeadConfig:
     max_features: float = 0.5  # fraction of the features each tree may split on
     subsample: float = 0.8  # fraction of the rows each tree is grown on
     min_samples_leaf: int = 20
-    # L2 penalty of the linear correction from z: with the bagged trees, over 10 seeds
+    # L2 penalty of the linear correction from z: with scikit-learn's bagged trees (20261126c), over 10 seeds
     # (docs/model.md), 0.03 / 0.1 / 0.3 / 1.0 gave fused 90.3 / 90.4 / 90.5 / 90.6 (± 1.5 -> 0.9).
     fusion_l2: float = 1.0
     # Which alerts the correction from z is fitted on: the labelled alerts as they are, plus this

@@ -13,6 +13,7 @@ against 18.8, docs/model.md)."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,7 @@ def tree_arrays(clf: LGBMClassifier | TreeBag, n_classes: int | None = None) -> 
     width = max(len(nodes) for _, nodes in tables)
     t = len(tables)
     feature = np.zeros((t, width), np.int64)
-    threshold = np.zeros((t, width), np.float32)
+    threshold = np.zeros((t, width), np.float64)
     left = np.zeros((t, width), np.int64)
     right = np.zeros((t, width), np.int64)
     missing_left = np.zeros((t, width), bool)
@@ -85,16 +86,15 @@ def tree_arrays(clf: LGBMClassifier | TreeBag, n_classes: int | None = None) -> 
                 continue
             is_leaf[i, j] = False
             feature[i, j], left[i, j], right[i, j] = n["feature"], n["left"], n["right"]
-            # float32 thresholds: the features reach the model as float32, and x <= t must decide
-            # the same in both (the largest float32 not above LightGBM's double threshold).
-            threshold[i, j] = _float32_threshold(np.array([n["threshold"]]))[0]
-            missing_left[i, j] = n["missing_left"]
+            threshold[i, j], missing_left[i, j] = n["threshold"], n["missing_left"]
         tree_class[i] = seen[k]
         depth = max(depth, max(n["depth"] for n in nodes))
     baseline = np.full(n_classes, ABSENT_CLASS_LOGIT, dtype=np.float32)
     baseline[seen] = 0.0
+    # float32 thresholds: the features reach the model as float32, and x <= t must decide the same
+    # in both (the largest float32 not above LightGBM's double threshold).
     return TreeArrays(
-        torch.from_numpy(feature), torch.from_numpy(threshold), torch.from_numpy(left), torch.from_numpy(right),
+        torch.from_numpy(feature), torch.from_numpy(_float32_threshold(threshold)), torch.from_numpy(left), torch.from_numpy(right),
         torch.from_numpy(missing_left), torch.from_numpy(is_leaf), torch.from_numpy(value),
         torch.from_numpy(tree_class), torch.from_numpy(baseline), depth,
     )  # fmt: skip
@@ -105,9 +105,9 @@ def _flatten(root: dict[str, Any]) -> list[dict[str, Any]]:
     NaN goes: LightGBM's ``missing_type`` "NaN" sends it the ``default_left`` way; "None" (no NaN
     in the feature's training values) reads NaN as 0, so it goes where 0 goes."""
     nodes: list[dict[str, Any]] = []
-    queue: list[tuple[dict[str, Any], int]] = [(root, 0)]
+    queue: deque[tuple[dict[str, Any], int]] = deque([(root, 0)])
     while queue:
-        node, depth = queue.pop(0)
+        node, depth = queue.popleft()
         if "leaf_value" in node:
             nodes.append({"leaf": True, "value": float(node["leaf_value"]), "depth": depth})
             continue
