@@ -153,8 +153,11 @@ def _record(buf, pos, end, nb, kinds, sizes, outcol, vals, ints, lens, row):  # 
         col = outcol[f]
         if kind == K_NULL:
             continue  # the output row starts as null
+        # Every bound is checked as ``end - pos < k`` (0 <= pos <= end, so it cannot overflow): the
+        # int64 ``pos + n`` of a hostile length near 2**63 wraps negative and passed the check,
+        # and the kernel then read outside the buffer (found by mutation fuzzing: SIGSEGV).
         if kind == K_BOOL:
-            if pos + 1 > end:
+            if end - pos < 1:
                 return pos, ERR_TRUNCATED
             if col >= 0:
                 ints[row, col] = buf[pos]
@@ -170,14 +173,14 @@ def _record(buf, pos, end, nb, kinds, sizes, outcol, vals, ints, lens, row):  # 
                 vals[row, col] = v
                 lens[row, col] = 0
         elif kind == K_FLOAT:
-            if pos + 4 > end:
+            if end - pos < 4:
                 return pos, ERR_TRUNCATED
             if col >= 0:
                 vals[row, col] = buf[pos : pos + 4].view(np.float32)[0]
                 lens[row, col] = 0
             pos += 4
         elif kind == K_DOUBLE:
-            if pos + 8 > end:
+            if end - pos < 8:
                 return pos, ERR_TRUNCATED
             if col >= 0:
                 vals[row, col] = buf[pos : pos + 8].view(np.float64)[0]
@@ -192,7 +195,7 @@ def _record(buf, pos, end, nb, kinds, sizes, outcol, vals, ints, lens, row):  # 
                     return pos, err
             if n < 0:
                 return pos, ERR_NEGATIVE
-            if pos + n > end:
+            if n > end - pos:
                 return pos, ERR_TRUNCATED
             if kind == K_STRING and not _utf8_ok(buf, pos, n):
                 return pos, ERR_UTF8
@@ -248,6 +251,8 @@ def _read_layout(buf, pos, end, seg_union, seg_nbr, br_kind, br_plan, plan_start
                 break
             if count < 0:  # a block with its byte size
                 count = -count
+                if count < 0:  # -(-2**63) is itself in int64
+                    return pos, ERR_NEGATIVE, top_vals, top_ints, top_lens, it_vals, it_ints, it_lens, n
                 _size, pos, err = _varint(buf, pos, end)
                 if err != OK:
                     return pos, err, top_vals, top_ints, top_lens, it_vals, it_ints, it_lens, n

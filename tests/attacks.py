@@ -178,6 +178,35 @@ def rubin_huge_history(source_id: int) -> bytes:
     return msg[:i] + b"\x02" + zigzag(2**62) + msg[i + 2 :]
 
 
+def string_length_past_int64(candid: int) -> bytes:
+    """objectId claims 2^63 - 1 bytes: in the compiled reader's int64 ``pos + n`` wrapped negative
+    and passed the bounds check, and the read that followed segfaulted (found by fuzzing)."""
+    record = record_of(candid)
+    msg = message_of(ALERT_SCHEMA, record)
+    oid = record["objectId"].encode()
+    i = msg.index(zigzag(len(oid)) + oid)
+    return msg[:i] + zigzag(2**63 - 1) + msg[i + 1 :]
+
+
+def history_block_count_min_int64(candid: int) -> bytes:
+    """prv_candidates opens a block of -2^63 entries (negative: a block with its byte size), whose
+    negation is itself in int64."""
+    record = record_of(candid, n_prv=1)
+    record["prv_candidates"][0]["jd"] = 1234.5678
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(ALERT_SCHEMA), record)
+    raw = body.getvalue()
+    i = raw.index(b"\x02" + zigzag(1) + struct.pack("<d", 1234.5678))
+    return ContainerFramer(SCHEMA_JSON).frame(raw[:i] + b"\x02" + zigzag(-(2**63)) + zigzag(8) + raw[i + 2 :])
+
+
+def rubin_string_length_past_int64(source_id: int) -> bytes:
+    """diaSource.band claims 2^63 - 1 bytes (Rubin's records go through the same compiled reader)."""
+    msg = rubin_message(source_id, n_prv=0, mutate=lambda rec: rec["diaSource"].update(band="zz"))
+    i = msg.index(zigzag(2) + b"zz")
+    return msg[:i] + zigzag(2**63 - 1) + msg[i + 1 :]
+
+
 def rubin_fits_bomb(source_id: int) -> bytes:
     return rubin_message(source_id, cutoutScience=fits_header_bomb())
 
@@ -203,6 +232,8 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("candid as a double", candid_as_double(start + 7), "schema_policy"),
         ("over-long objectId", long_object_id(start + 8), "bad_value"),
         ("oversized writer schema (flood)", oversized_schema(start + 9), "schema_policy"),
+        ("string length of 2^63 - 1 (int64 overflow)", string_length_past_int64(start + 14), "truncated"),
+        ("history block of -2^63 entries", history_block_count_min_int64(start + 15), "truncated"),
         # Rubin's wire form (0x00 + schema id + body)
         ("Rubin: 2^62 history entries", rubin_huge_history(start + 20), "too_large"),
         ("Rubin: unknown schema id", b"\x00\x00\x00\x10\x92" + rubin_message(start + 21)[5:], "unknown_schema"),
@@ -212,6 +243,7 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("Rubin: FITS header claiming 2^31 axes", rubin_message(start + 27, cutoutScience=fits_count_bomb("NAXIS")), "cutout_bad_fits"),
         ("Rubin: a band that is no band", rubin_bad_band(start + 24), "bad_value"),
         ("Rubin: bytes after the record", rubin_message(start + 25) + b"\x00" * 16, "truncated"),
+        ("Rubin: string length of 2^63 - 1", rubin_string_length_past_int64(start + 28), "truncated"),
     ]
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
+from alerts.framing import read_container_header, zigzag
 from alerts.message import decode_message
 from alerts.synthetic import make_alert
 
@@ -62,6 +63,19 @@ def test_random_bytes_raise_named_error(data: bytes) -> None:
 @given(st.binary(min_size=1, max_size=64), st.integers(min_value=0, max_value=len(GOOD)))
 def test_inserted_bytes_decode_or_raise_named_error(chunk: bytes, at: int) -> None:
     _decode_or_named_error(GOOD[:at] + chunk + GOOD[at:])
+
+
+@pytest.mark.parametrize("value", [2**63 - 1, -(2**63), 2**62, -(2**62), 2**31])
+def test_extreme_varints_anywhere_in_the_fields_decode_or_raise_named_error(value: int) -> None:
+    """Exhaustive over the record's fields (all but the stamps' bytes): the varint of ``value``
+    written at every position, so every length, count and union index meets it. The compiled
+    reader's bounds checks once overflowed on a length near 2^63 and read outside the message
+    (a segfault, found by mutation fuzzing: random byte edits almost never make such a varint)."""
+    start = read_container_header(GOOD).body_offset
+    stop = GOOD.index(b"\x1f\x8b")  # the first stamp's gzip stream
+    varint = zigzag(value)
+    for pos in range(start, stop):
+        _decode_or_named_error(GOOD[:pos] + varint + GOOD[pos + len(varint) :])
 
 
 def _one_real_alert_per_writer_schema() -> list[bytes]:
