@@ -2,10 +2,10 @@
 comparison table, and the fit of the fused head that the bundle ships.
 
 Rows kept in every table (docs/model.md): the study's stamp-only linear probe (the study's
-method), metadata only, history only, metadata + history (gradient-boosted trees: the reference,
+method) and trees on the same z (stamp only, read non-linearly), metadata only, history only, metadata + history (gradient-boosted trees: the reference,
 and logistic regression), the same without position (ablation), trees on metadata + history + z,
 an MLP on everything, and the shipped fused model (trees on metadata + history, plus a linear
-correction from z, temperature-scaled).
+correction from z without class offsets, temperature-scaled).
 
 Protocol: StratifiedGroupKFold by objectId (an object is never in two folds), 5 folds, several
 seeds (seed = fold assignment + model initialisation); macro-F1 and per-class F1 over the
@@ -132,10 +132,11 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def _fit_fusion(
-    offset: np.ndarray, z: np.ndarray, y: np.ndarray, n_classes: int, l2: float
+    offset: np.ndarray, z: np.ndarray, y: np.ndarray, n_classes: int, l2: float, offsets: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """Linear correction of the tree log-odds (offset) from z: s * offset + W z' + b, fitted
-    class-balanced with L2 on W, where the scale s > 0 of the trees' log-odds is fitted too.
+    class-balanced with L2 on W, where the scale s > 0 of the trees' log-odds is fitted too, and
+    the class offsets b only with ``offsets`` (else b = 0: HeadConfig.fusion_offsets says why).
     -> (W / s, b / s, z mean, z std, s): the same logits divided by s, so the head the bundle ships
     keeps its form (tree log-odds + linear in z) and the temperature fitted afterwards absorbs s.
 
@@ -149,9 +150,9 @@ def _fit_fusion(
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     weight = torch.from_numpy(np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0))
     w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=offsets)
     log_s = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b, log_s], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, log_s, *([b] if offsets else [])], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -210,7 +211,7 @@ def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nda
             oof[block, te] = np.log(np.clip(_full_proba(m, x[te], n_classes), 1e-12, 1.0))
     drawn = np.concatenate([np.ones(len(y), bool), np.random.default_rng(seed).random(len(views) * len(y)) < cfg.fusion_views])
     offset, zz, yy = oof.reshape(-1, n_classes)[drawn], np.tile(z, (len(oof), 1))[drawn], np.tile(y, len(oof))[drawn]
-    w, b, mean, std, scale = _fit_fusion(offset, zz, yy, n_classes, cfg.fusion_l2)
+    w, b, mean, std, scale = _fit_fusion(offset, zz, yy, n_classes, cfg.fusion_l2, cfg.fusion_offsets)
     log.debug("fusion: trees' log-odds scaled by %.3f", scale)
     temperature = fit_temperature(offset + ((zz - mean) / std) @ w.T + b, yy)
     trees = _gbt(cfg, seed).fit(features, y)
@@ -391,6 +392,9 @@ def rows(cfg: HeadConfig, quick: bool = False, with_sequences: bool = True,
     no_position = [i for i in everything if FEATURE_NAMES[i] not in POSITION_FEATURES]
     table: list[tuple[str, Predictor]] = [
         (STUDY_ROW, _row_logreg(None, True)),
+        # The same z read non-linearly: how much of the classes the embedding holds beyond what a
+        # linear probe reads (docs/model.md; the published stamp_probabilities stay the study's).
+        ("stamp only: gradient-boosted trees on z", _row_trees([], True, cfg)),
         ("metadata only, gradient-boosted trees", _row_trees(meta, False, cfg)),
         ("history only, gradient-boosted trees on hand-made statistics", _row_trees(hist, False, cfg)),
         ("history only, GRU over the light curve (learned)", _row_gru()),

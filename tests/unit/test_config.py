@@ -103,6 +103,7 @@ def test_bad_consumer_values_are_rejected(data: dict[str, Any]) -> None:
         {"head": {"max_features": 0.0}},
         {"head": {"max_features": 1.5}},
         {"head": {"fusion_views": 1.5}},
+        {"head": {"fusion_views": 0.1}},  # views without class offsets would change nothing
         {"contrastive_temperature": 0.0},
         {"projection_dim": -1},
         {"view_shift": 6},
@@ -111,6 +112,12 @@ def test_bad_consumer_values_are_rejected(data: dict[str, Any]) -> None:
 def test_bad_trainer_values_are_rejected(data: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         parse_trainer_config(data)
+
+
+def test_fusion_views_come_with_class_offsets() -> None:
+    cfg = parse_trainer_config({"head": {"fusion_views": 0.1, "fusion_offsets": True}})
+    assert cfg.head.fusion_views == 0.1 and cfg.head.fusion_offsets
+    assert not parse_trainer_config({}).head.fusion_offsets  # the shipped default
 
 
 def test_trainer_config_embeds_the_architecture_and_round_trips() -> None:

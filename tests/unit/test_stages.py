@@ -121,7 +121,7 @@ def test_the_fusion_can_be_fitted_on_the_views_too() -> None:
     plain = fit_fused(d.features, z, d.y, d.groups, 5, cfg, seed=0)
     ignored = fit_fused(d.features, z, d.y, d.groups, 5, cfg, seed=0, stages=stages)
     assert np.array_equal(plain.w, ignored.w) and plain.temperature == ignored.temperature
-    viewed = fit_fused(d.features, z, d.y, d.groups, 5, dataclasses.replace(cfg, fusion_views=1.0), seed=0, stages=stages)
+    viewed = fit_fused(d.features, z, d.y, d.groups, 5, dataclasses.replace(cfg, fusion_views=1.0, fusion_offsets=True), seed=0, stages=stages)
     test = _labelled(None, np.random.default_rng(2), n=300)
     z_test = test.z + np.eye(5)[test.y][:, :4] * 2.0
     blind_test = test.features.copy()

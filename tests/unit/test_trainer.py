@@ -279,8 +279,27 @@ def test_the_fusion_fits_how_much_to_trust_the_trees() -> None:
     z = rng.normal(0, 1, (n, 6))
     z[:, :k] += 0.8 * np.eye(k)[y]  # z carries the class too
     offset = 4.0 * (true_logits - np.log(np.exp(true_logits).sum(1, keepdims=True)))
-    w, b, mean, std, scale = _fit_fusion(offset, z, y, k, l2=1e-3)
+    w, b, mean, std, scale = _fit_fusion(offset, z, y, k, l2=1e-3, offsets=False)
     assert 0.1 < scale < 0.5, scale
     fused = offset + ((z - mean) / std) @ w.T + b
     acc_trees = (offset.argmax(1) == y).mean()
     assert (fused.argmax(1) == y).mean() > acc_trees + 0.02  # z corrects the trees
+
+
+def test_the_fusion_fits_class_offsets_only_when_asked() -> None:
+    """Trees whose log-odds favour class 0 by a constant: with offsets the fusion learns to take it
+    back (b[0] below the others); without them b stays 0 and the trees' balance is kept."""
+    from trainer.classify import _fit_fusion
+
+    rng = np.random.default_rng(1)
+    n, k = 1500, 3
+    y = rng.integers(0, k, n)
+    logits = rng.normal(0, 1, (n, k))
+    logits[np.arange(n), y] += 2.0
+    logits[:, 0] += 1.5  # the trees' bias toward class 0
+    offset = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    z = rng.normal(0, 1, (n, 4))  # z carries nothing
+    _, b_off, *_ = _fit_fusion(offset, z, y, k, l2=1.0, offsets=False)
+    _, b_on, *_ = _fit_fusion(offset, z, y, k, l2=1.0, offsets=True)
+    assert np.array_equal(b_off, np.zeros(k))
+    assert b_on[0] < min(b_on[1], b_on[2]) - 0.5, b_on
