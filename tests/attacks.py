@@ -43,14 +43,19 @@ def zero_byte_items(candid: int) -> bytes:
     return msg[: i - 1] + zigzag(2**62) + msg[i - 1 :]
 
 
-def huge_history_count(candid: int) -> bytes:
+def history_count_replaced(candid: int, count: bytes) -> bytes:
+    """A one-entry history whose block count (the bytes after the union branch) is ``count``."""
     record = record_of(candid, n_prv=1)
     record["prv_candidates"][0]["jd"] = 1234.5678
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(ALERT_SCHEMA), record)
     raw = body.getvalue()
     i = raw.index(b"\x02" + zigzag(1) + struct.pack("<d", 1234.5678))
-    return ContainerFramer(SCHEMA_JSON).frame(raw[:i] + b"\x02" + zigzag(2**62) + raw[i + 2 :])
+    return ContainerFramer(SCHEMA_JSON).frame(raw[:i] + b"\x02" + count + raw[i + 2 :])
+
+
+def huge_history_count(candid: int) -> bytes:
+    return history_count_replaced(candid, zigzag(2**62))
 
 
 def bzip2_bomb() -> bytes:
@@ -191,13 +196,7 @@ def string_length_past_int64(candid: int) -> bytes:
 def history_block_count_min_int64(candid: int) -> bytes:
     """prv_candidates opens a block of -2^63 entries (negative: a block with its byte size), whose
     negation is itself in int64."""
-    record = record_of(candid, n_prv=1)
-    record["prv_candidates"][0]["jd"] = 1234.5678
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, fastavro.parse_schema(ALERT_SCHEMA), record)
-    raw = body.getvalue()
-    i = raw.index(b"\x02" + zigzag(1) + struct.pack("<d", 1234.5678))
-    return ContainerFramer(SCHEMA_JSON).frame(raw[:i] + b"\x02" + zigzag(-(2**63)) + zigzag(8) + raw[i + 2 :])
+    return history_count_replaced(candid, zigzag(-(2**63)) + zigzag(8))
 
 
 def rubin_string_length_past_int64(source_id: int) -> bytes:
