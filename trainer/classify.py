@@ -2,10 +2,11 @@
 comparison table, and the fit of the fused head that the bundle ships.
 
 Rows kept in every table (docs/model.md): the study's stamp-only linear probe (the study's
-method) and trees on the same z (stamp only, read non-linearly), metadata only, history only, metadata + history (gradient-boosted trees: the reference,
-and logistic regression), the same without position (ablation), trees on metadata + history + z,
-an MLP on everything, and the shipped fused model (trees on metadata + history, plus a linear
-correction from z without class offsets, temperature-scaled).
+method) and trees on the same z (stamp only, read non-linearly), metadata only, history only,
+metadata + history (gradient-boosted trees: the reference, and logistic regression), the same
+without position (ablation), trees on metadata + history + z, an MLP on everything, and the
+shipped fused model (trees on metadata + history, plus a linear correction from z without class
+offsets, temperature-scaled).
 
 Protocol: StratifiedGroupKFold by objectId (an object is never in two folds), 5 folds, several
 seeds (seed = fold assignment + model initialisation); macro-F1 and per-class F1 over the
