@@ -206,6 +206,14 @@ def rubin_string_length_past_int64(source_id: int) -> bytes:
     return msg[:i] + zigzag(2**63 - 1) + msg[i + 1 :]
 
 
+def fixed_of_2_63_bytes(candid: int) -> bytes:
+    """A writer schema with a ``fixed`` of 2^63 bytes (fastavro parses it; the compiled layout's
+    int64 tables overflowed past every named error)."""
+    schema = json.loads(SCHEMA_JSON)
+    schema["fields"].insert(2, {"name": "blob", "type": {"type": "fixed", "name": "blob", "size": 2**63}})
+    return ContainerFramer(json.dumps(schema).encode()).frame(zigzag(candid) + b"\x00" * 64)
+
+
 def rubin_fits_bomb(source_id: int) -> bytes:
     return rubin_message(source_id, cutoutScience=fits_header_bomb())
 
@@ -233,6 +241,7 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("oversized writer schema (flood)", oversized_schema(start + 9), "schema_policy"),
         ("string length of 2^63 - 1 (int64 overflow)", string_length_past_int64(start + 14), "truncated"),
         ("history block of -2^63 entries", history_block_count_min_int64(start + 15), "truncated"),
+        ("fixed of 2^63 bytes in the writer schema", fixed_of_2_63_bytes(start + 16), "schema_policy"),
         # Rubin's wire form (0x00 + schema id + body)
         ("Rubin: 2^62 history entries", rubin_huge_history(start + 20), "too_large"),
         ("Rubin: unknown schema id", b"\x00\x00\x00\x10\x92" + rubin_message(start + 21)[5:], "unknown_schema"),

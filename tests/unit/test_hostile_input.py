@@ -49,6 +49,22 @@ def test_recursive_named_type_is_refused() -> None:
     assert _reason(ContainerFramer(json.dumps(schema).encode()).frame(b"\x00")) == "schema_policy"
 
 
+@pytest.mark.parametrize("size", [-1, 2**31, 2**63, 1.5, "8", None, True])
+def test_fixed_sizes_outside_avro_ints_are_refused(size: object) -> None:
+    """A ``fixed`` field's size must be an int in 0..2^31 - 1: fastavro takes any value, and 2^63
+    overflowed the compiled layout's int64 tables past every named error (found by fuzzing)."""
+    schema = json.loads(SCHEMA_JSON)
+    schema["fields"].insert(2, {"name": "blob", "type": {"type": "fixed", "name": "blob", "size": size}})
+    assert _reason(ContainerFramer(json.dumps(schema).encode()).frame(b"\x00" * 64)) == "schema_policy"
+
+
+def test_a_plausible_fixed_field_is_read() -> None:
+    schema = json.loads(SCHEMA_JSON)
+    schema["fields"].insert(2, {"name": "blob", "type": {"type": "fixed", "name": "blob", "size": 16}})
+    alert, _ = decode_message(message_of(schema, _record() | {"blob": b"\x01" * 16}), SchemaCache())
+    assert alert.candid == CANDID
+
+
 def test_array_of_zero_byte_items_is_refused() -> None:
     hostile = zero_byte_items(CANDID)
     t = time.monotonic()
