@@ -5,9 +5,10 @@ process inside fastavro's parser).
 Rules: size cap; nesting depth cap (measured on the raw bytes, before JSON parsing); no recursive
 named types; no references to undefined names; fixed sizes that are ints in 0..2^31 - 1; no
 arrays or maps whose items can take zero bytes (a count of 2^62 such items is read in no bytes at
-all: a hang); the ZTF fields the service reads present with the expected types. Every official ZTF schema (1.8 to 4.02) passes these rules (the
-unit tests run them on one alert of every writer schema); anything else is judged by the rules
-alone. All checks are iterative: no input can exhaust Python's stack.
+all: a hang); the ZTF fields the service reads present with the expected types. Every official
+ZTF schema (1.8 to 4.02) passes these rules (the unit tests run them on one alert of every writer
+schema); anything else is judged by the rules alone. All checks are iterative: no input can
+exhaust Python's stack.
 """
 
 from __future__ import annotations
@@ -142,11 +143,10 @@ def check_structure(schema: Any) -> None:
             if full in defined:
                 raise SchemaPolicyError(f"type {full!r} defined twice")
             defined[full] = t
-            size = t.get("size")
-            if kind == "fixed" and not (type(size) is int and 0 <= size <= MAX_FIXED_SIZE):
-                # fastavro takes any size; 2^63 overflowed the compiled layout's int64 tables
-                # (an OverflowError past every named error), -1 or 1.5 failed only at decoding.
-                raise SchemaPolicyError(f"fixed {full!r} of size {size!r:.40} (0..{MAX_FIXED_SIZE} allowed)")
+            # fastavro takes any fixed size; 2^63 overflowed the compiled layout's int64 tables (an
+            # OverflowError past every named error), -1 or 1.5 failed only at decoding.
+            if kind == "fixed" and not (type(t.get("size")) is int and 0 <= t["size"] <= MAX_FIXED_SIZE):
+                raise SchemaPolicyError(f"fixed {full!r} of size {t.get('size')!r:.40} (0..{MAX_FIXED_SIZE} allowed)")
             if kind in ("record", "error"):
                 fields = t.get("fields")
                 if not isinstance(fields, list):
