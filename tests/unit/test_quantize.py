@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import int8_reproduces_here
 
 import trainer.quantize as q
 from alerts.features import FEATURE_NAMES, FEATURES_VERSION
@@ -50,7 +51,10 @@ def test_equalisation_keeps_the_encoders_function(seed: int) -> None:
 @pytest.mark.parametrize("seed", [0, 3])
 def test_the_int8_simulation_is_onnx_runtimes_int8(seed: int) -> None:
     """What the student is trained through must be what ONNX Runtime computes: the simulated z and
-    the quantised graph's z agree far better than either agrees with float32."""
+    the quantised graph's z agree far better than either agrees with float32. Only where ONNX
+    Runtime's int8 kernels are exact: where they saturate, the runtime runs float32 instead."""
+    if not int8_reproduces_here():
+        pytest.skip("this CPU's ONNX Runtime int8 kernels saturate (no AVX-512 VNNI): the runtime runs float32")
     model = seed_bundle(seed=seed).build("cpu").eval()
     x = stamps(512, seed + 10)
     graph = q.quantise_onnx(q.onnx_graph(model, ("z", "p")), x)
