@@ -38,6 +38,13 @@ from trainer.data import load_dataset
 
 # Encoder.features: [0 conv, 1 relu, 2 conv, 3 relu, 4 pool, 5 conv, 6 relu, 7 conv, 8 relu, 9 pool, 10 flatten]
 INT8_CONVS = (2, 5, 7)  # convs 2-4 in int8; conv 1 (2 input channels, 2 % of the work) and fc stay float32
+# Weights in [-64, 64] (ONNX Runtime's reduce_range for int8 weights), not [-127, 127]. Why: on x86 without AVX-512
+# VNNI, ONNX Runtime's u8 x s8 kernel adds products in pairs into int16 (vpmaddubsw), which
+# saturates once 2 x 255 x |w| passes 32,767; with |w| <= 64 it cannot (2 x 255 x 64 = 32,640), so
+# one graph gives the same integers on every x86 CPU. Measured 2026-11-27 on an AMD EPYC with AVX2
+# only: the full-range graph's z had cosine 0.99697 against the z stored at export (the consumer's
+# self-check refused it and ran float32); the reduced-range graph reproduces it (docs/benchmarks.md).
+WEIGHT_QMAX = 64
 
 
 def _convs(encoder: Encoder) -> tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]:
@@ -53,10 +60,11 @@ def _fq_act(x: torch.Tensor, hi: float) -> torch.Tensor:
 
 
 def _fq_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per output channel, symmetric int8 in [-127, 127] (ONNX Runtime's QInt8 per-channel weights)."""
-    scale = (w.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127.0).float()
+    """Per output channel, symmetric in [-WEIGHT_QMAX, WEIGHT_QMAX] (ONNX Runtime's QInt8
+    per-channel weights with reduce_range)."""
+    scale = (w.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / WEIGHT_QMAX).float()
     zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
 
 
 def _forward(encoder: Encoder, x: torch.Tensor, ranges: list[float] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -181,8 +189,9 @@ def distil(teacher: Encoder, start: Encoder, x: np.ndarray, cfg: DistilConfig, l
 
 
 def quantise_onnx(fp32: bytes, calibration: np.ndarray) -> bytes:
-    """ONNX Runtime static QDQ int8 of convs 2-4 (per-channel int8 weights, uint8 activations,
-    MinMax ranges from ``calibration``); the first conv and the linear layers stay float32."""
+    """ONNX Runtime static QDQ int8 of convs 2-4 (per-channel int8 weights in [-WEIGHT_QMAX,
+    WEIGHT_QMAX], uint8 activations, MinMax ranges from ``calibration``); the first conv and the
+    linear layers stay float32."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -203,7 +212,7 @@ def quantise_onnx(fp32: bytes, calibration: np.ndarray) -> bytes:
         keep = [convs[0]] + [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
         quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        nodes_to_exclude=keep)  # fmt: skip
+                        reduce_range=True, nodes_to_exclude=keep)  # fmt: skip
         return (tmp / "int8.onnx").read_bytes()
 
 
