@@ -7,7 +7,6 @@ its slow fault-injection part, and ``scripts/test.sh`` all of them."""
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import subprocess
@@ -35,17 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "integration" not in item.keywords:
             item.add_marker(pytest.mark.unit)
-
-
-@functools.cache
-def int8_reproduces_here() -> bool:
-    """Whether this CPU's ONNX Runtime int8 kernels give the default bundle's stored int8 z (the
-    runtime's own self-check). Where they do not (x86 without AVX-512 VNNI: ONNX Runtime's u8s8
-    kernel saturates its pairwise sums there), the runtime runs float32 and says so
-    (model/runtime.py): tests of the int8 path expect what this CPU does, not one kind of CPU."""
-    from model.runtime import int8_self_check, load_runtime
-
-    return int8_self_check(load_runtime(ROOT / "model" / "bundles" / "default.npz"))[0]
 
 
 def real_messages() -> list[bytes]:

@@ -38,10 +38,10 @@ from trainer.data import load_dataset
 
 # Encoder.features: [0 conv, 1 relu, 2 conv, 3 relu, 4 pool, 5 conv, 6 relu, 7 conv, 8 relu, 9 pool, 10 flatten]
 INT8_CONVS = (2, 5, 7)  # convs 2-4 in int8; conv 1 (2 input channels, 2 % of the work) and fc stay float32
-# Weights in [-64, 64] (ONNX Runtime's reduce_range for int8 weights), not [-127, 127]. Why: on x86 without AVX-512
-# VNNI, ONNX Runtime's u8 x s8 kernel adds products in pairs into int16 (vpmaddubsw), which
-# saturates once 2 x 255 x |w| passes 32,767; with |w| <= 64 it cannot (2 x 255 x 64 = 32,640), so
-# one graph gives the same integers on every x86 CPU. Measured 2026-11-27 on an AMD EPYC with AVX2
+# Weights in [-64, 64] (ONNX Runtime's reduce_range for int8 weights), not [-127, 127]. Why: on
+# x86 without AVX-512 VNNI, ONNX Runtime's u8 x s8 kernel adds products in pairs into int16
+# (vpmaddubsw), which saturates once 2 x 255 x |w| passes 32,767; with |w| <= 64 it cannot
+# (2 x 255 x 64 = 32,640), so one graph gives the same integers on every x86 CPU. Measured 2026-11-27 on an AMD EPYC with AVX2
 # only: the full-range graph's z had cosine 0.99697 against the z stored at export (the consumer's
 # self-check refused it and ran float32); the reduced-range graph reproduces it (docs/benchmarks.md).
 WEIGHT_QMAX = 64

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 import trainer.quantize as q
 from alerts.features import FEATURE_NAMES, FEATURES_VERSION
@@ -16,8 +17,6 @@ from consumer.inference import ModelRunner
 from model.bundle import seed_bundle
 from model.runtime import INT8_CHECK_ROWS, check_inputs, cosines, load_runtime, save_runtime
 from model.runtime_export import to_runtime
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def stamps(n: int, seed: int) -> np.ndarray:
