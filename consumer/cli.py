@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sb.add_argument("--min-probability", type=float, default=0.0)
     sb.add_argument("--survey", action="append", choices=["ztf", "lsst"], help="survey to keep (repeatable; default: both)")
     sb.add_argument("--min-detections", type=int, default=0,
-                    help="only objects detected at least N times (ndethist): the classes of younger ones are not to be trusted")  # fmt: skip
+                    help="only objects detected at least N times (ndethist): younger ones are classed on little or no history")  # fmt: skip
     sb.add_argument("--from-beginning", action="store_true")
     sb.add_argument("--group", default=None, help="a named group resumes where it stopped (default: a fresh one)")
     sb.add_argument("--json", action="store_true", help="JSON lines instead of the table")

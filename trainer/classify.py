@@ -38,7 +38,7 @@ from model.autoencoder import dihedral_views
 from model.fused import FusedHead
 from model.trees import TreeEnsemble
 from trainer.stages import STAGES
-from trainer.trees import TreeBag, tree_arrays
+from trainer.trees import GatedTrees, TreeBag, tree_arrays
 
 log = logging.getLogger("stampstream.trainer")
 
@@ -91,6 +91,26 @@ def _gbt(cfg: HeadConfig, seed: int) -> TreeBag:
         )
         for b in range(cfg.bag)
     ])  # fmt: skip
+
+
+GATE_FEATURE = "ndethist"  # what HeadConfig.early_detections counts
+
+
+def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n_classes: int,
+               stages: np.ndarray | None) -> TreeBag | GatedTrees:  # fmt: skip
+    """The head's trees: with ``cfg.early_detections`` > 0 and the earlier views (``stages``, (S, N, F)
+    in trainer.stages.STAGES order), a ``GatedTrees``: main trees on the alerts as they are, early
+    trees on the alerts seen at most that many times and on the views of the others at 1 to that
+    many detections. Without views (a caller with none), one set of trees."""
+    main = _gbt(cfg, seed).fit(features, y)
+    if cfg.early_detections == 0 or stages is None:
+        return main
+    column = FEATURE_NAMES.index(GATE_FEATURE)
+    few = features[:, column] <= cfg.early_detections
+    x = [features[few], *(stages[i][~few] for i, k in enumerate(STAGES) if k <= cfg.early_detections)]
+    yy = np.concatenate([y[few], *(y[~few] for k in STAGES if k <= cfg.early_detections)])
+    early = _gbt(cfg, seed).fit(np.concatenate(x), yy)
+    return GatedTrees(main, early, column, cfg.early_detections + 0.5, n_classes)
 
 
 def _impute_scale(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +189,7 @@ def _fit_fusion(
 
 @dataclass(frozen=True)
 class FittedFused:
-    trees: TreeBag
+    trees: TreeBag | GatedTrees
     w: np.ndarray
     b: np.ndarray
     z_mean: np.ndarray
@@ -201,13 +221,15 @@ def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nda
     """Trees on all of the data; the fusion and the temperature on out-of-fold tree outputs (inner
     object-grouped folds), so neither learns from trees that have seen the same alerts. With
     ``cfg.fusion_views`` > 0 and ``stages`` (features of the alerts' earlier views, (S, N, F)),
-    that fraction of the views' out-of-fold outputs joins the fusion's fit, drawn at random."""
+    that fraction of the views' out-of-fold outputs joins the fusion's fit, drawn at random. With
+    ``cfg.early_detections`` > 0 and ``stages``, the trees are a ``GatedTrees`` (``_fit_trees``),
+    in the inner folds as in the final fit, so the fusion learns on the trees it will correct."""
     views = stages if stages is not None and cfg.fusion_views > 0 else np.zeros((0, *features.shape))
     oof = np.zeros((1 + len(views), len(y), n_classes))
     k = max(2, min(cfg.inner_folds, min(len(set(groups[y == c].tolist())) for c in np.unique(y))))
     inner = StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1000)
     for tr, te in inner.split(features, y, groups):
-        m = _gbt(cfg, seed).fit(features[tr], y[tr])
+        m = _fit_trees(cfg, seed, features[tr], y[tr], n_classes, None if stages is None else stages[:, tr])
         for block, x in enumerate([features, *views]):
             oof[block, te] = np.log(np.clip(_full_proba(m, x[te], n_classes), 1e-12, 1.0))
     drawn = np.concatenate([np.ones(len(y), bool), np.random.default_rng(seed).random(len(views) * len(y)) < cfg.fusion_views])
@@ -215,7 +237,7 @@ def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nda
     w, b, mean, std, scale = _fit_fusion(offset, zz, yy, n_classes, cfg.fusion_l2, cfg.fusion_offsets)
     log.debug("fusion: trees' log-odds scaled by %.3f", scale)
     temperature = fit_temperature(offset + ((zz - mean) / std) @ w.T + b, yy)
-    trees = _gbt(cfg, seed).fit(features, y)
+    trees = _fit_trees(cfg, seed, features, y, n_classes, stages)
     return FittedFused(trees, w, b, mean, std, temperature)
 
 

@@ -50,11 +50,55 @@ class TreeBag:
         return softmax(self.decision_function(x), axis=1)  # type: ignore[no-any-return]
 
 
-def tree_arrays(clf: LGBMClassifier | TreeBag, n_classes: int | None = None) -> TreeArrays:
+class GatedTrees:
+    """Two sets of trees and a gate on one feature: a row whose ``column`` is at most ``max_value``
+    is scored by ``early`` alone, every other row (a NaN there included) by ``main`` alone.
+
+    Why (docs/model.md, "New objects"): the labelled set's SN, AGN and VS are objects seen hundreds
+    of times, its asteroids and artefacts first detections, so trees fitted on it learn "seen once:
+    asteroid or bogus" and a new supernova's first alert is never called SN. The early trees are
+    fitted on what a first detection can be (the training alerts seen once, and the earlier views
+    of the others), the main trees keep the objects the labels describe. ``tree_arrays`` turns the
+    pair into one ensemble (a gate split at every root), so the bundle and the consumer see one set
+    of trees."""
+
+    def __init__(self, main: TreeBag, early: TreeBag, column: int, max_value: float, n_classes: int) -> None:
+        self.main, self.early = main, early
+        self.column, self.max_value = column, max_value
+        self.classes_ = np.arange(n_classes)
+
+    def gated(self, x: np.ndarray) -> np.ndarray:
+        """The rows the early trees score (NaN in the gate's column: the main trees)."""
+        with np.errstate(invalid="ignore"):
+            return np.asarray(x[:, self.column] <= np.float32(self.max_value))
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """(N, classes) raw scores; a class a set of trees never saw scores ABSENT_CLASS_LOGIT."""
+        out = _full_raw(self.main, x, len(self.classes_))
+        rows = self.gated(x)
+        if rows.any():
+            out[rows] = _full_raw(self.early, x[rows], len(self.classes_))
+        return out
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return softmax(self.decision_function(x), axis=1)  # type: ignore[no-any-return]
+
+
+def _full_raw(bag: TreeBag, x: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.full((len(x), n_classes), ABSENT_CLASS_LOGIT)
+    out[:, bag.classes_] = bag.decision_function(x)
+    return out
+
+
+def tree_arrays(clf: LGBMClassifier | TreeBag | GatedTrees, n_classes: int | None = None) -> TreeArrays:
     """``n_classes``: the model's class count, when the training data lacked some classes
     (``clf.classes_`` holds the class indices it saw). A bag becomes one ensemble: every member's
     trees, each leaf divided by the bag's size. Multiclass LightGBM starts every class at 0 and
-    keeps tree i for class i mod (classes seen)."""
+    keeps tree i for class i mod (classes seen). A ``GatedTrees`` becomes one ensemble too
+    (``gated_arrays``)."""
+    if isinstance(clf, GatedTrees):
+        both = len(clf.classes_)
+        return gated_arrays(tree_arrays(clf.main, both), tree_arrays(clf.early, both), clf.column, clf.max_value)
     members = clf.members if isinstance(clf, TreeBag) else [clf]
     seen = np.asarray(clf.classes_, dtype=np.int64)
     n_classes = len(seen) if n_classes is None else n_classes
@@ -70,13 +114,7 @@ def tree_arrays(clf: LGBMClassifier | TreeBag, n_classes: int | None = None) -> 
         tables += [(i % len(seen), _flatten(t["tree_structure"])) for i, t in enumerate(dump["tree_info"])]
     width = max(len(nodes) for _, nodes in tables)
     t = len(tables)
-    feature = np.zeros((t, width), np.int64)
-    threshold = np.zeros((t, width), np.float64)
-    left = np.zeros((t, width), np.int64)
-    right = np.zeros((t, width), np.int64)
-    missing_left = np.zeros((t, width), bool)
-    is_leaf = np.ones((t, width), bool)
-    value = np.zeros((t, width), np.float32)
+    feature, threshold, left, right, missing_left, is_leaf, value = _blank_tables(t, width)
     tree_class = np.zeros(t, np.int64)
     depth = 0
     for i, (k, nodes) in enumerate(tables):
@@ -98,6 +136,53 @@ def tree_arrays(clf: LGBMClassifier | TreeBag, n_classes: int | None = None) -> 
         torch.from_numpy(missing_left), torch.from_numpy(is_leaf), torch.from_numpy(value),
         torch.from_numpy(tree_class), torch.from_numpy(baseline), depth,
     )  # fmt: skip
+
+
+def gated_arrays(main: TreeArrays, early: TreeArrays, column: int, max_value: float) -> TreeArrays:
+    """Two ensembles -> one that scores a row by ``early`` where its ``column`` <= ``max_value`` and
+    by ``main`` elsewhere (NaN: main). Every tree gets a gate split at a new root: a main tree's
+    gated rows, and an early tree's other rows, reach a leaf worth 0 in one step. The early trees'
+    baseline differs from the main trees' where one set never saw a class: one more gated tree per
+    such class adds the difference. Depth + 1; the consumer's loop pays one step per tree and row
+    for the gate (docs/benchmarks.md)."""
+    width = max(main.feature.shape[1], early.feature.shape[1]) + 2
+    leaf = width - 1  # the new leaf worth 0, at the end of every tree
+    gate = float(_float32_threshold(np.array([max_value], np.float64))[0])
+    parts = []
+    for arrays, early_side in ((main, False), (early, True)):
+        t, m = arrays.feature.shape
+        feature, threshold, left, right, missing_left, is_leaf, value = _blank_tables(t, width)
+        inner = ~arrays.is_leaf.numpy()
+        feature[:, 1 : m + 1] = arrays.feature.numpy()
+        threshold[:, 1 : m + 1] = arrays.threshold.numpy()
+        left[:, 1 : m + 1] = np.where(inner, arrays.left.numpy() + 1, 0)
+        right[:, 1 : m + 1] = np.where(inner, arrays.right.numpy() + 1, 0)
+        missing_left[:, 1 : m + 1] = arrays.missing_left.numpy()
+        is_leaf[:, 1 : m + 1] = arrays.is_leaf.numpy()
+        value[:, 1 : m + 1] = arrays.value.numpy()
+        is_leaf[:, 0], feature[:, 0], threshold[:, 0] = False, column, gate
+        left[:, 0], right[:, 0] = (1, leaf) if early_side else (leaf, 1)
+        parts.append((feature, threshold, left, right, missing_left, is_leaf, value, arrays.tree_class.numpy()))
+    shift = early.baseline.numpy() - main.baseline.numpy()
+    for c in np.flatnonzero(shift):
+        feature, threshold, left, right, missing_left, is_leaf, value = _blank_tables(1, width)
+        is_leaf[0, 0], feature[0, 0], threshold[0, 0], left[0, 0], right[0, 0] = False, column, gate, 1, leaf
+        value[0, 1] = shift[c]
+        parts.append((feature, threshold, left, right, missing_left, is_leaf, value, np.array([c], np.int64)))
+    f, th, lo, hi, ml, lf, v, tc = (np.concatenate([p[i] for p in parts]) for i in range(8))
+    return TreeArrays(
+        torch.from_numpy(f), torch.from_numpy(th.astype(np.float32)), torch.from_numpy(lo), torch.from_numpy(hi),
+        torch.from_numpy(ml), torch.from_numpy(lf), torch.from_numpy(v), torch.from_numpy(tc),
+        main.baseline.clone(), max(main.depth, early.depth) + 1,
+    )  # fmt: skip
+
+
+def _blank_tables(trees: int, width: int) -> tuple[np.ndarray, ...]:
+    """(feature, threshold, left, right, missing_left, is_leaf, value) of ``trees`` trees of
+    ``width`` nodes, every node a leaf worth 0 (the padding of a shorter tree)."""
+    shape = (trees, width)
+    return (np.zeros(shape, np.int64), np.zeros(shape, np.float64), np.zeros(shape, np.int64), np.zeros(shape, np.int64),
+            np.zeros(shape, bool), np.ones(shape, bool), np.zeros(shape, np.float32))  # fmt: skip
 
 
 def _flatten(root: dict[str, Any]) -> list[dict[str, Any]]:

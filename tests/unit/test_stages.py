@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from alerts.alert import Alert, History
 from alerts.allowlist import CANDIDATE_FIELDS
@@ -16,6 +17,7 @@ from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
 from trainer.classify import FUSED_ROW, REFERENCE_ROW, Labelled, cross_validate, fit_fused, rows, summarise
 from trainer.stages import STAGES, earlier_view
+from trainer.trees import GatedTrees, TreeBag
 
 JD = 2_460_100.5
 
@@ -91,7 +93,8 @@ def test_views_are_scored_by_the_model_fitted_on_the_alerts_as_they_are() -> Non
     blind[:, 0] = 0.0  # a view that has lost the telling column
     stages = np.stack([plain.features] + [blind] * (len(STAGES) - 1))
     viewed = dataclasses.replace(plain, stages=stages)
-    cfg = HeadConfig(max_iter=20, max_depth=3, cv_seeds=1, cv_folds=2, inner_folds=2)
+    # one set of trees: with early_detections the views also train the early trees (the test below)
+    cfg = HeadConfig(max_iter=20, max_depth=3, cv_seeds=1, cv_folds=2, inner_folds=2, early_detections=0)
     table = [r for r in rows(cfg, quick=True) if r[0] in (REFERENCE_ROW, FUSED_ROW)]
     without = cross_validate(plain, table, seeds=2, folds=3, show_progress=False)
     got = cross_validate(viewed, table, seeds=2, folds=3, show_progress=False)
@@ -117,7 +120,7 @@ def test_the_fusion_can_be_fitted_on_the_views_too() -> None:
     blind = d.features.copy()
     blind[:, 0] = 0.0
     stages = np.stack([blind] * len(STAGES))
-    cfg = HeadConfig(max_iter=20, max_depth=3, inner_folds=3)
+    cfg = HeadConfig(max_iter=20, max_depth=3, inner_folds=3, early_detections=0)
     plain = fit_fused(d.features, z, d.y, d.groups, 5, cfg, seed=0)
     ignored = fit_fused(d.features, z, d.y, d.groups, 5, cfg, seed=0, stages=stages)
     assert np.array_equal(plain.w, ignored.w) and plain.temperature == ignored.temperature
@@ -130,3 +133,39 @@ def test_the_fusion_can_be_fitted_on_the_views_too() -> None:
     assert acc["viewed"] > acc["plain"] + 0.1, acc
     # the alerts as they are stay well classified, at some cost (the trade-off of docs/model.md)
     assert (viewed.predict_proba(test.features, z_test).argmax(1) == test.y).mean() > 0.7
+
+
+def test_first_detections_get_trees_of_their_own() -> None:
+    """As in the labelled set: classes 3 and 4 (asteroid, bogus) are first detections, the others
+    objects seen 50 times, and one weak column carries the class. The first-detection views of the
+    others keep that column. One set of trees leans on "seen once" and calls most of those views
+    3 or 4; with ``early_detections`` the early trees, fitted on the real first detections and the
+    views, read the weak column there. The head the bundle ships scores as the fitted model does."""
+    rng = np.random.default_rng(3)
+    nd = FEATURE_NAMES.index("ndethist")
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(5), n // 5)
+        f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
+        f[:, 0] += 1.5 * y
+        f[:, nd] = np.where(y >= 3, 1.0, 50.0)
+        first = f.copy()
+        first[:, nd] = 1.0
+        return f, y, np.stack([first] + [f] * (len(STAGES) - 1))
+
+    features, y, stages = make(400)
+    groups = np.array([f"o{i}" for i in range(len(y))])
+    z = rng.normal(0, 1, (len(y), 4))
+    cfg = HeadConfig(max_iter=30, max_depth=3, inner_folds=3)
+    one = fit_fused(features, z, y, groups, 5, dataclasses.replace(cfg, early_detections=0), seed=0, stages=stages)
+    gated = fit_fused(features, z, y, groups, 5, cfg, seed=0, stages=stages)
+    assert isinstance(gated.trees, GatedTrees) and isinstance(one.trees, TreeBag)
+    test, y_test, test_stages = make(400)
+    z_test = rng.normal(0, 1, (len(y_test), 4))
+    views = test_stages[0]
+    acc = {name: (f.predict_proba(views, z_test).argmax(1) == y_test)[y_test < 3].mean() for name, f in (("one", one), ("gated", gated))}
+    assert acc["gated"] > acc["one"] + 0.3, acc
+    assert (gated.predict_proba(test, z_test).argmax(1) == y_test).mean() > 0.6
+    with torch.no_grad():
+        shipped = gated.head()(torch.from_numpy(z_test).float(), torch.from_numpy(views)).numpy()
+    np.testing.assert_allclose(shipped, gated.predict_proba(views, z_test), atol=1e-4)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lightgbm import LGBMClassifier
 
 from model.trees import TreeEnsemble
-from trainer.trees import TreeBag, tree_arrays
+from trainer.trees import GatedTrees, TreeBag, tree_arrays
 
 
 def _lgbm(seed: int, **kw: object) -> LGBMClassifier:
@@ -96,3 +96,46 @@ def test_bag_of_one_is_the_model() -> None:
     bag = TreeBag([_lgbm(0, n_estimators=10)]).fit(x, y)
     lone = _lgbm(0, n_estimators=10).fit(x, y)
     np.testing.assert_allclose(bag.predict_proba(x), lone.predict_proba(x), atol=1e-12)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.booleans())
+def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early_lacks_a_class: bool) -> None:
+    """``tree_arrays`` of a GatedTrees (a gate split at every root) equals its
+    ``decision_function``: the early trees where the gate's column is <= its value, the main trees
+    elsewhere and where that column is NaN; also when the early trees never saw a class (their
+    baseline then differs from the main trees')."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(500, 5)).astype(np.float32)
+    x[:, 4] = rng.integers(1, 6, size=500)  # the gate's column: a count, as ndethist
+    y = np.digitize(x[:, 0] + (x[:, 4] <= 1) * x[:, 1], [-0.8, 0.0, 0.8])
+    x[:, :4][rng.random((500, 4)) < 0.1] = np.nan
+    few = x[:, 4] <= 1
+    main = TreeBag([_lgbm(seed)]).fit(x, y)
+    early_y = np.where(y[few] == 3, 2, y[few]) if early_lacks_a_class else y[few]
+    early = TreeBag([_lgbm(seed + 1), _lgbm(seed + 2)]).fit(x[few], early_y)
+    gated = GatedTrees(main, early, column=4, max_value=1.5, n_classes=4)
+    trees = TreeEnsemble.from_arrays(tree_arrays(gated))
+    test = rng.normal(size=(300, 5)).astype(np.float32)
+    test[:, 4] = rng.integers(0, 4, size=300)
+    test[rng.random(test.shape) < 0.1] = np.nan  # the gate's column too
+    expected = gated.predict_proba(test)
+    with torch.no_grad():
+        ours = torch.softmax(trees(torch.from_numpy(test)), 1).numpy()
+        tensors = torch.softmax(trees.forward_tensors(torch.from_numpy(test)), 1).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    np.testing.assert_allclose(tensors, expected, atol=1e-5)
+    rows = gated.gated(test)
+    assert rows.any() and (~rows).any() and not rows[np.isnan(test[:, 4])].any()
+    np.testing.assert_allclose(expected[rows], early_only := _softmax_full(early, test[rows], 4), atol=1e-6)
+    np.testing.assert_allclose(expected[~rows], _softmax_full(main, test[~rows], 4), atol=1e-6)
+    assert not np.allclose(early_only, _softmax_full(main, test[rows], 4), atol=1e-3)  # the gate matters
+    if early_lacks_a_class:
+        assert ours[rows, 3].max() < 1e-6
+
+
+def _softmax_full(bag: TreeBag, x: np.ndarray, n_classes: int) -> np.ndarray:
+    raw = np.full((len(x), n_classes), -30.0)
+    raw[:, bag.classes_] = bag.decision_function(x)
+    e = np.exp(raw - raw.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)  # type: ignore[no-any-return]
