@@ -38,7 +38,7 @@ from model.autoencoder import dihedral_views
 from model.fused import FusedHead
 from model.trees import TreeEnsemble
 from trainer.stages import STAGES
-from trainer.trees import GatedTrees, TreeBag, tree_arrays
+from trainer.trees import GatedTrees, TreeBag, gated_rows, tree_arrays
 
 log = logging.getLogger("stampstream.trainer")
 
@@ -105,12 +105,11 @@ def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, 
     main = _gbt(cfg, seed).fit(features, y)
     if cfg.early_detections == 0 or stages is None:
         return main
-    column = FEATURE_NAMES.index(GATE_FEATURE)
-    few = features[:, column] <= cfg.early_detections
-    x = [features[few], *(stages[i][~few] for i, k in enumerate(STAGES) if k <= cfg.early_detections)]
-    yy = np.concatenate([y[few], *(y[~few] for k in STAGES if k <= cfg.early_detections)])
-    early = _gbt(cfg, seed).fit(np.concatenate(x), yy)
-    return GatedTrees(main, early, column, cfg.early_detections + 0.5, n_classes)
+    column, max_value = FEATURE_NAMES.index(GATE_FEATURE), cfg.early_detections + 0.5
+    few = gated_rows(features, column, max_value)  # the alerts the early trees will score, as they are
+    views = [stages[i][~few] for i, k in enumerate(STAGES) if k <= cfg.early_detections]
+    x, yy = np.concatenate([features[few], *views]), np.concatenate([y[few], *[y[~few]] * len(views)])
+    return GatedTrees(main, _gbt(cfg, seed).fit(x, yy), column, max_value, n_classes)
 
 
 def _impute_scale(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -69,19 +69,26 @@ class GatedTrees:
 
     def gated(self, x: np.ndarray) -> np.ndarray:
         """The rows the early trees score (NaN in the gate's column: the main trees)."""
-        with np.errstate(invalid="ignore"):
-            return np.asarray(x[:, self.column] <= np.float32(self.max_value))
+        return gated_rows(x, self.column, self.max_value)
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """(N, classes) raw scores; a class a set of trees never saw scores ABSENT_CLASS_LOGIT."""
-        out = _full_raw(self.main, x, len(self.classes_))
         rows = self.gated(x)
-        if rows.any():
-            out[rows] = _full_raw(self.early, x[rows], len(self.classes_))
+        out = np.empty((len(x), len(self.classes_)))
+        for trees, sel in ((self.early, rows), (self.main, ~rows)):
+            if sel.any():
+                out[sel] = _full_raw(trees, x[sel], len(self.classes_))
         return out
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return softmax(self.decision_function(x), axis=1)  # type: ignore[no-any-return]
+
+
+def gated_rows(x: np.ndarray, column: int, max_value: float) -> np.ndarray:
+    """Rows whose ``column`` is at most ``max_value`` (as float32, as the consumer compares; NaN:
+    not gated): the gate of ``GatedTrees``, and the alerts its early trees are fitted on."""
+    with np.errstate(invalid="ignore"):
+        return np.asarray(x[:, column] <= np.float32(max_value))
 
 
 def _full_raw(bag: TreeBag, x: np.ndarray, n_classes: int) -> np.ndarray:
