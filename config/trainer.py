@@ -59,13 +59,15 @@ class HeadConfig:
     # called astrophysical. ``early_detections`` below serves first detections better (+51 points
     # for 0.8), so the default is 0.
     fusion_views: float = 0.0
-    # First detections get trees of their own (trainer/trees.py GatedTrees): alerts whose object has
-    # been detected at most this many times (``ndethist``) are scored by trees fitted on the
-    # training alerts seen that few times and on the earlier views (trainer/stages.py) of the
-    # others; 0 = one set of trees for all. Measured (docs/model.md "New objects", 10 seeds): at
-    # their first detection the fused model's macro-F1 goes from ~30 to ~80 % (a new supernova is
-    # no longer called an asteroid), at a cost of ~0.7 points on the alerts as labelled (real
-    # asteroids and artefacts, which are first detections, now meet views of the other classes).
+    # First detections get trees of their own (trainer/trees.py GatedTrees): alerts with at most this
+    # many detections in their own 30-day history (this one included; ``all_n_det``) are scored by
+    # trees fitted on the training alerts with that few and on the earlier views (trainer/stages.py)
+    # of the others; 0 = one set of trees for all. Not ``ndethist``, which also counts earlier
+    # sub-threshold detections: a new object's first alert often has 2 or more. Measured
+    # (docs/model.md "New objects", 10 seeds): at their first detection the fused model's macro-F1
+    # goes from ~30 to ~80 % whatever ``ndethist`` says (a new supernova is no longer called an
+    # asteroid), at a cost of ~2 points on the alerts as labelled (real asteroids and artefacts,
+    # which are first detections, now meet views of the other classes).
     # Views exist at 1, 2 and 3 detections: 0..3.
     early_detections: int = 1
     inner_folds: int = 4  # out-of-fold tree outputs on which the correction and T are fitted

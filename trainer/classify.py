@@ -93,23 +93,47 @@ def _gbt(cfg: HeadConfig, seed: int) -> TreeBag:
     ])  # fmt: skip
 
 
-GATE_FEATURE = "ndethist"  # what HeadConfig.early_detections counts
+# What HeadConfig.early_detections counts: the detections in the alert's own 30-day history, this
+# one included (g and r; alerts/features.py). Not ``ndethist``: ZTF counts there every raw
+# detection down to S/N ~3 since the survey began, alerted or not, so a new object's first alert
+# often has ``ndethist`` 2 or more, and a gate on it sent such an alert to the main trees, which
+# call it an asteroid or an artefact (docs/model.md, "The gate reads the alert's own history").
+GATE_FEATURE = "all_n_det"
+_NDETHIST = FEATURE_NAMES.index("ndethist")
 
 
 def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n_classes: int,
                stages: np.ndarray | None) -> TreeBag | GatedTrees:  # fmt: skip
     """The head's trees: with ``cfg.early_detections`` > 0 and the earlier views (``stages``, (S, N, F)
     in trainer.stages.STAGES order), a ``GatedTrees``: main trees on the alerts as they are, early
-    trees on the alerts seen at most that many times and on the views of the others at 1 to that
-    many detections. Without views (a caller with none), one set of trees."""
+    trees on the alerts with at most that many detections in their 30-day history and on the views
+    of the others at 1 to that many detections (``ndethist`` drawn as ``_drawn_ndethist`` says).
+    Without views (a caller with none), one set of trees."""
     main = _gbt(cfg, seed).fit(features, y)
     if cfg.early_detections == 0 or stages is None:
         return main
     column, max_value = FEATURE_NAMES.index(GATE_FEATURE), cfg.early_detections + 0.5
     few = gated_rows(features, column, max_value)  # the alerts the early trees will score, as they are
-    views = [stages[i][~few] for i, k in enumerate(STAGES) if k <= cfg.early_detections]
+    rng = np.random.default_rng(seed)
+    views = [_drawn_ndethist(stages[i][~few], k, features[few, _NDETHIST], rng)
+             for i, k in enumerate(STAGES) if k <= cfg.early_detections]  # fmt: skip
     x, yy = np.concatenate([features[few], *views]), np.concatenate([y[few], *[y[~few]] * len(views)])
     return GatedTrees(main, _gbt(cfg, seed).fit(x, yy), column, max_value, n_classes)
+
+
+def _drawn_ndethist(views: np.ndarray, detections: int, gated: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The views at ``detections`` with ``ndethist`` drawn from the real gated training alerts'
+    values (``gated``; at least ``detections``). A view's ``ndethist`` is ``detections`` exactly,
+    while the real alerts with that few detections in their history have 1 to hundreds: left as
+    it is, the early trees would learn "ndethist above the view's: asteroid or artefact", and a new
+    object's first alert with an earlier sub-threshold detection would be called one (measured:
+    docs/model.md)."""
+    pool = gated[~np.isnan(gated)]
+    if len(pool) == 0:
+        return views
+    out = views.copy()
+    out[:, _NDETHIST] = np.maximum(rng.choice(pool, len(out)), detections)
+    return out
 
 
 def _impute_scale(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

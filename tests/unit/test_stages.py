@@ -136,21 +136,26 @@ def test_the_fusion_can_be_fitted_on_the_views_too() -> None:
 
 
 def test_first_detections_get_trees_of_their_own() -> None:
-    """As in the labelled set: classes 3 and 4 (asteroid, bogus) are first detections, the others
-    objects seen 50 times, and one weak column carries the class. The first-detection views of the
-    others keep that column. One set of trees leans on "seen once" and calls most of those views
-    3 or 4; with ``early_detections`` the early trees, fitted on the real first detections and the
-    views, read the weak column there. The head the bundle ships scores as the fitted model does."""
+    """As in the labelled set: classes 3 and 4 (asteroid, bogus) are first detections (one
+    detection in their history, ``ndethist`` 1 to 3: ZTF also counts sub-threshold detections),
+    the others objects seen 50 times, and one weak column carries the class. The first-detection
+    views of the others keep that column. One set of trees leans on "seen once" and calls most of
+    those views 3 or 4; with ``early_detections`` the early trees, fitted on the real first
+    detections and the views, read the weak column there, whatever the view's ``ndethist`` (a
+    gate on ``ndethist`` sent views with 3 to the main trees; views fitted with ``ndethist`` 1
+    taught the early trees that 2 and 3 mean asteroid or bogus). The head the bundle ships scores
+    as the fitted model does."""
     rng = np.random.default_rng(3)
-    nd = FEATURE_NAMES.index("ndethist")
+    nd, hist = FEATURE_NAMES.index("ndethist"), FEATURE_NAMES.index("all_n_det")
 
     def make(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         y = np.repeat(np.arange(5), n // 5)
         f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
         f[:, 0] += 1.5 * y
-        f[:, nd] = np.where(y >= 3, 1.0, 50.0)
+        f[:, nd] = np.where(y >= 3, rng.integers(1, 4, n), 50.0)
+        f[:, hist] = np.where(y >= 3, 1.0, 20.0)
         first = f.copy()
-        first[:, nd] = 1.0
+        first[:, nd], first[:, hist] = np.where(y >= 3, f[:, nd], 1.0), 1.0
         return f, y, np.stack([first] + [f] * (len(STAGES) - 1))
 
     features, y, stages = make(400)
@@ -163,8 +168,16 @@ def test_first_detections_get_trees_of_their_own() -> None:
     test, y_test, test_stages = make(400)
     z_test = rng.normal(0, 1, (len(y_test), 4))
     views = test_stages[0]
-    acc = {name: (f.predict_proba(views, z_test).argmax(1) == y_test)[y_test < 3].mean() for name, f in (("one", one), ("gated", gated))}
-    assert acc["gated"] > acc["one"] + 0.3, acc
+    later = y_test < 3  # the views of objects seen 50 times
+    sub_threshold = views.copy()  # the same first alerts after an earlier raw detection below the alert threshold
+    sub_threshold[later, nd] = 3.0
+    proba = {(name, seen): f.predict_proba(x, z_test) for name, f in (("one", one), ("gated", gated))
+             for seen, x in (("1", views), ("3", sub_threshold))}  # fmt: skip
+    acc = {k: float((p.argmax(1) == y_test)[later].mean()) for k, p in proba.items()}
+    assert acc["gated", "1"] > acc["one", "1"] + 0.3, acc
+    assert acc["gated", "3"] > acc["one", "3"] + 0.3, acc
+    # the early trees do not read a view's ndethist as "not a view": the same calls at 1 and 3
+    assert (proba["gated", "1"].argmax(1) == proba["gated", "3"].argmax(1))[later].mean() > 0.9
     assert (gated.predict_proba(test, z_test).argmax(1) == y_test).mean() > 0.6
     with torch.no_grad():
         shipped = gated.head()(torch.from_numpy(z_test).float(), torch.from_numpy(views)).numpy()
