@@ -56,8 +56,8 @@ class HeadConfig:
     # 0 = the alerts only. Measured (docs/model.md "New objects", LightGBM's trees, 5 seeds): 0.1
     # costs ~1.5 points of macro-F1 on the alerts as labelled against the default fusion and
     # lifts first detections by 26 points, at the price of ~2 % more real asteroids and artefacts
-    # called astrophysical. ``early_detections`` below serves first detections better (+51 points
-    # for 0.8), so the default is 0.
+    # called astrophysical. ``early_detections`` below serves first detections better (+50 points,
+    # whatever ``ndethist`` says, for ~2), so the default is 0.
     fusion_views: float = 0.0
     # First detections get trees of their own (trainer/trees.py GatedTrees): alerts with at most this
     # many detections in their own 30-day history (this one included; ``all_n_det``) are scored by

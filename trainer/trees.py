@@ -57,8 +57,8 @@ class GatedTrees:
     Why (docs/model.md, "New objects"): the labelled set's SN, AGN and VS are objects seen hundreds
     of times, its asteroids and artefacts first detections, so trees fitted on it learn "seen once:
     asteroid or bogus" and a new supernova's first alert is never called SN. The early trees are
-    fitted on what a first detection can be (the training alerts seen once, and the earlier views
-    of the others), the main trees keep the objects the labels describe. ``tree_arrays`` turns the
+    fitted on what a first detection can be (the training alerts with no earlier detection in their
+    history, and the earlier views of the others; trainer/classify.py ``_fit_trees``), the main trees keep the objects the labels describe. ``tree_arrays`` turns the
     pair into one ensemble (a gate split at every root), so the bundle and the consumer see one set
     of trees."""
 

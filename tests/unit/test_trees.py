@@ -107,7 +107,7 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
     baseline then differs from the main trees')."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(500, 5)).astype(np.float32)
-    x[:, 4] = rng.integers(1, 6, size=500)  # the gate's column: a count, as ndethist
+    x[:, 4] = rng.integers(1, 6, size=500)  # the gate's column: a count, as all_n_det
     y = np.digitize(x[:, 0] + (x[:, 4] <= 1) * x[:, 1], [-0.8, 0.0, 0.8])
     x[:, :4][rng.random((500, 4)) < 0.1] = np.nan
     few = x[:, 4] <= 1
