@@ -38,6 +38,18 @@ CANDIDATE_STRINGS: tuple[str, ...] = ("isdiffpos",)
 # magpsf is null).
 HISTORY_FIELDS: tuple[str, ...] = ("jd", "fid", "magpsf", "sigmapsf", "diffmaglim", "isdiffpos")
 
+# Fields of a ``prv_candidates`` detection measured at its own epoch, which also are candidate
+# fields: read only by the trainer, to build an object's first-detection view from the earliest
+# detection of its history (trainer/stages.py ``first_detection_view``). Every ZTF schema from 1.8
+# carries all of them in ``prv_candidate``; position and time stay the alert's. A subset of
+# CANDIDATE_FIELDS (plus the sign of the difference), so nothing here widens what a model can see.
+EPOCH_FIELDS: tuple[str, ...] = (
+    "fid", "magpsf", "sigmapsf", "diffmaglim", "fwhm", "elong", "classtar", "chipsf", "scorr",
+    "magap", "sigmagap", "magapbig", "sigmagapbig", "magdiff", "magfromlim", "sumrat",
+    "nbad", "nneg", "seeratio", "mindtoedge", "aimage", "bimage", "aimagerat", "bimagerat",
+    "distnr", "magnr", "sigmagnr", "chinr", "sharpnr",
+)  # fmt: skip
+
 # ---- Rubin/LSST (alerts/rubin.py) ------------------------------------------------------------
 # The same discipline for the survey without labels yet: whatever labels come later will be made
 # the way ZTF's were, from the real/bogus score (``reliability``) and the solar-system association

@@ -244,18 +244,26 @@ def check_history_length(history: Any, max_items: int) -> None:
         raise AlertDecodeError(f"history of {len(history)} entries (limit {max_items})", reason="too_large")
 
 
-def _decode_full(message: bytes) -> list[Alert]:
-    """The slow, general path: fastavro's own container reader (any codec, any block layout)."""
+def decode_records(message: bytes) -> tuple[str, list[dict[str, Any]]]:
+    """message -> (writer schema version, the records as dicts): fastavro's own container reader
+    (any codec, any block layout). The general path reads alerts from these; the trainer reads the
+    history's per-epoch fields from them (trainer/stages.py), after ``decode_alerts`` accepted the
+    same message."""
     try:
         reader = fastavro.reader(io.BytesIO(message))
         writer_schema: Any = reader.writer_schema
         check_alert_fields(writer_schema)
         version = str(writer_schema.get("version", "unknown"))
-        records = [_as_record(r) for r in reader]
+        return version, [_as_record(r) for r in reader]
     except AlertDecodeError:
         raise
     except Exception as e:
         raise AlertDecodeError(f"Avro decoding failed: {type(e).__name__}: {e}", reason="truncated") from e
+
+
+def _decode_full(message: bytes) -> list[Alert]:
+    """The slow, general path."""
+    version, records = decode_records(message)
     return [alert_from_record(r, version) for r in records]
 
 

@@ -61,6 +61,7 @@ class Labelled:
     sequences: np.ndarray | None = None  # (N, L, 6): alerts.features.history_sequence
     stamps: np.ndarray | None = None  # (N, 2, 21, 21) normalised: for the end-to-end row
     stages: np.ndarray | None = None  # (S, N, F): features of the earlier views (trainer/stages.py)
+    earliest: np.ndarray | None = None  # (N, F): trainer.stages.earliest_detection_alert's features (NaN rows: none)
 
     def with_views(self) -> Labelled:
         """The alerts followed by each earlier view of them: (1 + S) N rows, the views' features in
@@ -71,7 +72,7 @@ class Labelled:
         blocks = 1 + len(self.stages)
         return dataclasses.replace(
             self, features=np.concatenate([self.features, *self.stages]), z=np.tile(self.z, (blocks, 1)),
-            y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None,
+            y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None, earliest=None,
         )  # fmt: skip
 
 
@@ -103,12 +104,15 @@ _NDETHIST = FEATURE_NAMES.index("ndethist")
 
 
 def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n_classes: int,
-               stages: np.ndarray | None) -> TreeBag | GatedTrees:  # fmt: skip
+               stages: np.ndarray | None, earliest: np.ndarray | None = None) -> TreeBag | GatedTrees:  # fmt: skip
     """The head's trees: with ``cfg.early_detections`` > 0 and the earlier views (``stages``, (S, N, F)
     in trainer.stages.STAGES order), a ``GatedTrees``: main trees on the alerts as they are, early
     trees on the alerts with at most that many detections in their 30-day history and on the views
-    of the others at 1 to that many detections (``ndethist`` drawn as ``_drawn_ndethist`` says).
-    Without views (a caller with none), one set of trees."""
+    of the others at 1 to that many detections, and, with ``earliest`` ((N, F), NaN rows where
+    none), on the others' earliest detections as alerts of their own time (``ndethist`` drawn as
+    ``_drawn_ndethist`` says). Why both kinds of first detection: early trees fitted on one
+    kind alone score up to 9 points lower on another (docs/model.md, "The first-detection view
+    reads the earliest detection"). Without views (a caller with none), one set of trees."""
     main = _gbt(cfg, seed).fit(features, y)
     if cfg.early_detections == 0 or stages is None:
         return main
@@ -117,7 +121,12 @@ def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, 
     rng = np.random.default_rng(seed)
     views = [_drawn_ndethist(stages[i][~few], k, features[few, _NDETHIST], rng)
              for i, k in enumerate(STAGES) if k <= cfg.early_detections]  # fmt: skip
-    x, yy = np.concatenate([features[few], *views]), np.concatenate([y[few], *[y[~few]] * len(views)])
+    labels = [y[~few]] * len(views)
+    if earliest is not None:  # the earliest detection as an alert of its own time, where there is one
+        has = ~few & ~np.isnan(earliest).all(1)
+        views.append(_drawn_ndethist(earliest[has], 1, features[few, _NDETHIST], rng))
+        labels.append(y[has])
+    x, yy = np.concatenate([features[few], *views]), np.concatenate([y[few], *labels])
     return GatedTrees(main, _gbt(cfg, seed).fit(x, yy), column, max_value, n_classes)
 
 
@@ -240,7 +249,7 @@ class FittedFused:
 
 
 def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int,
-              cfg: HeadConfig, seed: int, stages: np.ndarray | None = None) -> FittedFused:  # fmt: skip
+              cfg: HeadConfig, seed: int, stages: np.ndarray | None = None, earliest: np.ndarray | None = None) -> FittedFused:  # fmt: skip
     """Trees on all of the data; the fusion and the temperature on out-of-fold tree outputs (inner
     object-grouped folds), so neither learns from trees that have seen the same alerts. With
     ``cfg.fusion_views`` > 0 and ``stages`` (features of the alerts' earlier views, (S, N, F)),
@@ -252,7 +261,8 @@ def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nda
     k = max(2, min(cfg.inner_folds, min(len(set(groups[y == c].tolist())) for c in np.unique(y))))
     inner = StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1000)
     for tr, te in inner.split(features, y, groups):
-        m = _fit_trees(cfg, seed, features[tr], y[tr], n_classes, None if stages is None else stages[:, tr])
+        m = _fit_trees(cfg, seed, features[tr], y[tr], n_classes, None if stages is None else stages[:, tr],
+                       None if earliest is None else earliest[tr])  # fmt: skip
         for block, x in enumerate([features, *views]):
             oof[block, te] = np.log(np.clip(_full_proba(m, x[te], n_classes), 1e-12, 1.0))
     drawn = np.concatenate([np.ones(len(y), bool), np.random.default_rng(seed).random(len(views) * len(y)) < cfg.fusion_views])
@@ -260,7 +270,7 @@ def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nda
     w, b, mean, std, scale = _fit_fusion(offset, zz, yy, n_classes, cfg.fusion_l2, cfg.fusion_offsets)
     log.debug("fusion: trees' log-odds scaled by %.3f", scale)
     temperature = fit_temperature(offset + ((zz - mean) / std) @ w.T + b, yy)
-    trees = _fit_trees(cfg, seed, features, y, n_classes, stages)
+    trees = _fit_trees(cfg, seed, features, y, n_classes, stages, earliest)
     return FittedFused(trees, w, b, mean, std, temperature)
 
 
@@ -425,7 +435,8 @@ def _row_end_to_end(encoder: torch.nn.Module, epochs: int = 80) -> Predictor:
 def _row_fused(cfg: HeadConfig) -> Predictor:
     def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
         stages = None if d.stages is None else d.stages[:, tr]
-        f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed, stages)
+        earliest = None if d.earliest is None else d.earliest[tr]
+        f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed, stages, earliest)
         return f.predict_proba(d.features[te], d.z[te])
 
     return run
@@ -546,16 +557,17 @@ def _mean_scores(scores: dict[str, Any], class_names: Sequence[str]) -> dict[str
 def train_head(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: tuple[str, ...],
                cfg: HeadConfig, *, sequences: np.ndarray | None = None, quick: bool = False,
                show_progress: bool = True, stamps: np.ndarray | None = None,
-               encoder: torch.nn.Module | None = None, stages: np.ndarray | None = None) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
+               encoder: torch.nn.Module | None = None, stages: np.ndarray | None = None,
+               earliest: np.ndarray | None = None) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
     """Cross-validate the table's rows on the labelled alerts, then fit the shipped head on all of
     them. -> (fitted head, the full table). With ``stamps`` and the pretrained ``encoder``, the
     table also has the end-to-end row; with ``stages`` (features of trainer/stages.py's earlier
     views), the reference and fused rows are scored on them too."""
-    d = Labelled(features, z, y, groups, class_names, sequences, stamps, stages)
+    d = Labelled(features, z, y, groups, class_names, sequences, stamps, stages, earliest)
     n_objects_min = min(len(set(groups[y == c].tolist())) for c in np.unique(y))
     folds = max(2, min(cfg.cv_folds, n_objects_min))
     end_to_end = encoder if stamps is not None and not quick else None
     table = cross_validate(d, rows(cfg, quick, sequences is not None, end_to_end), seeds=1 if quick else cfg.cv_seeds, folds=folds,
                            show_progress=show_progress)  # fmt: skip
-    fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0, stages=stages)
+    fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0, stages=stages, earliest=earliest)
     return fitted, table

@@ -15,17 +15,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from alerts.cutouts import stamp_pixels
-from alerts.decoder import SchemaCache, decode_alerts
+from alerts.decoder import SchemaCache, decode_alerts, decode_records
 from alerts.errors import BadAlertError
 from alerts.features import FEATURE_NAMES, alert_features, history_sequence
 from alerts.files import iter_messages
 from model.classifier import CLASS_NAMES
 from model.preprocess import normalise
-from trainer.stages import STAGES, earlier_view
+from trainer.stages import STAGES, earlier_view, earliest_detection_alert, first_detection_view
 
 log = logging.getLogger("stampstream.trainer")
 UNLABELLED = -1
@@ -41,6 +42,7 @@ class Dataset:
     features: np.ndarray  # (N, len(FEATURE_NAMES)) float32, NaN where missing
     sequences: np.ndarray  # (N, SEQUENCE_LENGTH, 6) float32: the cleaned history (features.history_sequence)
     stages: np.ndarray  # (len(STAGES), N, len(FEATURE_NAMES)) float32: features of trainer.stages' earlier views
+    earliest: np.ndarray  # (N, len(FEATURE_NAMES)) float32: trainer.stages.earliest_detection_alert's features, NaN rows where none
     skipped: int = 0
 
     def __len__(self) -> int:
@@ -48,7 +50,7 @@ class Dataset:
 
     def subset(self, idx: np.ndarray) -> Dataset:
         return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names,
-                       self.features[idx], self.sequences[idx], self.stages[:, idx])  # fmt: skip
+                       self.features[idx], self.sequences[idx], self.stages[:, idx], self.earliest[idx])  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         counts = Counter(int(v) for v in self.y)
@@ -90,13 +92,16 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     feats: list[np.ndarray] = []
     seqs: list[np.ndarray] = []
     views: list[np.ndarray] = []
+    earliest: list[np.ndarray] = []
     candids: list[int] = []
     objects: list[str] = []
     seen: set[int] = set()
     skipped = 0
     for msg in iter_messages(paths):
         try:
-            for alert in decode_alerts(msg, cache):
+            alerts = decode_alerts(msg, cache)
+            histories = _histories(msg) if alerts else {}
+            for alert in alerts:
                 if alert.candid in seen:
                     continue
                 stamp = stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
@@ -104,7 +109,12 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
                 raws.append(stamp.pixels)
                 feats.append(alert_features(alert))
                 seqs.append(history_sequence(alert))
-                views.append(np.stack([alert_features(earlier_view(alert, k)) for k in STAGES]))
+                views.append(np.stack([
+                    alert_features(first_detection_view(alert, histories.get(alert.candid)) if k == 1 else earlier_view(alert, k))
+                    for k in STAGES
+                ]))  # fmt: skip
+                first = earliest_detection_alert(alert, histories.get(alert.candid))
+                earliest.append(alert_features(first) if first is not None else np.full(len(FEATURE_NAMES), np.nan, np.float32))
                 candids.append(alert.candid)
                 objects.append(alert.object_id)
         except BadAlertError as e:
@@ -118,7 +128,25 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     y = np.array([labels.get(int(c), UNLABELLED) for c in cand], dtype=np.int64)
     features = np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32)
     return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, features, np.stack(seqs),
-                   np.stack(views, axis=1), skipped)  # fmt: skip
+                   np.stack(views, axis=1), np.stack(earliest), skipped)  # fmt: skip
+
+
+def _histories(message: bytes) -> dict[int, list[dict[str, Any]]]:
+    """candid -> the record's ``prv_candidates`` entries as dicts, for the first-detection views
+    (their per-epoch fields are not in the decoded ``Alert``: the consumer never needs them)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    try:
+        records = decode_records(message)[1]
+    except BadAlertError as e:  # a codec only the fast path reads: the plain view, not a lost alert
+        log.info("first-detection views without the history's own fields: %s", e)
+        return out
+    for rec in records:
+        cand = rec.get("candidate")
+        candid = rec.get("candid") if rec.get("candid") is not None else cand.get("candid") if isinstance(cand, dict) else None
+        prv = rec.get("prv_candidates")
+        if isinstance(candid, int) and isinstance(prv, list):
+            out[candid] = [e for e in prv if isinstance(e, dict)]
+    return out
 
 
 @dataclass(frozen=True)

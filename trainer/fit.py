@@ -285,7 +285,8 @@ def classifier_stage(
     z = embed(encoder, torch.from_numpy(ds.x), device, tta)
     fitted, table = train_head(ds.features[lab], z[lab], ds.y[lab], ds.object_id[lab], ds.class_names, cfg.head,
                                sequences=ds.sequences[lab], quick=quick, show_progress=show_progress,
-                               stamps=None if tta else ds.x[lab], encoder=encoder.cpu(), stages=ds.stages[:, lab])  # fmt: skip
+                               stamps=None if tta else ds.x[lab], encoder=encoder.cpu(), stages=ds.stages[:, lab],
+                               earliest=ds.earliest[lab])  # fmt: skip
     encoder.to(device)
     summary = summarise(table, ds.class_names)
     spec = HeadSpec.from_head(fitted.head(), FEATURE_NAMES, FEATURES_VERSION, config=dataclasses.asdict(cfg.head), metrics=summary)

@@ -166,10 +166,12 @@ def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) ->
         "The labelled SN, AGN and VS alerts come from objects detected many times, its asteroids and bogus alerts "
         "are first detections: the same folds, scored on each test alert as it would have looked when its object "
         "had been detected only k times (trainer/stages.py: earlier detections of the history become upper "
-        "limits, ndethist = k; an alert of an object with at most k detections is unchanged). The reference trees "
+        "limits, ndethist = k; at k = 1 the view takes the measurements of the earliest detection of the window, "
+        "where there is one; an alert of an object with at most k detections is unchanged). The reference trees "
         "are fitted on the alerts as they are; the fused model scores an alert with at most head.early_detections "
         "detections in its own 30-day history with trees of its own, fitted on the training folds' alerts with that "
-        "few and on the earlier views of the others (0: one set of trees).",
+        "few, on the earlier views of the others and on their earliest detections as alerts of their own time "
+        "(0: one set of trees).",
         "",
         "| detections so far | fused macro F1 % | reference trees macro F1 % | " + " | ".join(f"{n} F1 %" for n in names) + " |",
         "|---|---|---|" + "---|" * len(names),

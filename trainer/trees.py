@@ -58,7 +58,8 @@ class GatedTrees:
     of times, its asteroids and artefacts first detections, so trees fitted on it learn "seen once:
     asteroid or bogus" and a new supernova's first alert is never called SN. The early trees are
     fitted on what a first detection can be (the training alerts with no earlier detection in their
-    history, and the earlier views of the others; trainer/classify.py ``_fit_trees``), the main trees keep the objects the labels describe. ``tree_arrays`` turns the
+    history, and the earlier views and earliest detections of the others; trainer/classify.py
+    ``_fit_trees``), the main trees keep the objects the labels describe. ``tree_arrays`` turns the
     pair into one ensemble (a gate split at every root), so the bundle and the consumer see one set
     of trees."""
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from alerts.alert import Alert, History
-from alerts.allowlist import CANDIDATE_FIELDS
+from alerts.allowlist import CANDIDATE_FIELDS, EPOCH_FIELDS, FORBIDDEN
 from alerts.decoder import SchemaCache, decode_alerts
 from alerts.features import FEATURE_NAMES, alert_features
 from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
 from trainer.classify import FUSED_ROW, REFERENCE_ROW, Labelled, cross_validate, fit_fused, rows, summarise
-from trainer.stages import STAGES, earlier_view
+from trainer.stages import STAGES, earlier_view, earliest_detection_alert, first_detection_view
 from trainer.trees import GatedTrees, TreeBag
 
 JD = 2_460_100.5
@@ -76,6 +76,75 @@ def test_a_start_before_the_window_stays_where_it_was() -> None:
     assert np.array_equal(v.history.magpsf, a.history.magpsf, equal_nan=True)
     with pytest.raises(ValueError):
         earlier_view(a, 0)
+
+
+def _prv_entries(a: Alert) -> list[dict[str, object]]:
+    """``prv_candidates`` entries matching ``alert_with_history``'s history, each detection with
+    measurements of its own (fwhm grows with age), and label fields that must not be read."""
+    h = a.history
+    out: list[dict[str, object]] = []
+    for k in range(len(h)):
+        e: dict[str, object] = {"jd": float(h.jd[k]), "fid": int(h.fid[k]), "diffmaglim": float(h.diffmaglim[k]),
+                                "rb": 0.01, "drb": 0.01, "ssdistnr": 1.0, "ssmagnr": 18.0, "ssnamenr": "1"}  # fmt: skip
+        if not np.isnan(h.magpsf[k]):
+            e |= {"magpsf": float(h.magpsf[k]), "sigmapsf": 0.1, "isdiffpos": "f", "fwhm": 2.0 + float(JD - h.jd[k]),
+                  "elong": 1.5, "distnr": 0.4, "magnr": 17.0, "scorr": 9.0}  # fmt: skip
+        out.append(e)
+    return out
+
+
+def test_first_detection_view_reads_the_earliest_detection_of_the_window() -> None:
+    a = alert_with_history()
+    v = first_detection_view(a, _prv_entries(a))
+    one = earlier_view(a, 1)
+    i = {n: k for k, n in enumerate(CANDIDATE_FIELDS)}
+    # the earliest detection is 7 days before the alert, in band 2, at 19.0
+    assert v.value("magpsf") == 19.0 and v.value("fwhm") == 9.0 and v.fid == 2 and v.isdiffpos == "f"
+    assert v.value("distnr") == pytest.approx(0.4) and v.value("magnr") == 17.0
+    # fields the entry lacks are missing, not the alert's
+    assert np.isnan(v.value("chipsf")) and np.isnan(v.value("sumrat"))
+    # time, position, PS1 neighbours, counts, stamps and the upper limits stay those of the plain view
+    kept = [k for n, k in i.items() if n not in EPOCH_FIELDS]
+    assert np.array_equal(v.candidate[kept], one.candidate[kept], equal_nan=True)
+    assert v.history == one.history and (v.science, v.difference) == (a.science, a.difference)
+    f = alert_features(v)
+    assert f[FEATURE_NAMES.index("all_n_det")] == 1 and f[FEATURE_NAMES.index("all_n_nondet")] == 6
+    # nothing the labels were made from is read: changing those fields changes nothing
+    assert not set(EPOCH_FIELDS) & FORBIDDEN and set(EPOCH_FIELDS) <= set(CANDIDATE_FIELDS)
+    entries = _prv_entries(a)
+    for e in entries:
+        e |= {"rb": 0.99, "drb": 0.99, "ssdistnr": -999.0, "ssmagnr": -999.0, "ssnamenr": "null"}
+    assert np.array_equal(alert_features(first_detection_view(a, entries)), f, equal_nan=True)
+
+
+def test_first_detection_view_falls_back_to_the_plain_view() -> None:
+    a = alert_with_history()
+    plain = earlier_view(a, 1)
+    assert first_detection_view(a, None) == plain and first_detection_view(a, []) == plain
+    assert first_detection_view(a, _prv_entries(a)[:-1]) == plain  # entries that are not the history's
+    only_limits = dataclasses.replace(a, history=dataclasses.replace(a.history, magpsf=np.full(6, np.nan)))
+    assert first_detection_view(only_limits, _prv_entries(a)) == earlier_view(only_limits, 1)
+    seen_once = alert_with_history(ndethist=1.0)
+    assert first_detection_view(seen_once, _prv_entries(seen_once)) is seen_once
+
+
+def test_the_earliest_detection_as_an_alert_of_its_own_time() -> None:
+    a = alert_with_history()
+    e = earliest_detection_alert(a, _prv_entries(a))
+    assert e is not None
+    # 7 days before the alert, band 2, at 19.0, seen once: only the upper limit 10 days before is history
+    assert e.jd == JD - 7.0 and e.value("magpsf") == 19.0 and e.value("fwhm") == 9.0 and e.fid == 2
+    assert e.value("ndethist") == 1 and e.value("jdstarthist") == e.value("jdendhist") == JD - 7.0
+    assert np.array_equal(e.history.jd, [JD - 10.0]) and np.isnan(e.history.magpsf).all()
+    f = alert_features(e)
+    assert f[FEATURE_NAMES.index("all_n_det")] == 1 and f[FEATURE_NAMES.index("all_n_nondet")] == 1
+    assert f[FEATURE_NAMES.index("age_days")] == 0.0
+    # the PS1 neighbours, position and stamps stay the alert's
+    for name in ("sgscore1", "distpsnr1", "ra", "dec", "ncovhist"):
+        assert e.value(name) == a.value(name) or (np.isnan(e.value(name)) and np.isnan(a.value(name)))
+    assert (e.science, e.difference) == (a.science, a.difference)
+    only_limits = dataclasses.replace(a, history=dataclasses.replace(a.history, magpsf=np.full(6, np.nan)))
+    assert earliest_detection_alert(only_limits, _prv_entries(a)) is None and earliest_detection_alert(a, None) is None
 
 
 def _labelled(stages: np.ndarray | None, rng: np.random.Generator, n: int = 200) -> Labelled:
@@ -182,3 +251,42 @@ def test_first_detections_get_trees_of_their_own() -> None:
     with torch.no_grad():
         shipped = gated.head()(torch.from_numpy(z_test).float(), torch.from_numpy(views)).numpy()
     np.testing.assert_allclose(shipped, gated.predict_proba(views, z_test), atol=1e-4)
+
+
+def test_the_early_trees_also_learn_from_the_earliest_detection_as_an_alert() -> None:
+    """The first-detection views (the window's upper limits kept) carry the class in one column,
+    the earliest detections as alerts of their own time (no upper limits) in another: early trees
+    fitted without the latter call those at chance, fitted with them they read the second column
+    where a first alert carries no history."""
+    rng = np.random.default_rng(5)
+    nd, hist, nondet = (FEATURE_NAMES.index(n) for n in ("ndethist", "all_n_det", "all_n_nondet"))
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(5), n // 5)
+        f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
+        f[:, 0] += 2.0 * y
+        f[:, nd], f[:, hist], f[:, nondet] = np.where(y >= 3, 1.0, 50.0), np.where(y >= 3, 1.0, 20.0), 10.0
+        first = f.copy()
+        first[:, nd], first[:, hist] = 1.0, 1.0
+        earliest = rng.normal(0, 1, f.shape).astype(np.float32)
+        earliest[:, 1] += 2.0 * y
+        earliest[:, nd], earliest[:, hist], earliest[:, nondet] = 1.0, 1.0, 0.0
+        earliest[y >= 3] = np.nan  # seen once: no earlier detection in the window
+        return f, y, np.stack([first] + [f] * (len(STAGES) - 1)), earliest
+
+    features, y, stages, earliest = make(400)
+    groups = np.array([f"o{i}" for i in range(len(y))])
+    z = rng.normal(0, 1, (len(y), 4))
+    cfg = HeadConfig(max_iter=30, max_depth=3, inner_folds=3)
+    without = fit_fused(features, z, y, groups, 5, cfg, seed=0, stages=stages)
+    with_earliest = fit_fused(features, z, y, groups, 5, cfg, seed=0, stages=stages, earliest=earliest)
+    _, y_test, test_stages, test_earliest = make(400)
+    later = y_test < 3
+    z_test = rng.normal(0, 1, (len(y_test), 4))
+    acc = {name: float((f.predict_proba(test_earliest[later], z_test[later]).argmax(1) == y_test[later]).mean())
+           for name, f in (("without", without), ("with", with_earliest))}  # fmt: skip
+    assert acc["with"] > acc["without"] + 0.3 and acc["with"] > 0.65, acc
+    # the views with the window's upper limits are still read as before
+    views = {name: float((f.predict_proba(test_stages[0][later], z_test[later]).argmax(1) == y_test[later]).mean())
+             for name, f in (("without", without), ("with", with_earliest))}  # fmt: skip
+    assert views["without"] > 0.7 and views["with"] > views["without"] - 0.1, views

@@ -26,6 +26,7 @@ from trainer.classify import END_TO_END_ROW, FUSED_ROW, REFERENCE_ROW, STUDY_ROW
 from trainer.data import UNLABELLED, load_dataset, read_labels, split_by_object
 from trainer.export import export_bundle
 from trainer.fit import run_fit
+from trainer.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_HEAD = HeadConfig(max_iter=20, max_depth=3, cv_seeds=1, cv_folds=2, inner_folds=2)
@@ -128,6 +129,17 @@ def test_split_by_object_has_no_shared_object(alert_dir: Path) -> None:
     assert len(s.train) + len(s.val) + len(s.test) == len(ds)
     for idx in (s.train, s.val, s.test):
         assert set(ds.y[idx].tolist()) == {1, 2, 3, 4}  # SN, VS, asteroid, bogus: every class in every split
+
+
+def test_the_first_detection_views_read_the_earliest_detection(alert_dir: Path) -> None:
+    """The generated alerts are at 18.5 with three earlier detections at 19.0 in their history: the
+    first-detection view (stage 1) has the earliest detection's magnitude and no earlier
+    detection, the later views keep the alert's own."""
+    ds = load_dataset([alert_dir / "alerts"], read_labels(alert_dir / "labels.csv"))
+    mag, n_det = FEATURE_NAMES.index("magpsf"), FEATURE_NAMES.index("all_n_det")
+    assert STAGES[0] == 1 and (ds.features[:, mag] == 18.5).all() and (ds.features[:, n_det] == 4).all()
+    assert (ds.stages[0][:, mag] == 19.0).all() and (ds.stages[0][:, n_det] == 1).all()
+    assert (ds.stages[1][:, mag] == 18.5).all() and (ds.stages[1][:, n_det] == 2).all()
 
 
 def test_tiny_training_lowers_the_loss_and_exports_a_bundle(alert_dir: Path, tmp_path: Path) -> None:
