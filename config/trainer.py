@@ -62,12 +62,14 @@ class HeadConfig:
     # First detections get trees of their own (trainer/trees.py GatedTrees): alerts with at most this
     # many detections in their own 30-day history (this one included; ``all_n_det``) are scored by
     # trees fitted on the training alerts with that few and on the earlier views (trainer/stages.py)
-    # of the others; 0 = one set of trees for all. Not ``ndethist``, which also counts earlier
+    # of the others, the first-detection ones built from the earliest detection of each object's
+    # window; 0 = one set of trees for all. Not ``ndethist``, which also counts earlier
     # sub-threshold detections: a new object's first alert often has 2 or more. Measured
     # (docs/model.md "New objects", 10 seeds): at their first detection the fused model's macro-F1
-    # goes from ~30 to ~80 % whatever ``ndethist`` says (a new supernova is no longer called an
-    # asteroid), at a cost of ~2 points on the alerts as labelled (real asteroids and artefacts,
-    # which are first detections, now meet views of the other classes).
+    # goes from ~30 to 75-81 % whatever ``ndethist`` says and however the first detection is
+    # reconstructed (a new supernova is no longer called an asteroid), at a cost of ~2 points on
+    # the alerts as labelled (real asteroids and artefacts, which are first detections, now meet
+    # views of the other classes).
     # Views exist at 1, 2 and 3 detections: 0..3.
     early_detections: int = 1
     inner_folds: int = 4  # out-of-fold tree outputs on which the correction and T are fitted
