@@ -31,7 +31,7 @@ import numpy as np
 from fastavro import parse_schema, schemaless_reader
 
 from alerts.alert import Alert, History, sign_of
-from alerts.allowlist import CANDIDATE_FIELDS, CANDIDATE_STRINGS, HISTORY_FIELDS
+from alerts.allowlist import CANDIDATE_FIELDS, CANDIDATE_STRINGS, EPOCH_FIELDS, HISTORY_FIELDS
 from alerts.errors import AlertDecodeError
 from alerts.flat_reader import ERR_TOO_MANY, ERROR_TEXT, PackedLayout, Rows, read_record
 from alerts.framing import SYNC_SIZE, read_container_header, read_long
@@ -235,6 +235,14 @@ def alert_from_record(rec: dict[str, Any], schema_version: str) -> Alert:
         candid, rec.get("objectId"), values, schema_version, None if isdiffpos is None else str(isdiffpos),
         _history_from_list(rec.get("prv_candidates")), _stamp(rec.get("cutoutScience")), _stamp(rec.get("cutoutDifference")),
     )  # fmt: skip
+
+
+def epoch_values(entry: dict[str, Any]) -> tuple[np.ndarray, str | None]:
+    """One ``prv_candidates`` detection -> its ``EPOCH_FIELDS`` (NaN where null) and its
+    ``isdiffpos``, read as ``alert_from_record`` reads a candidate (trainer/stages.py builds
+    first-detection views from them)."""
+    isdiffpos = entry.get("isdiffpos")
+    return np.array([_num(entry.get(n)) for n in EPOCH_FIELDS], dtype=np.float64), None if isdiffpos is None else str(isdiffpos)
 
 
 def check_history_length(history: Any, max_items: int) -> None:

@@ -100,8 +100,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     for msg in iter_messages(paths):
         try:
             alerts = decode_alerts(msg, cache)
-            histories = _histories(msg) if alerts else {}
-            for alert in alerts:
+            for alert, prv in zip(alerts, _histories(msg, len(alerts)), strict=True):
                 if alert.candid in seen:
                     continue
                 stamp = stamp_pixels(alert.science, alert.difference, alert.xpos, alert.ypos)
@@ -110,10 +109,10 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
                 feats.append(alert_features(alert))
                 seqs.append(history_sequence(alert))
                 views.append(np.stack([
-                    alert_features(first_detection_view(alert, histories.get(alert.candid)) if k == 1 else earlier_view(alert, k))
+                    alert_features(first_detection_view(alert, prv) if k == 1 else earlier_view(alert, k))
                     for k in STAGES
                 ]))  # fmt: skip
-                first = earliest_detection_alert(alert, histories.get(alert.candid))
+                first = earliest_detection_alert(alert, prv)
                 earliest.append(alert_features(first) if first is not None else np.full(len(FEATURE_NAMES), np.nan, np.float32))
                 candids.append(alert.candid)
                 objects.append(alert.object_id)
@@ -131,22 +130,18 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
                    np.stack(views, axis=1), np.stack(earliest), skipped)  # fmt: skip
 
 
-def _histories(message: bytes) -> dict[int, list[dict[str, Any]]]:
-    """candid -> the record's ``prv_candidates`` entries as dicts, for the first-detection views
-    (their per-epoch fields are not in the decoded ``Alert``: the consumer never needs them)."""
-    out: dict[int, list[dict[str, Any]]] = {}
+def _histories(message: bytes, n_alerts: int) -> list[list[dict[str, Any]] | None]:
+    """Each record's ``prv_candidates`` entries, in the order ``decode_alerts`` returned the
+    message's alerts, for the first-detection views (their per-epoch fields are not in the decoded
+    ``Alert``: the consumer never needs them). None where there is nothing to read."""
     try:
         records = decode_records(message)[1]
     except BadAlertError as e:  # a codec only the fast path reads: the plain view, not a lost alert
         log.info("first-detection views without the history's own fields: %s", e)
-        return out
-    for rec in records:
-        cand = rec.get("candidate")
-        candid = rec.get("candid") if rec.get("candid") is not None else cand.get("candid") if isinstance(cand, dict) else None
-        prv = rec.get("prv_candidates")
-        if isinstance(candid, int) and isinstance(prv, list):
-            out[candid] = [e for e in prv if isinstance(e, dict)]
-    return out
+        return [None] * n_alerts
+    if len(records) != n_alerts:
+        return [None] * n_alerts
+    return [prv if isinstance(prv := rec.get("prv_candidates"), list) else None for rec in records]
 
 
 @dataclass(frozen=True)

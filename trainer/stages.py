@@ -30,13 +30,14 @@ first-detection view reads the earliest detection").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from alerts.alert import Alert, History
 from alerts.allowlist import CANDIDATE_FIELDS, EPOCH_FIELDS
+from alerts.decoder import epoch_values
 from alerts.features import HISTORY_WINDOW_DAYS, history_mask
 
 # Detections so far at which the classifier is evaluated (report table and figure).
@@ -72,28 +73,26 @@ def earlier_view(alert: Alert, detections: int) -> Alert:
     return dataclasses.replace(alert, candidate=candidate, history=history)
 
 
-def _number(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else np.nan
-
-
-def _earliest_detection(alert: Alert, prv_candidates: Sequence[Mapping[str, Any]] | None) -> Mapping[str, Any] | None:
-    """The ``prv_candidates`` entry of the earliest detection in the alert's 30-day window (the
-    entries in the order ``alert.history`` was decoded from), or None."""
+def _earliest_detection(alert: Alert, prv_candidates: Sequence[dict[str, Any]] | None) -> tuple[float, dict[str, Any]] | None:
+    """(jd, ``prv_candidates`` entry) of the earliest detection in the alert's 30-day window (the
+    entries ``alert.history`` was decoded from, in their order), or None."""
     h = alert.history
     if not prv_candidates or len(prv_candidates) != len(h):
         return None
     detections = np.flatnonzero(history_mask(h.jd, alert.jd, HISTORY_WINDOW_DAYS) & ~np.isnan(h.magpsf))
-    return prv_candidates[int(detections[np.argmin(h.jd[detections])])] if len(detections) else None
+    if len(detections) == 0:
+        return None
+    i = int(detections[np.argmin(h.jd[detections])])
+    return float(h.jd[i]), prv_candidates[i]
 
 
-def _with_epoch(view: Alert, entry: Mapping[str, Any]) -> Alert:
+def _with_epoch(view: Alert, entry: dict[str, Any]) -> Alert:
     candidate = view.candidate.copy()
-    candidate[_EPOCH_INDEX] = [_number(entry.get(n)) for n in EPOCH_FIELDS]
-    isdiffpos = entry.get("isdiffpos")
-    return dataclasses.replace(view, candidate=candidate, isdiffpos=isdiffpos if isinstance(isdiffpos, str) else None)
+    candidate[_EPOCH_INDEX], isdiffpos = epoch_values(entry)
+    return dataclasses.replace(view, candidate=candidate, isdiffpos=isdiffpos)
 
 
-def first_detection_view(alert: Alert, prv_candidates: Sequence[Mapping[str, Any]] | None) -> Alert:
+def first_detection_view(alert: Alert, prv_candidates: Sequence[dict[str, Any]] | None) -> Alert:
     """``earlier_view(alert, 1)`` with the measurements of the earliest detection of the alert's
     30-day history (``prv_candidates``, the packet's own entries, in the order ``alert.history``
     was decoded from): the ``EPOCH_FIELDS`` and the sign of the difference become that epoch's.
@@ -101,11 +100,11 @@ def first_detection_view(alert: Alert, prv_candidates: Sequence[Mapping[str, Any
     cadence over the window) stay those of ``earlier_view``. An alert with no earlier detection in
     its window, or no history to read, gets ``earlier_view(alert, 1)`` itself."""
     view = earlier_view(alert, 1)
-    entry = None if view is alert else _earliest_detection(alert, prv_candidates)
-    return view if entry is None else _with_epoch(view, entry)
+    found = None if view is alert else _earliest_detection(alert, prv_candidates)
+    return view if found is None else _with_epoch(view, found[1])
 
 
-def earliest_detection_alert(alert: Alert, prv_candidates: Sequence[Mapping[str, Any]] | None) -> Alert | None:
+def earliest_detection_alert(alert: Alert, prv_candidates: Sequence[dict[str, Any]] | None) -> Alert | None:
     """The earliest detection of the alert's 30-day history as an alert of its own time: its
     ``EPOCH_FIELDS``, sign and ``jd``, seen once (``ndethist`` 1, the history's start and end its
     ``jd``), with only the entries before it as history (upper limits; the window seldom holds
@@ -114,10 +113,10 @@ def earliest_detection_alert(alert: Alert, prv_candidates: Sequence[Mapping[str,
     it beside ``first_detection_view``, which carries the window's upper limits instead: early trees
     fitted on one kind of first detection alone score up to 9 points lower on another
     (docs/model.md)."""
-    entry = _earliest_detection(alert, prv_candidates)
-    jd = _number(entry.get("jd")) if entry is not None else np.nan
-    if entry is None or np.isnan(jd):
+    found = _earliest_detection(alert, prv_candidates)
+    if found is None:
         return None
+    jd, entry = found
     h = alert.history
     before = h.jd < jd
     history = History(h.jd[before], h.fid[before], np.full(int(before.sum()), np.nan), np.full(int(before.sum()), np.nan),
