@@ -38,7 +38,7 @@ from model.autoencoder import dihedral_views
 from model.fused import FusedHead
 from model.trees import TreeEnsemble
 from trainer.stages import STAGES
-from trainer.trees import GatedTrees, TreeBag, gated_rows, tree_arrays
+from trainer.trees import Gate, GatedTrees, TreeBag, tree_arrays
 
 log = logging.getLogger("stampstream.trainer")
 
@@ -103,11 +103,24 @@ GATE_FEATURE = "all_n_det"
 _NDETHIST = FEATURE_NAMES.index("ndethist")
 
 
+def history_gate(cfg: HeadConfig) -> Gate:
+    """The head's gate: at most ``cfg.early_detections`` detections in the alert's own 30-day
+    history; with ``cfg.known_object_ndethist``, not where the alert carries no history at all (no
+    upper limit either: ``all_n_nondet``) and ``ndethist`` is above it."""
+    known = cfg.known_object_ndethist
+    return Gate(
+        FEATURE_NAMES.index(GATE_FEATURE), cfg.early_detections + 0.5,
+        None if known is None else FEATURE_NAMES.index("all_n_nondet"),
+        None if known is None else _NDETHIST, None if known is None else known + 0.5,
+    )  # fmt: skip
+
+
 def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n_classes: int,
                stages: np.ndarray | None, earliest: np.ndarray | None = None) -> TreeBag | GatedTrees:  # fmt: skip
     """The head's trees: with ``cfg.early_detections`` > 0 and the earlier views (``stages``, (S, N, F)
     in trainer.stages.STAGES order), a ``GatedTrees``: main trees on the alerts as they are, early
-    trees on the alerts with at most that many detections in their 30-day history and on the views
+    trees on the alerts ``history_gate`` picks (at most that many detections in their 30-day
+    history, not a known object without a history) and on the views
     of the others at 1 to that many detections, and, with ``earliest`` ((N, F), NaN rows where
     none), on the others' earliest detections as alerts of their own time (``ndethist`` drawn as
     ``_drawn_ndethist`` says). Why both kinds of first detection: early trees fitted on one
@@ -116,8 +129,8 @@ def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, 
     main = _gbt(cfg, seed).fit(features, y)
     if cfg.early_detections == 0 or stages is None:
         return main
-    column, max_value = FEATURE_NAMES.index(GATE_FEATURE), cfg.early_detections + 0.5
-    few = gated_rows(features, column, max_value)  # the alerts the early trees will score, as they are
+    gate = history_gate(cfg)
+    few = gate.rows(features)  # the alerts the early trees will score, as they are
     rng = np.random.default_rng(seed)
     views = [_drawn_ndethist(stages[i][~few], k, features[few, _NDETHIST], rng)
              for i, k in enumerate(STAGES) if k <= cfg.early_detections]  # fmt: skip
@@ -127,7 +140,7 @@ def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, 
         views.append(_drawn_ndethist(earliest[has], 1, features[few, _NDETHIST], rng))
         labels.append(y[has])
     x, yy = np.concatenate([features[few], *views]), np.concatenate([y[few], *labels])
-    return GatedTrees(main, _gbt(cfg, seed).fit(x, yy), column, max_value, n_classes)
+    return GatedTrees(main, _gbt(cfg, seed).fit(x, yy), gate, n_classes)
 
 
 def _drawn_ndethist(views: np.ndarray, detections: int, gated: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -169,9 +169,10 @@ def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) ->
         "limits, ndethist = k; at k = 1 the view takes the measurements of the earliest detection of the window, "
         "where there is one; an alert of an object with at most k detections is unchanged). The reference trees "
         "are fitted on the alerts as they are; the fused model scores an alert with at most head.early_detections "
-        "detections in its own 30-day history with trees of its own, fitted on the training folds' alerts with that "
-        "few, on the earlier views of the others and on their earliest detections as alerts of their own time "
-        "(0: one set of trees).",
+        "detections in its own 30-day history with trees of its own (not an alert that carries no history at all "
+        "and whose ndethist is above head.known_object_ndethist: its object is not new), fitted on the training "
+        "folds' alerts the gate picks, on the earlier views of the others and on their earliest detections as "
+        "alerts of their own time (0: one set of trees).",
         "",
         "| detections so far | fused macro F1 % | reference trees macro F1 % | " + " | ".join(f"{n} F1 %" for n in names) + " |",
         "|---|---|---|" + "---|" * len(names),

@@ -14,6 +14,7 @@ against 18.8, docs/model.md)."""
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,27 +51,58 @@ class TreeBag:
         return softmax(self.decision_function(x), axis=1)  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class Gate:
+    """Which rows the early trees of a ``GatedTrees`` score: those whose ``column`` is at most
+    ``max_value`` (NaN: not), except, with ``count_column``, the rows that are also empty in
+    ``empty_column`` (at most 0.5, or NaN) and above ``max_count`` in ``count_column`` (NaN: not).
+
+    For the head (trainer/classify.py ``history_gate``): no earlier detection in the alert's own
+    30-day history, unless the alert carries no history at all and ZTF counted more than
+    ``max_count`` raw detections at its place (``ndethist``): an alert with no history (an archival
+    copy, a field's first visit of a season) cannot say by it whether its object is new, and an
+    object detected that often before is not (docs/model.md, "An alert without a history")."""
+
+    column: int
+    max_value: float
+    empty_column: int | None = None
+    count_column: int | None = None
+    max_count: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.count_column is None) != (self.max_count is None) or (self.count_column is None) != (self.empty_column is None):
+            raise ValueError("empty_column, count_column and max_count go together")
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """The rows the early trees score (compared as float32, as the consumer compares)."""
+        with np.errstate(invalid="ignore"):
+            out = np.asarray(x[:, self.column] <= np.float32(self.max_value))
+            if self.count_column is not None and self.empty_column is not None and self.max_count is not None:
+                empty = ~(x[:, self.empty_column] > np.float32(0.5))
+                known = np.asarray(x[:, self.count_column] > np.float32(self.max_count))
+                out &= ~(empty & known)
+        return out
+
+
 class GatedTrees:
-    """Two sets of trees and a gate on one feature: a row whose ``column`` is at most ``max_value``
-    is scored by ``early`` alone, every other row (a NaN there included) by ``main`` alone.
+    """Two sets of trees and a ``Gate``: a row the gate picks is scored by ``early`` alone, every
+    other row by ``main`` alone.
 
     Why (docs/model.md, "New objects"): the labelled set's SN, AGN and VS are objects seen hundreds
     of times, its asteroids and artefacts first detections, so trees fitted on it learn "seen once:
     asteroid or bogus" and a new supernova's first alert is never called SN. The early trees are
-    fitted on what a first detection can be (the training alerts with no earlier detection in their
-    history, and the earlier views and earliest detections of the others; trainer/classify.py
-    ``_fit_trees``), the main trees keep the objects the labels describe. ``tree_arrays`` turns the
-    pair into one ensemble (a gate split at every root), so the bundle and the consumer see one set
-    of trees."""
+    fitted on what a first detection can be (the training alerts the gate picks, and the earlier
+    views and earliest detections of the others; trainer/classify.py ``_fit_trees``), the main
+    trees keep the objects the labels describe. ``tree_arrays`` turns the pair into one ensemble
+    (the gate's splits above every root), so the bundle and the consumer see one set of trees."""
 
-    def __init__(self, main: TreeBag, early: TreeBag, column: int, max_value: float, n_classes: int) -> None:
-        self.main, self.early = main, early
-        self.column, self.max_value = column, max_value
+    def __init__(self, main: TreeBag, early: TreeBag, gate: Gate, n_classes: int) -> None:
+        self.main, self.early, self.gate = main, early, gate
         self.classes_ = np.arange(n_classes)
 
     def gated(self, x: np.ndarray) -> np.ndarray:
-        """The rows the early trees score (NaN in the gate's column: the main trees)."""
-        return gated_rows(x, self.column, self.max_value)
+        """The rows the early trees score."""
+        return self.gate.rows(x)
 
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """(N, classes) raw scores; a class a set of trees never saw scores ABSENT_CLASS_LOGIT."""
@@ -83,13 +115,6 @@ class GatedTrees:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return softmax(self.decision_function(x), axis=1)  # type: ignore[no-any-return]
-
-
-def gated_rows(x: np.ndarray, column: int, max_value: float) -> np.ndarray:
-    """Rows whose ``column`` is at most ``max_value`` (as float32, as the consumer compares; NaN:
-    not gated): the gate of ``GatedTrees``, and the alerts its early trees are fitted on."""
-    with np.errstate(invalid="ignore"):
-        return np.asarray(x[:, column] <= np.float32(max_value))
 
 
 def _full_raw(bag: TreeBag, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -106,7 +131,7 @@ def tree_arrays(clf: LGBMClassifier | TreeBag | GatedTrees, n_classes: int | Non
     (``gated_arrays``)."""
     if isinstance(clf, GatedTrees):
         both = len(clf.classes_)
-        return gated_arrays(tree_arrays(clf.main, both), tree_arrays(clf.early, both), clf.column, clf.max_value)
+        return gated_arrays(tree_arrays(clf.main, both), tree_arrays(clf.early, both), clf.gate)
     members = clf.members if isinstance(clf, TreeBag) else [clf]
     seen = np.asarray(clf.classes_, dtype=np.int64)
     n_classes = len(seen) if n_classes is None else n_classes
@@ -146,43 +171,67 @@ def tree_arrays(clf: LGBMClassifier | TreeBag | GatedTrees, n_classes: int | Non
     )  # fmt: skip
 
 
-def gated_arrays(main: TreeArrays, early: TreeArrays, column: int, max_value: float) -> TreeArrays:
-    """Two ensembles -> one that scores a row by ``early`` where its ``column`` <= ``max_value`` and
-    by ``main`` elsewhere (NaN: main). Every tree gets a gate split at a new root: a main tree's
-    gated rows, and an early tree's other rows, reach a leaf worth 0 in one step. The early trees'
-    baseline differs from the main trees' where one set never saw a class: one more gated tree per
-    such class adds the difference. Depth + 1; the consumer's loop pays one step per tree and row
-    for the gate (docs/benchmarks.md)."""
-    width = max(main.feature.shape[1], early.feature.shape[1]) + 2
+def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate) -> TreeArrays:
+    """Two ensembles -> one that scores a row by ``early`` where ``gate`` picks it and by ``main``
+    elsewhere. Every tree gets the gate's splits above its root (node 0: ``column``; with the
+    gate's exception, node 1 ``empty_column`` and node 2 ``count_column``, which both sides share
+    as a small graph): a main tree's gated rows, and an early tree's other rows, reach a leaf worth
+    0. The early trees' baseline differs from the main trees' where one set never saw a class: one
+    more gated tree per such class adds the difference. Depth + 1 (+ 3 with the exception); the
+    consumer's loop pays one step per tree for a row with an earlier detection, and up to three
+    for one without (docs/benchmarks.md)."""
+    splits = 3 if gate.count_column is not None else 1
+    width = max(main.feature.shape[1], early.feature.shape[1]) + splits + 1
     leaf = width - 1  # the new leaf worth 0, at the end of every tree
-    gate = float(_float32_threshold(np.array([max_value], np.float64))[0])
+
+    def prefix(feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
+               missing_left: np.ndarray, is_leaf: np.ndarray, early_side: bool) -> None:  # fmt: skip
+        """Node 0..splits-1: the gate. ``splits`` is the tree's root; ``leaf`` is worth 0."""
+        tree, other = (splits, leaf) if early_side else (leaf, splits)
+        is_leaf[:, :splits] = False
+        feature[:, 0], threshold[:, 0], missing_left[:, 0] = gate.column, _f32(gate.max_value), False
+        if splits == 1:
+            left[:, 0], right[:, 0] = tree, other  # <= max_value: early; NaN: main
+            return
+        assert gate.empty_column is not None and gate.count_column is not None and gate.max_count is not None
+        left[:, 0], right[:, 0] = 1, other
+        feature[:, 1], threshold[:, 1], missing_left[:, 1] = gate.empty_column, _f32(0.5), True
+        left[:, 1], right[:, 1] = 2, tree  # empty (or NaN): ask the count; a history: early
+        feature[:, 2], threshold[:, 2], missing_left[:, 2] = gate.count_column, _f32(gate.max_count), True
+        left[:, 2], right[:, 2] = tree, other  # at most max_count (or NaN): early; more: main
+
     parts = []
     for arrays, early_side in ((main, False), (early, True)):
         t, m = arrays.feature.shape
         feature, threshold, left, right, missing_left, is_leaf, value = _blank_tables(t, width)
         inner = ~arrays.is_leaf.numpy()
-        feature[:, 1 : m + 1] = arrays.feature.numpy()
-        threshold[:, 1 : m + 1] = arrays.threshold.numpy()
-        left[:, 1 : m + 1] = np.where(inner, arrays.left.numpy() + 1, 0)
-        right[:, 1 : m + 1] = np.where(inner, arrays.right.numpy() + 1, 0)
-        missing_left[:, 1 : m + 1] = arrays.missing_left.numpy()
-        is_leaf[:, 1 : m + 1] = arrays.is_leaf.numpy()
-        value[:, 1 : m + 1] = arrays.value.numpy()
-        is_leaf[:, 0], feature[:, 0], threshold[:, 0] = False, column, gate
-        left[:, 0], right[:, 0] = (1, leaf) if early_side else (leaf, 1)
+        body = slice(splits, m + splits)
+        feature[:, body] = arrays.feature.numpy()
+        threshold[:, body] = arrays.threshold.numpy()
+        left[:, body] = np.where(inner, arrays.left.numpy() + splits, 0)
+        right[:, body] = np.where(inner, arrays.right.numpy() + splits, 0)
+        missing_left[:, body] = arrays.missing_left.numpy()
+        is_leaf[:, body] = arrays.is_leaf.numpy()
+        value[:, body] = arrays.value.numpy()
+        prefix(feature, threshold, left, right, missing_left, is_leaf, early_side)
         parts.append((feature, threshold, left, right, missing_left, is_leaf, value, arrays.tree_class.numpy()))
     shift = early.baseline.numpy() - main.baseline.numpy()
     for c in np.flatnonzero(shift):
         feature, threshold, left, right, missing_left, is_leaf, value = _blank_tables(1, width)
-        is_leaf[0, 0], feature[0, 0], threshold[0, 0], left[0, 0], right[0, 0] = False, column, gate, 1, leaf
-        value[0, 1] = shift[c]
+        prefix(feature, threshold, left, right, missing_left, is_leaf, True)
+        value[0, splits] = shift[c]  # the early side's "tree" is one leaf worth the difference
         parts.append((feature, threshold, left, right, missing_left, is_leaf, value, np.array([c], np.int64)))
     f, th, lo, hi, ml, lf, v, tc = (np.concatenate([p[i] for p in parts]) for i in range(8))
     return TreeArrays(
         torch.from_numpy(f), torch.from_numpy(th.astype(np.float32)), torch.from_numpy(lo), torch.from_numpy(hi),
         torch.from_numpy(ml), torch.from_numpy(lf), torch.from_numpy(v), torch.from_numpy(tc),
-        main.baseline.clone(), max(main.depth, early.depth) + 1,
+        main.baseline.clone(), max(main.depth, early.depth) + splits,
     )  # fmt: skip
+
+
+def _f32(value: float) -> float:
+    """A gate threshold as the consumer compares it (float32 features)."""
+    return float(_float32_threshold(np.array([value], np.float64))[0])
 
 
 def _blank_tables(trees: int, width: int) -> tuple[np.ndarray, ...]:

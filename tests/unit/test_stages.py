@@ -15,7 +15,16 @@ from alerts.decoder import SchemaCache, decode_alerts
 from alerts.features import FEATURE_NAMES, alert_features
 from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
-from trainer.classify import FUSED_ROW, REFERENCE_ROW, Labelled, cross_validate, fit_fused, rows, summarise
+from trainer.classify import (
+    FUSED_ROW,
+    REFERENCE_ROW,
+    Labelled,
+    cross_validate,
+    fit_fused,
+    history_gate,
+    rows,
+    summarise,
+)
 from trainer.stages import STAGES, earlier_view, earliest_detection_alert, first_detection_view
 from trainer.trees import GatedTrees, TreeBag
 
@@ -290,3 +299,37 @@ def test_the_early_trees_also_learn_from_the_earliest_detection_as_an_alert() ->
     views = {name: float((f.predict_proba(test_stages[0][later], z_test[later]).argmax(1) == y_test[later]).mean())
              for name, f in (("without", without), ("with", with_earliest))}  # fmt: skip
     assert views["without"] > 0.7 and views["with"] > views["without"] - 0.1, views
+
+
+def test_an_alert_without_a_history_of_a_known_object_goes_to_the_main_trees() -> None:
+    """The gate on the features of real decoded alerts: no earlier detection in the 30-day
+    history picks the early trees, unless the alert carries no history at all (no upper limit
+    either: an archival copy, a field's first visit of a season) and ``ndethist`` is above
+    ``known_object_ndethist``; with ``null`` the history alone decides. The fitted head carries
+    that gate."""
+    base = alert_with_history()
+    limits_only = History(*(col[[0, 3]] for col in dataclasses.astuple(base.history)))
+    nd = {n: k for k, n in enumerate(CANDIDATE_FIELDS)}["ndethist"]
+
+    def features(history: History, ndethist: float) -> np.ndarray:
+        c = base.candidate.copy()
+        c[nd] = ndethist
+        return alert_features(dataclasses.replace(base, candidate=c, history=history))[None]
+
+    cfg = HeadConfig()
+    assert cfg.known_object_ndethist == 100
+    cases = {  # (history, ndethist) -> early trees?
+        (None, 500.0): False, (None, 100.0): True, (None, np.nan): True, ("limits", 500.0): True,
+        ("detections", 5.0): False, ("detections", 1.0): False,
+    }  # fmt: skip
+    histories = {None: History.empty(), "limits": limits_only, "detections": base.history}
+    for (h, ndethist), early in cases.items():
+        assert bool(history_gate(cfg).rows(features(histories[h], ndethist))[0]) is early, (h, ndethist)
+    assert history_gate(dataclasses.replace(cfg, known_object_ndethist=None)).rows(features(History.empty(), 500.0))[0]
+    rng = np.random.default_rng(0)
+    f = rng.normal(0, 1, (100, len(FEATURE_NAMES))).astype(np.float32)
+    f[:, FEATURE_NAMES.index("all_n_det")] = np.repeat([1.0, 5.0], 50)
+    y = np.tile(np.arange(5), 20)
+    fitted = fit_fused(f, rng.normal(0, 1, (100, 3)), y, np.arange(100).astype(str), 5,
+                       HeadConfig(max_iter=5, inner_folds=2, min_samples_leaf=2), seed=0, stages=np.stack([f] * len(STAGES)))  # fmt: skip
+    assert isinstance(fitted.trees, GatedTrees) and fitted.trees.gate == history_gate(cfg)

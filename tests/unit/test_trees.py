@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lightgbm import LGBMClassifier
 
 from model.trees import TreeEnsemble
-from trainer.trees import GatedTrees, TreeBag, tree_arrays
+from trainer.trees import Gate, GatedTrees, TreeBag, tree_arrays
 
 
 def _lgbm(seed: int, **kw: object) -> LGBMClassifier:
@@ -98,27 +98,33 @@ def test_bag_of_one_is_the_model() -> None:
     np.testing.assert_allclose(bag.predict_proba(x), lone.predict_proba(x), atol=1e-12)
 
 
-@settings(max_examples=6, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.booleans())
-def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early_lacks_a_class: bool) -> None:
-    """``tree_arrays`` of a GatedTrees (a gate split at every root) equals its
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.booleans(), st.booleans())
+def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early_lacks_a_class: bool, exception: bool) -> None:
+    """``tree_arrays`` of a GatedTrees (the gate's splits above every root) equals its
     ``decision_function``: the early trees where the gate's column is <= its value, the main trees
-    elsewhere and where that column is NaN; also when the early trees never saw a class (their
-    baseline then differs from the main trees')."""
+    elsewhere and where that column is NaN; with the gate's exception, the main trees also where
+    the empty column is 0 (or NaN) and the count above its maximum (NaN: not above); also when the
+    early trees never saw a class (their baseline then differs from the main trees')."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(500, 5)).astype(np.float32)
+    x = rng.normal(size=(500, 7)).astype(np.float32)
     x[:, 4] = rng.integers(1, 6, size=500)  # the gate's column: a count, as all_n_det
+    x[:, 5] = rng.integers(0, 3, size=500)  # the empty column: as all_n_nondet, 0 for a third
+    x[:, 6] = rng.choice([1, 3, 50, 500], size=500)  # the count: as ndethist
     y = np.digitize(x[:, 0] + (x[:, 4] <= 1) * x[:, 1], [-0.8, 0.0, 0.8])
     x[:, :4][rng.random((500, 4)) < 0.1] = np.nan
-    few = x[:, 4] <= 1
+    gate = Gate(4, 1.5, 5, 6, 100.5) if exception else Gate(4, 1.5)
+    few = gate.rows(x)
     main = TreeBag([_lgbm(seed)]).fit(x, y)
     early_y = np.where(y[few] == 3, 2, y[few]) if early_lacks_a_class else y[few]
     early = TreeBag([_lgbm(seed + 1), _lgbm(seed + 2)]).fit(x[few], early_y)
-    gated = GatedTrees(main, early, column=4, max_value=1.5, n_classes=4)
+    gated = GatedTrees(main, early, gate, n_classes=4)
     trees = TreeEnsemble.from_arrays(tree_arrays(gated))
-    test = rng.normal(size=(300, 5)).astype(np.float32)
-    test[:, 4] = rng.integers(0, 4, size=300)
-    test[rng.random(test.shape) < 0.1] = np.nan  # the gate's column too
+    test = rng.normal(size=(600, 7)).astype(np.float32)
+    test[:, 4] = rng.integers(0, 4, size=600)
+    test[:, 5] = rng.integers(0, 3, size=600)
+    test[:, 6] = rng.choice([1, 100, 101, 500], size=600)
+    test[rng.random(test.shape) < 0.1] = np.nan  # the gate's columns too
     expected = gated.predict_proba(test)
     with torch.no_grad():
         ours = torch.softmax(trees(torch.from_numpy(test)), 1).numpy()
@@ -127,11 +133,19 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
     np.testing.assert_allclose(tensors, expected, atol=1e-5)
     rows = gated.gated(test)
     assert rows.any() and (~rows).any() and not rows[np.isnan(test[:, 4])].any()
+    known = (test[:, 4] <= 1) & ~(test[:, 5] > 0) & (test[:, 6] > 100)  # no history, ndethist > 100
+    assert known.any() and rows[known].any() != exception
+    assert rows[(test[:, 4] <= 1) & ~(test[:, 5] > 0) & ~(test[:, 6] > 100)].all()  # NaN or <= 100: early
     np.testing.assert_allclose(expected[rows], early_only := _softmax_full(early, test[rows], 4), atol=1e-6)
     np.testing.assert_allclose(expected[~rows], _softmax_full(main, test[~rows], 4), atol=1e-6)
     assert not np.allclose(early_only, _softmax_full(main, test[rows], 4), atol=1e-3)  # the gate matters
     if early_lacks_a_class:
         assert ours[rows, 3].max() < 1e-6
+
+
+def test_a_gate_exception_needs_all_three_fields() -> None:
+    with pytest.raises(ValueError, match="together"):
+        Gate(4, 1.5, 5, None, 100.5)
 
 
 def _softmax_full(bag: TreeBag, x: np.ndarray, n_classes: int) -> np.ndarray:
