@@ -107,12 +107,10 @@ def history_gate(cfg: HeadConfig) -> Gate:
     """The head's gate: at most ``cfg.early_detections`` detections in the alert's own 30-day
     history; with ``cfg.known_object_ndethist``, not where the alert carries no history at all (no
     upper limit either: ``all_n_nondet``) and ``ndethist`` is above it."""
-    known = cfg.known_object_ndethist
-    return Gate(
-        FEATURE_NAMES.index(GATE_FEATURE), cfg.early_detections + 0.5,
-        None if known is None else FEATURE_NAMES.index("all_n_nondet"),
-        None if known is None else _NDETHIST, None if known is None else known + 0.5,
-    )  # fmt: skip
+    column, max_value = FEATURE_NAMES.index(GATE_FEATURE), cfg.early_detections + 0.5
+    if cfg.known_object_ndethist is None:
+        return Gate(column, max_value)
+    return Gate(column, max_value, FEATURE_NAMES.index("all_n_nondet"), _NDETHIST, cfg.known_object_ndethist + 0.5)
 
 
 def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n_classes: int,
