@@ -46,9 +46,13 @@ STUDY_ROW = "study: stamp-only linear probe on z (the study's method)"
 REFERENCE_ROW = "metadata + history, gradient-boosted trees (reference)"
 FUSED_ROW = "fused: trees on metadata + history + linear on z, calibrated (shipped)"
 END_TO_END_ROW = "stamps + metadata + history, encoder fine-tuned end to end (ALeRCE's recipe)"
+# The fused model's own trees without z: beside the fused row it shows what the stamps add, and
+# beside the reference row what the gate for first detections costs as labelled and gains on the
+# views.
+GATED_ROW = "metadata + history, the fused model's gated trees (no z)"
 # Rows also evaluated on the earlier views of the test alerts (trainer/stages.py): they read only
 # the features and z, so the views cost a prediction, not a fit.
-STAGED_ROWS = (REFERENCE_ROW, FUSED_ROW)
+STAGED_ROWS = (REFERENCE_ROW, GATED_ROW, FUSED_ROW)
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,15 @@ class Labelled:
         """The alerts followed by each earlier view of them: (1 + S) N rows, the views' features in
         place of the alert's, the rest repeated. A row fitted on indices below N and asked for the
         test indices of every block predicts each view with the very model it fitted on the alerts
-        as they are."""
+        as they are. ``stages`` and ``earliest`` stay as they are, indexed by alert: the fits read
+        them at training indices, all below N, so the fused row fits the very recipe the bundle
+        ships (until 20261127d's run the table dropped ``earliest`` here, and its fused row was
+        fitted without the second kind of first-detection view)."""
         assert self.stages is not None
         blocks = 1 + len(self.stages)
         return dataclasses.replace(
             self, features=np.concatenate([self.features, *self.stages]), z=np.tile(self.z, (blocks, 1)),
-            y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None, earliest=None,
+            y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None,
         )  # fmt: skip
 
 
@@ -443,6 +450,16 @@ def _row_end_to_end(encoder: torch.nn.Module, epochs: int = 80) -> Predictor:
     return run
 
 
+def _row_gated_trees(cfg: HeadConfig) -> Predictor:
+    def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
+        stages = None if d.stages is None else d.stages[:, tr]
+        earliest = None if d.earliest is None else d.earliest[tr]
+        m = _fit_trees(cfg, seed, d.features[tr], d.y[tr], len(d.class_names), stages, earliest)
+        return _full_proba(m, d.features[te], len(d.class_names))
+
+    return run
+
+
 def _row_fused(cfg: HeadConfig) -> Predictor:
     def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
         stages = None if d.stages is None else d.stages[:, tr]
@@ -471,10 +488,11 @@ def rows(cfg: HeadConfig, quick: bool = False, with_sequences: bool = True,
         ("metadata + history without position (ablation), trees", _row_trees(no_position, False, cfg)),
         ("metadata + history + z, gradient-boosted trees", _row_trees(everything, True, cfg)),
         ("metadata + history + z, MLP (torch)", _row_mlp()),
+        (GATED_ROW, _row_gated_trees(cfg)),
         (FUSED_ROW, _row_fused(cfg)),
     ]
     if encoder is not None:
-        table.insert(-1, (END_TO_END_ROW, _row_end_to_end(encoder)))
+        table.insert(-2, (END_TO_END_ROW, _row_end_to_end(encoder)))
     if quick:
         return [r for r in table if r[0] in (STUDY_ROW, REFERENCE_ROW, FUSED_ROW)]
     if not with_sequences:

@@ -127,9 +127,10 @@ def _reliability(bins: list[dict[str, Any]], ece: float, out: Path) -> None:
 
 
 def _stages_figure(summary: dict[str, Any], names: list[str], out: Path) -> None:
-    """F1 of the fused classifier per class, and macro-F1 of the fused and reference rows, against
-    the number of detections the object has had (the last point: the alerts as they are)."""
-    from trainer.classify import FUSED_ROW, REFERENCE_ROW
+    """F1 of the fused classifier per class, and macro-F1 of the fused, its own trees' and the
+    reference rows, against the number of detections the object has had (the last point: the
+    alerts as they are)."""
+    from trainer.classify import FUSED_ROW, GATED_ROW, REFERENCE_ROW
 
     fused = summary["rows"][FUSED_ROW]
     ticks = [str(s["detections"]) for s in fused["stages"]] + ["as labelled"]
@@ -138,7 +139,8 @@ def _stages_figure(summary: dict[str, Any], names: list[str], out: Path) -> None
     for n in names:
         ax.plot(x, [100 * s["per_class_f1"][n] for s in fused["stages"]] + [100 * fused["per_class_f1"][n]],
                 "o-", lw=1.2, ms=4, label=n)  # fmt: skip
-    for row, style, label in ((FUSED_ROW, "k-", "macro, fused"), (REFERENCE_ROW, "k--", "macro, reference trees")):
+    for row, style, label in ((FUSED_ROW, "k-", "macro, fused"), (GATED_ROW, "k:", "macro, the fused model's trees (no z)"),
+                              (REFERENCE_ROW, "k--", "macro, reference trees")):  # fmt: skip
         r = summary["rows"].get(row)
         if r and "stages" in r:
             ax.plot(x, [100 * s["macro_f1_mean"] for s in r["stages"]] + [100 * r["macro_f1_mean"]], style, lw=2.2, label=label)
@@ -154,9 +156,10 @@ def _stages_figure(summary: dict[str, Any], names: list[str], out: Path) -> None
 
 
 def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) -> list[str]:
-    from trainer.classify import FUSED_ROW, REFERENCE_ROW
+    from trainer.classify import FUSED_ROW, GATED_ROW, REFERENCE_ROW
 
-    fused, reference = summary["rows"].get(FUSED_ROW, {}), summary["rows"].get(REFERENCE_ROW, {})
+    fused = summary["rows"].get(FUSED_ROW, {})
+    others = [summary["rows"].get(name, {}) for name in (GATED_ROW, REFERENCE_ROW)]
     if "stages" not in fused:
         return []
     _stages_figure(summary, names, run_dir / "stages.png")
@@ -174,14 +177,18 @@ def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) ->
         "folds' alerts the gate picks, on the earlier views of the others and on their earliest detections as "
         "alerts of their own time (0: one set of trees).",
         "",
-        "| detections so far | fused macro F1 % | reference trees macro F1 % | " + " | ".join(f"{n} F1 %" for n in names) + " |",
-        "|---|---|---|" + "---|" * len(names),
+        "| detections so far | fused macro F1 % | its trees (no z) macro F1 % | reference trees macro F1 % | "
+        + " | ".join(f"{n} F1 %" for n in names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
     ]
-    ref_stages = reference.get("stages", [None] * len(fused["stages"]))
-    for s, r in [*zip(fused["stages"], ref_stages, strict=True), ({"detections": "as labelled"} | fused, reference or None)]:
-        ref = f"{100 * r['macro_f1_mean']:.1f} ± {100 * r['macro_f1_std']:.1f}" if r else ""
+
+    def cell(r: dict[str, Any] | None) -> str:
+        return f"{100 * r['macro_f1_mean']:.1f} ± {100 * r['macro_f1_std']:.1f}" if r else ""
+
+    columns = [[*o.get("stages", [None] * len(fused["stages"])), o or None] for o in others]
+    for i, s in enumerate([*fused["stages"], {"detections": "as labelled"} | fused]):
         per = " | ".join(f"{100 * s['per_class_f1'][n]:.1f}" for n in names)
-        lines.append(f"| {s['detections']} | {100 * s['macro_f1_mean']:.1f} ± {100 * s['macro_f1_std']:.1f} | {ref} | {per} |")
+        lines.append(f"| {s['detections']} | {cell(s)} | {cell(columns[0][i])} | {cell(columns[1][i])} | {per} |")
     lines += ["", "![F1 by detections so far](stages.png)", ""]
     return lines
 

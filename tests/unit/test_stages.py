@@ -17,6 +17,7 @@ from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
 from trainer.classify import (
     FUSED_ROW,
+    GATED_ROW,
     REFERENCE_ROW,
     Labelled,
     cross_validate,
@@ -262,34 +263,37 @@ def test_first_detections_get_trees_of_their_own() -> None:
     np.testing.assert_allclose(shipped, gated.predict_proba(views, z_test), atol=1e-4)
 
 
+def _two_kinds_of_first_detection(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Classes 3 and 4 seen once, the others 50 times; column 0 carries the class in the alerts
+    and their first-detection views (the window's upper limits kept), column 1 in the earliest
+    detections as alerts of their own time (no upper limits; NaN rows for the objects seen once)."""
+    nd, hist, nondet = (FEATURE_NAMES.index(n) for n in ("ndethist", "all_n_det", "all_n_nondet"))
+    y = np.repeat(np.arange(5), n // 5)
+    f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
+    f[:, 0] += 2.0 * y
+    f[:, nd], f[:, hist], f[:, nondet] = np.where(y >= 3, 1.0, 50.0), np.where(y >= 3, 1.0, 20.0), 10.0
+    first = f.copy()
+    first[:, nd], first[:, hist] = 1.0, 1.0
+    earliest = rng.normal(0, 1, f.shape).astype(np.float32)
+    earliest[:, 1] += 2.0 * y
+    earliest[:, nd], earliest[:, hist], earliest[:, nondet] = 1.0, 1.0, 0.0
+    earliest[y >= 3] = np.nan  # seen once: no earlier detection in the window
+    return f, y, np.stack([first] + [f] * (len(STAGES) - 1)), earliest
+
+
 def test_the_early_trees_also_learn_from_the_earliest_detection_as_an_alert() -> None:
     """The first-detection views (the window's upper limits kept) carry the class in one column,
     the earliest detections as alerts of their own time (no upper limits) in another: early trees
     fitted without the latter call those at chance, fitted with them they read the second column
     where a first alert carries no history."""
     rng = np.random.default_rng(5)
-    nd, hist, nondet = (FEATURE_NAMES.index(n) for n in ("ndethist", "all_n_det", "all_n_nondet"))
-
-    def make(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        y = np.repeat(np.arange(5), n // 5)
-        f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
-        f[:, 0] += 2.0 * y
-        f[:, nd], f[:, hist], f[:, nondet] = np.where(y >= 3, 1.0, 50.0), np.where(y >= 3, 1.0, 20.0), 10.0
-        first = f.copy()
-        first[:, nd], first[:, hist] = 1.0, 1.0
-        earliest = rng.normal(0, 1, f.shape).astype(np.float32)
-        earliest[:, 1] += 2.0 * y
-        earliest[:, nd], earliest[:, hist], earliest[:, nondet] = 1.0, 1.0, 0.0
-        earliest[y >= 3] = np.nan  # seen once: no earlier detection in the window
-        return f, y, np.stack([first] + [f] * (len(STAGES) - 1)), earliest
-
-    features, y, stages, earliest = make(400)
+    features, y, stages, earliest = _two_kinds_of_first_detection(rng, 400)
     groups = np.array([f"o{i}" for i in range(len(y))])
     z = rng.normal(0, 1, (len(y), 4))
     cfg = HeadConfig(max_iter=30, max_depth=3, inner_folds=3)
     without = fit_fused(features, z, y, groups, 5, cfg, seed=0, stages=stages)
     with_earliest = fit_fused(features, z, y, groups, 5, cfg, seed=0, stages=stages, earliest=earliest)
-    _, y_test, test_stages, test_earliest = make(400)
+    _, y_test, test_stages, test_earliest = _two_kinds_of_first_detection(rng, 400)
     later = y_test < 3
     z_test = rng.normal(0, 1, (len(y_test), 4))
     acc = {name: float((f.predict_proba(test_earliest[later], z_test[later]).argmax(1) == y_test[later]).mean())
@@ -299,6 +303,33 @@ def test_the_early_trees_also_learn_from_the_earliest_detection_as_an_alert() ->
     views = {name: float((f.predict_proba(test_stages[0][later], z_test[later]).argmax(1) == y_test[later]).mean())
              for name, f in (("without", without), ("with", with_earliest))}  # fmt: skip
     assert views["without"] > 0.7 and views["with"] > views["without"] - 0.1, views
+
+
+def test_the_table_scores_the_recipe_the_bundle_ships() -> None:
+    """The cross-validation's fused row fits what ``train_head`` fits, the earliest detections as
+    alerts of their own time included (until 20261127d's run ``with_views`` dropped them, and the
+    table's fused row was a different model from the shipped one); the fused model's own trees are
+    a row of their own, scored on the views: at the first detection they are the early trees, well
+    above the reference trees."""
+    rng = np.random.default_rng(7)
+    n = 200
+    f, y, stages, earliest = _two_kinds_of_first_detection(rng, n)
+    d = Labelled(f, rng.normal(0, 1, (n, 3)), y, np.array([f"o{i}" for i in range(n)]),
+                 ("AGN", "SN", "VS", "asteroid", "bogus"), stages=stages, earliest=earliest)  # fmt: skip
+    cfg = HeadConfig(max_iter=15, max_depth=3, inner_folds=2, min_samples_leaf=5)
+    table = [r for r in rows(cfg, with_sequences=False) if r[0] in (REFERENCE_ROW, GATED_ROW, FUSED_ROW)]
+    got = cross_validate(d, table, seeds=1, folds=2, show_progress=False)
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    want, blind = np.zeros((n, 5)), np.zeros((n, 5))
+    for tr, te in StratifiedGroupKFold(2, shuffle=True, random_state=0).split(f, y, d.groups):
+        for out, e in ((want, earliest[tr]), (blind, None)):
+            fitted = fit_fused(f[tr], d.z[tr], y[tr], d.groups[tr], 5, cfg, 0, stages[:, tr], e)
+            out[te] = fitted.predict_proba(f[te], d.z[te])
+    np.testing.assert_allclose(got["rows"][FUSED_ROW]["oof_probabilities_seed0"], want, atol=1e-6)
+    assert np.abs(want - blind).max() > 1e-3  # the earliest detections do change the fit
+    first_detection = {name: got["rows"][name]["stages"][0]["macro_f1"][0] for name in (REFERENCE_ROW, GATED_ROW)}
+    assert first_detection[GATED_ROW] > first_detection[REFERENCE_ROW] + 0.2, first_detection
 
 
 def test_an_alert_without_a_history_of_a_known_object_goes_to_the_main_trees() -> None:
