@@ -82,6 +82,11 @@ class Labelled:
             y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None,
         )  # fmt: skip
 
+    def views_at(self, tr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The earlier views and the earliest detections of the alerts ``tr`` (None where absent):
+        what the head's trees are fitted on beside the alerts themselves."""
+        return (None if self.stages is None else self.stages[:, tr]), (None if self.earliest is None else self.earliest[tr])
+
 
 def _columns(names: Sequence[str]) -> list[int]:
     return [FEATURE_NAMES.index(n) for n in names]
@@ -452,9 +457,7 @@ def _row_end_to_end(encoder: torch.nn.Module, epochs: int = 80) -> Predictor:
 
 def _row_gated_trees(cfg: HeadConfig) -> Predictor:
     def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
-        stages = None if d.stages is None else d.stages[:, tr]
-        earliest = None if d.earliest is None else d.earliest[tr]
-        m = _fit_trees(cfg, seed, d.features[tr], d.y[tr], len(d.class_names), stages, earliest)
+        m = _fit_trees(cfg, seed, d.features[tr], d.y[tr], len(d.class_names), *d.views_at(tr))
         return _full_proba(m, d.features[te], len(d.class_names))
 
     return run
@@ -462,9 +465,7 @@ def _row_gated_trees(cfg: HeadConfig) -> Predictor:
 
 def _row_fused(cfg: HeadConfig) -> Predictor:
     def run(d: Labelled, tr: np.ndarray, te: np.ndarray, seed: int) -> np.ndarray:
-        stages = None if d.stages is None else d.stages[:, tr]
-        earliest = None if d.earliest is None else d.earliest[tr]
-        f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed, stages, earliest)
+        f = fit_fused(d.features[tr], d.z[tr], d.y[tr], d.groups[tr], len(d.class_names), cfg, seed, *d.views_at(tr))
         return f.predict_proba(d.features[te], d.z[te])
 
     return run

@@ -100,13 +100,9 @@ class GatedTrees:
         self.main, self.early, self.gate = main, early, gate
         self.classes_ = np.arange(n_classes)
 
-    def gated(self, x: np.ndarray) -> np.ndarray:
-        """The rows the early trees score."""
-        return self.gate.rows(x)
-
     def decision_function(self, x: np.ndarray) -> np.ndarray:
         """(N, classes) raw scores; a class a set of trees never saw scores ABSENT_CLASS_LOGIT."""
-        rows = self.gated(x)
+        rows = self.gate.rows(x)
         out = np.empty((len(x), len(self.classes_)))
         for trees, sel in ((self.early, rows), (self.main, ~rows)):
             if sel.any():

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from sklearn.model_selection import StratifiedGroupKFold
 
 from alerts.alert import Alert, History
 from alerts.allowlist import CANDIDATE_FIELDS, EPOCH_FIELDS, FORBIDDEN
@@ -319,8 +320,6 @@ def test_the_table_scores_the_recipe_the_bundle_ships() -> None:
     cfg = HeadConfig(max_iter=15, max_depth=3, inner_folds=2, min_samples_leaf=5)
     table = [r for r in rows(cfg, with_sequences=False) if r[0] in (REFERENCE_ROW, GATED_ROW, FUSED_ROW)]
     got = cross_validate(d, table, seeds=1, folds=2, show_progress=False)
-    from sklearn.model_selection import StratifiedGroupKFold
-
     want, blind = np.zeros((n, 5)), np.zeros((n, 5))
     for tr, te in StratifiedGroupKFold(2, shuffle=True, random_state=0).split(f, y, d.groups):
         for out, e in ((want, earliest[tr]), (blind, None)):

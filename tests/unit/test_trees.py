@@ -131,7 +131,7 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
         tensors = torch.softmax(trees.forward_tensors(torch.from_numpy(test)), 1).numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-5)
     np.testing.assert_allclose(tensors, expected, atol=1e-5)
-    rows = gated.gated(test)
+    rows = gated.gate.rows(test)
     assert rows.any() and (~rows).any() and not rows[np.isnan(test[:, 4])].any()
     known = (test[:, 4] <= 1) & ~(test[:, 5] > 0) & (test[:, 6] > 100)  # no history, ndethist > 100
     assert known.any() and rows[known].any() != exception
