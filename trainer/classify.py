@@ -135,7 +135,9 @@ def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, 
     none), on the others' earliest detections as alerts of their own time (``ndethist`` drawn as
     ``_drawn_ndethist`` says). Why both kinds of first detection: early trees fitted on one
     kind alone score up to 9 points lower on another (docs/model.md, "The first-detection view
-    reads the earliest detection"). Without views (a caller with none), one set of trees."""
+    reads the earliest detection"). With ``cfg.early_nulls`` > 0 the early trees also learn from
+    a masked copy of all of these (``with_nulls``), so that a null reaches a leaf learnt for it.
+    Without views (a caller with none), one set of trees."""
     main = _gbt(cfg, seed).fit(features, y)
     if cfg.early_detections == 0 or stages is None:
         return main
@@ -150,7 +152,28 @@ def _fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, 
         views.append(_drawn_ndethist(earliest[has], 1, features[few, _NDETHIST], rng))
         labels.append(y[has])
     x, yy = np.concatenate([features[few], *views]), np.concatenate([y[few], *labels])
-    return GatedTrees(main, _gbt(cfg, seed).fit(x, yy), gate, n_classes)
+    weight = None
+    if cfg.early_nulls > 0:  # the masked copy (HeadConfig.early_nulls), drawn after the views
+        weight = np.concatenate([np.ones(len(yy)), np.full(len(yy), cfg.early_nulls_weight)])
+        x, yy = np.concatenate([x, with_nulls(x, cfg.early_nulls, rng)]), np.concatenate([yy, yy])
+    return GatedTrees(main, _gbt(cfg, seed).fit(x, yy, sample_weight=weight), gate, n_classes)
+
+
+# The candidate features every ZTF packet carries (non-null in every schema, or derived from such
+# fields): never masked by ``with_nulls``.
+ALWAYS_PRESENT = ("magpsf", "sigmapsf", "isdiffpos", "fid_g", "fid_r", *POSITION_FEATURES)
+NULLABLE_COLUMNS = np.array([FEATURE_NAMES.index(n) for n in METADATA_FEATURES if n not in ALWAYS_PRESENT])
+
+
+def with_nulls(x: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``x`` with each candidate feature but ``ALWAYS_PRESENT`` set to NaN with
+    probability ``p``, independently per alert and feature; the history features as they are
+    (the gate reads them)."""
+    out = x.copy()
+    sub = out[:, NULLABLE_COLUMNS]
+    sub[rng.random(sub.shape) < p] = np.nan
+    out[:, NULLABLE_COLUMNS] = sub
+    return out
 
 
 def _drawn_ndethist(views: np.ndarray, detections: int, gated: np.ndarray, rng: np.random.Generator) -> np.ndarray:

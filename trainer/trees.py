@@ -37,9 +37,9 @@ class TreeBag:
             raise ValueError("a bag needs at least one model")
         self.members = members
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> TreeBag:
+    def fit(self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> TreeBag:
         for m in self.members:
-            m.fit(x, y)
+            m.fit(x, y, sample_weight=sample_weight)
         self.classes_ = self.members[0].classes_
         return self
 

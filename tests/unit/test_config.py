@@ -104,6 +104,8 @@ def test_bad_consumer_values_are_rejected(data: dict[str, Any]) -> None:
         {"head": {"max_features": 1.5}},
         {"head": {"fusion_views": 1.5}},
         {"head": {"fusion_views": 0.1}},  # views without class offsets would change nothing
+        {"head": {"early_nulls": 1.0}},  # a copy with every field null
+        {"head": {"early_nulls_weight": 0.0}},
         {"contrastive_temperature": 0.0},
         {"projection_dim": -1},
         {"view_shift": 6},

@@ -13,10 +13,11 @@ from sklearn.model_selection import StratifiedGroupKFold
 from alerts.alert import Alert, History
 from alerts.allowlist import CANDIDATE_FIELDS, EPOCH_FIELDS, FORBIDDEN
 from alerts.decoder import SchemaCache, decode_alerts
-from alerts.features import FEATURE_NAMES, alert_features
+from alerts.features import FEATURE_NAMES, HISTORY_FEATURES, alert_features
 from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
 from trainer.classify import (
+    ALWAYS_PRESENT,
     FUSED_ROW,
     GATED_ROW,
     REFERENCE_ROW,
@@ -26,6 +27,7 @@ from trainer.classify import (
     history_gate,
     rows,
     summarise,
+    with_nulls,
 )
 from trainer.stages import STAGES, earlier_view, earliest_detection_alert, first_detection_view
 from trainer.trees import GatedTrees, TreeBag
@@ -363,3 +365,58 @@ def test_an_alert_without_a_history_of_a_known_object_goes_to_the_main_trees() -
     fitted = fit_fused(f, rng.normal(0, 1, (100, 3)), y, np.arange(100).astype(str), 5,
                        HeadConfig(max_iter=5, inner_folds=2, min_samples_leaf=2), seed=0, stages=np.stack([f] * len(STAGES)))  # fmt: skip
     assert isinstance(fitted.trees, GatedTrees) and fitted.trees.gate == history_gate(cfg)
+
+
+def test_a_null_where_training_had_none_reaches_a_leaf_learnt_for_it() -> None:
+    """A packet re-serialised elsewhere may null fields that ZTF's own packets always fill. Here
+    ``elong`` carries the class strongly and ``magpsf`` weakly. Early trees that never saw a null
+    ``elong`` read it as 0 and call most such first alerts one class; with the masked copy
+    (``early_nulls``) they fall back on ``magpsf``. The main trees are the same either way, and
+    the bundle's head scores the nulls as the fitted model does."""
+    rng = np.random.default_rng(7)
+    nd, hist, elong = (FEATURE_NAMES.index(n) for n in ("ndethist", "all_n_det", "elong"))
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(5), n // 5)
+        f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
+        f[:, elong] += 3.0 * y
+        f[:, 0] += 1.5 * y
+        f[:, nd], f[:, hist] = np.where(y >= 3, 1.0, 50.0), np.where(y >= 3, 1.0, 20.0)
+        first = f.copy()
+        first[:, nd], first[:, hist] = 1.0, 1.0
+        return f, y, np.stack([first] + [f] * (len(STAGES) - 1))
+
+    features, y, stages = make(500)
+    groups = np.array([f"o{i}" for i in range(len(y))])
+    z = rng.normal(0, 1, (len(y), 4))
+    cfg = HeadConfig(max_iter=30, max_depth=3, inner_folds=3)
+    fitted = {p: fit_fused(features, z, y, groups, 5, dataclasses.replace(cfg, early_nulls=p), seed=0, stages=stages)
+              for p in (0.0, 0.3)}  # fmt: skip
+    _, y_test, test_stages = make(500)
+    first = test_stages[0].copy()
+    first[:, elong] = np.nan
+    z_test = rng.normal(0, 1, (len(y_test), 4))
+    acc = {p: float((f.predict_proba(first, z_test).argmax(1) == y_test).mean()) for p, f in fitted.items()}
+    assert acc[0.3] > acc[0.0] + 0.2 and acc[0.3] > 0.5, acc
+    # complete first alerts are still read by elong
+    complete = {p: float((f.predict_proba(test_stages[0], z_test).argmax(1) == y_test).mean()) for p, f in fitted.items()}
+    assert complete[0.3] > 0.85 and complete[0.0] > 0.85, complete
+    trees = {p: f.trees for p, f in fitted.items()}
+    assert all(isinstance(t, GatedTrees) for t in trees.values())
+    main = [t.main.decision_function(features) for t in trees.values() if isinstance(t, GatedTrees)]
+    np.testing.assert_array_equal(main[0], main[1])
+    with torch.no_grad():
+        shipped = fitted[0.3].head()(torch.from_numpy(z_test).float(), torch.from_numpy(first)).numpy()
+    np.testing.assert_allclose(shipped, fitted[0.3].predict_proba(first, z_test), atol=1e-4)
+
+
+def test_the_masked_copy_keeps_what_every_packet_carries_and_the_history() -> None:
+    """``with_nulls`` nulls only candidate fields a packet may lack: the band, the magnitude and
+    its error, the sign and the position stay, and so does the history, which the gate reads."""
+    x = np.random.default_rng(0).normal(0, 1, (300, len(FEATURE_NAMES))).astype(np.float32)
+    masked = with_nulls(x, 0.5, np.random.default_rng(1))
+    kept = [FEATURE_NAMES.index(n) for n in (*ALWAYS_PRESENT, *HISTORY_FEATURES)]
+    np.testing.assert_array_equal(masked[:, kept], x[:, kept])
+    others = np.setdiff1d(np.arange(len(FEATURE_NAMES)), kept)
+    assert 0.45 < np.isnan(masked[:, others]).mean() < 0.55
+    assert not np.isnan(x).any()  # a copy: the training alerts stay as they are
