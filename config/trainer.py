@@ -77,7 +77,9 @@ class HeadConfig:
     # ZTF counted more than this many raw detections (``ndethist``): its object is not new, and
     # the main trees, which read ``ndethist``, score it (null: the history alone decides). Measured
     # (docs/model.md "An alert without a history", 10 seeds): 100 gives +0.4 points as labelled
-    # (standard error 0.15), the first detection unchanged (+0.2, 0.6).
+    # (standard error 0.15), the first detection unchanged (+0.2, 0.6). Only where the alert carries
+    # its shape measure ``elong``, as every ZTF packet does (trainer/classify.py SHAPE_FEATURE): a
+    # packet rebuilt without it has nulls that only the early trees learnt (``early_nulls``).
     known_object_ndethist: int | None = 100
     # Nulls where ZTF's packets have values: the early trees are also fitted on a masked copy of
     # their training alerts, each candidate field (but the ones every packet carries) null with

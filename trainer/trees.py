@@ -24,6 +24,8 @@ from scipy.special import softmax
 
 from model.trees import TreeArrays
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # a threshold every finite float32 feature is at or below
+
 ABSENT_CLASS_LOGIT = -30.0  # a class the trees never saw in training: probability ~0
 
 
@@ -55,23 +57,35 @@ class TreeBag:
 class Gate:
     """Which rows the early trees of a ``GatedTrees`` score: those whose ``column`` is at most
     ``max_value`` (NaN: not), except, with ``count_column``, the rows that are also empty in
-    ``empty_column`` (at most 0.5, or NaN) and above ``max_count`` in ``count_column`` (NaN: not).
+    ``empty_column`` (at most 0.5, or NaN) and above ``max_count`` in ``count_column`` (NaN: not),
+    and, with ``present_column``, have a value there (not NaN).
 
     For the head (trainer/classify.py ``history_gate``): no earlier detection in the alert's own
     30-day history, unless the alert carries no history at all and ZTF counted more than
     ``max_count`` raw detections at its place (``ndethist``): an alert with no history (an archival
     copy, a field's first visit of a season) cannot say by it whether its object is new, and an
-    object detected that often before is not (docs/model.md, "An alert without a history")."""
+    object detected that often before is not (docs/model.md, "An alert without a history"). The
+    exception holds only where the alert carries its shape measure (``elong``), which every ZTF
+    packet fills: the main trees never saw a null there and read one as 0, while the early trees
+    learnt where nulls go (docs/model.md, "Known objects rebuilt without a history")."""
 
     column: int
     max_value: float
     empty_column: int | None = None
     count_column: int | None = None
     max_count: float | None = None
+    present_column: int | None = None
 
     def __post_init__(self) -> None:
         if (self.count_column is None) != (self.max_count is None) or (self.count_column is None) != (self.empty_column is None):
             raise ValueError("empty_column, count_column and max_count go together")
+        if self.present_column is not None and self.count_column is None:
+            raise ValueError("present_column narrows the exception: it needs count_column")
+
+    @property
+    def splits(self) -> int:
+        """The gate's nodes above every root in ``gated_arrays``."""
+        return 1 if self.count_column is None else 3 if self.present_column is None else 4
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """The rows the early trees score (compared as float32, as the consumer compares)."""
@@ -80,6 +94,8 @@ class Gate:
             if self.count_column is not None and self.empty_column is not None and self.max_count is not None:
                 empty = ~(x[:, self.empty_column] > np.float32(0.5))
                 known = np.asarray(x[:, self.count_column] > np.float32(self.max_count))
+                if self.present_column is not None:
+                    known &= ~np.isnan(x[:, self.present_column])
                 out &= ~(empty & known)
         return out
 
@@ -170,13 +186,13 @@ def tree_arrays(clf: LGBMClassifier | TreeBag | GatedTrees, n_classes: int | Non
 def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate) -> TreeArrays:
     """Two ensembles -> one that scores a row by ``early`` where ``gate`` picks it and by ``main``
     elsewhere. Every tree gets the gate's splits above its root (node 0: ``column``; with the
-    gate's exception, node 1 ``empty_column`` and node 2 ``count_column``, which both sides share
-    as a small graph): a main tree's gated rows, and an early tree's other rows, reach a leaf worth
-    0. The early trees' baseline differs from the main trees' where one set never saw a class: one
-    more gated tree per such class adds the difference. Depth + 1 (+ 3 with the exception); the
-    consumer's loop pays one step per tree for a row with an earlier detection, and up to three
-    for one without (docs/benchmarks.md)."""
-    splits = 3 if gate.count_column is not None else 1
+    gate's exception, node 1 ``empty_column``, node 2 ``count_column`` and node 3
+    ``present_column``, which both sides share as a small graph): a main tree's gated rows, and an
+    early tree's other rows, reach a leaf worth 0. The early trees' baseline differs from the main
+    trees' where one set never saw a class: one more gated tree per such class adds the
+    difference. Depth + 1 (up to + 4 with the exception); the consumer's loop pays one step per
+    tree for a row with an earlier detection, and up to four for one without (docs/benchmarks.md)."""
+    splits = gate.splits
     width = max(main.feature.shape[1], early.feature.shape[1]) + splits + 1
     leaf = width - 1  # the new leaf worth 0, at the end of every tree
 
@@ -194,7 +210,10 @@ def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate) -> TreeArrays:
         feature[:, 1], threshold[:, 1], missing_left[:, 1] = gate.empty_column, _f32(0.5), True
         left[:, 1], right[:, 1] = 2, tree  # empty (or NaN): ask the count; a history: early
         feature[:, 2], threshold[:, 2], missing_left[:, 2] = gate.count_column, _f32(gate.max_count), True
-        left[:, 2], right[:, 2] = tree, other  # at most max_count (or NaN): early; more: main
+        left[:, 2], right[:, 2] = tree, other if splits == 3 else 3  # at most max_count (or NaN): early
+        if splits == 4:  # a value in present_column (any finite float32): main; NaN: early
+            feature[:, 3], threshold[:, 3], missing_left[:, 3] = gate.present_column, _FLOAT32_MAX, False
+            left[:, 3], right[:, 3] = other, tree
 
     parts = []
     for arrays, early_side in ((main, False), (early, True)):

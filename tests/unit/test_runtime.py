@@ -49,6 +49,22 @@ def test_the_shipped_runtime_bundle_is_the_shipped_torch_bundle() -> None:
     assert runner.snapshot()[1].classifier == "fused"
 
 
+def test_the_shipped_head_gates_a_known_object_on_its_shape_measure() -> None:
+    """Every tree of the shipped ensemble starts with the head's gate (trainer/classify.py
+    ``history_gate``): the alert's own detections, then, for an alert without any history, its
+    ``ndethist`` and its ``elong``, so that a known object's packet rebuilt without its shape
+    measures reaches the early trees, which learnt where nulls go (docs/model.md, "Known objects
+    rebuilt without a history")."""
+    from config.trainer import HeadConfig
+    from trainer.classify import history_gate
+
+    rt = load_runtime(DEFAULT_NPZ)
+    gate = history_gate(HeadConfig())
+    feature = rt.trees["feature"].reshape(len(rt.trees["tree_class"]), -1)
+    assert rt.feature_names[gate.present_column or 0] == "elong"
+    assert (feature[:, :4] == [gate.column, gate.empty_column, gate.count_column, gate.present_column]).all()
+
+
 def test_the_shipped_rubin_bundles_are_one_encoder_without_classes() -> None:
     from alerts.message import decode_rubin_message
     from alerts.rubin import RubinSchemaCache

@@ -337,15 +337,16 @@ def test_an_alert_without_a_history_of_a_known_object_goes_to_the_main_trees() -
     """The gate on the features of real decoded alerts: no earlier detection in the 30-day
     history picks the early trees, unless the alert carries no history at all (no upper limit
     either: an archival copy, a field's first visit of a season) and ``ndethist`` is above
-    ``known_object_ndethist``; with ``null`` the history alone decides. The fitted head carries
-    that gate."""
+    ``known_object_ndethist`` and ``elong`` has a value (a packet rebuilt without its shape
+    measures has nulls only the early trees learnt); with ``null`` the history alone decides. The
+    fitted head carries that gate."""
     base = alert_with_history()
     limits_only = History(*(col[[0, 3]] for col in dataclasses.astuple(base.history)))
-    nd = {n: k for k, n in enumerate(CANDIDATE_FIELDS)}["ndethist"]
+    nd, el = ({n: k for k, n in enumerate(CANDIDATE_FIELDS)}[f] for f in ("ndethist", "elong"))
 
-    def features(history: History, ndethist: float) -> np.ndarray:
+    def features(history: History, ndethist: float, elong: float = 1.1) -> np.ndarray:
         c = base.candidate.copy()
-        c[nd] = ndethist
+        c[nd], c[el] = ndethist, elong
         return alert_features(dataclasses.replace(base, candidate=c, history=history))[None]
 
     cfg = HeadConfig()
@@ -357,6 +358,8 @@ def test_an_alert_without_a_history_of_a_known_object_goes_to_the_main_trees() -
     histories = {None: History.empty(), "limits": limits_only, "detections": base.history}
     for (h, ndethist), early in cases.items():
         assert bool(history_gate(cfg).rows(features(histories[h], ndethist))[0]) is early, (h, ndethist)
+    assert history_gate(cfg).rows(features(History.empty(), 500.0, elong=np.nan))[0]  # no shape measure: early
+    assert not history_gate(cfg).rows(features(base.history, 500.0, elong=np.nan))[0]  # a history decides alone
     assert history_gate(dataclasses.replace(cfg, known_object_ndethist=None)).rows(features(History.empty(), 500.0))[0]
     rng = np.random.default_rng(0)
     f = rng.normal(0, 1, (100, len(FEATURE_NAMES))).astype(np.float32)

@@ -99,13 +99,14 @@ def test_bag_of_one_is_the_model() -> None:
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.booleans(), st.booleans())
-def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early_lacks_a_class: bool, exception: bool) -> None:
+@given(st.integers(0, 2**31 - 1), st.booleans(), st.sampled_from([0, 1, 2]))
+def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early_lacks_a_class: bool, exception: int) -> None:
     """``tree_arrays`` of a GatedTrees (the gate's splits above every root) equals its
     ``decision_function``: the early trees where the gate's column is <= its value, the main trees
     elsewhere and where that column is NaN; with the gate's exception, the main trees also where
-    the empty column is 0 (or NaN) and the count above its maximum (NaN: not above); also when the
-    early trees never saw a class (their baseline then differs from the main trees')."""
+    the empty column is 0 (or NaN) and the count above its maximum (NaN: not above), and (the
+    exception's second form) the present column has a value; also when the early trees never saw
+    a class (their baseline then differs from the main trees')."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(500, 7)).astype(np.float32)
     x[:, 4] = rng.integers(1, 6, size=500)  # the gate's column: a count, as all_n_det
@@ -113,7 +114,7 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
     x[:, 6] = rng.choice([1, 3, 50, 500], size=500)  # the count: as ndethist
     y = np.digitize(x[:, 0] + (x[:, 4] <= 1) * x[:, 1], [-0.8, 0.0, 0.8])
     x[:, :4][rng.random((500, 4)) < 0.1] = np.nan
-    gate = Gate(4, 1.5, 5, 6, 100.5) if exception else Gate(4, 1.5)
+    gate = Gate(4, 1.5, 5, 6, 100.5, present_column=3 if exception == 2 else None) if exception else Gate(4, 1.5)
     few = gate.rows(x)
     main = TreeBag([_lgbm(seed)]).fit(x, y)
     early_y = np.where(y[few] == 3, 2, y[few]) if early_lacks_a_class else y[few]
@@ -134,7 +135,9 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
     rows = gated.gate.rows(test)
     assert rows.any() and (~rows).any() and not rows[np.isnan(test[:, 4])].any()
     known = (test[:, 4] <= 1) & ~(test[:, 5] > 0) & (test[:, 6] > 100)  # no history, ndethist > 100
-    assert known.any() and rows[known].any() != exception
+    shape = ~np.isnan(test[:, 3])  # the present column has a value
+    assert known.any() and rows[known & shape].any() != bool(exception)
+    assert rows[known & ~shape].all() == (exception != 1)  # no value there: early, unless the plain exception
     assert rows[(test[:, 4] <= 1) & ~(test[:, 5] > 0) & ~(test[:, 6] > 100)].all()  # NaN or <= 100: early
     np.testing.assert_allclose(expected[rows], early_only := _softmax_full(early, test[rows], 4), atol=1e-6)
     np.testing.assert_allclose(expected[~rows], _softmax_full(main, test[~rows], 4), atol=1e-6)
@@ -146,6 +149,8 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
 def test_a_gate_exception_needs_all_three_fields() -> None:
     with pytest.raises(ValueError, match="together"):
         Gate(4, 1.5, 5, None, 100.5)
+    with pytest.raises(ValueError, match="needs count_column"):
+        Gate(4, 1.5, present_column=3)
 
 
 def _softmax_full(bag: TreeBag, x: np.ndarray, n_classes: int) -> np.ndarray:
