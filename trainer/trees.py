@@ -210,7 +210,7 @@ def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate) -> TreeArrays:
         feature[:, 1], threshold[:, 1], missing_left[:, 1] = gate.empty_column, _f32(0.5), True
         left[:, 1], right[:, 1] = 2, tree  # empty (or NaN): ask the count; a history: early
         feature[:, 2], threshold[:, 2], missing_left[:, 2] = gate.count_column, _f32(gate.max_count), True
-        left[:, 2], right[:, 2] = tree, other if splits == 3 else 3  # at most max_count (or NaN): early
+        left[:, 2], right[:, 2] = tree, (other if splits == 3 else 3)  # at most max_count (or NaN): early
         if splits == 4:  # a value in present_column (any finite float32): main; NaN: early
             feature[:, 3], threshold[:, 3], missing_left[:, 3] = gate.present_column, _FLOAT32_MAX, False
             left[:, 3], right[:, 3] = other, tree
