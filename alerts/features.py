@@ -248,7 +248,9 @@ def history_features(alert: Alert) -> np.ndarray:
     )  # fmt: skip
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Every feature is at most this in magnitude, or NaN (``as_float32_features``): the gate's test for
+# "has a value" (trainer/trees.py ``gated_arrays``) is a split at it.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def as_float32_features(values: np.ndarray | list[float]) -> np.ndarray:
@@ -256,7 +258,7 @@ def as_float32_features(values: np.ndarray | list[float]) -> np.ndarray:
     (missing): a crafted field (a flux of 1e300, an infinite FWHM) must reach the model as "no
     value", the same as a null, not as an infinity, and must not make numpy warn on every alert."""
     a = np.asarray(values, dtype=np.float64)
-    return np.where(np.abs(a) <= _FLOAT32_MAX, a, np.nan).astype(np.float32)
+    return np.where(np.abs(a) <= FLOAT32_MAX, a, np.nan).astype(np.float32)
 
 
 def alert_features(alert: Alert) -> np.ndarray:

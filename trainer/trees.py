@@ -22,9 +22,8 @@ import torch
 from lightgbm import LGBMClassifier
 from scipy.special import softmax
 
+from alerts.features import FLOAT32_MAX
 from model.trees import TreeArrays
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)  # a threshold every finite float32 feature is at or below
 
 ABSENT_CLASS_LOGIT = -30.0  # a class the trees never saw in training: probability ~0
 
@@ -211,8 +210,8 @@ def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate) -> TreeArrays:
         left[:, 1], right[:, 1] = 2, tree  # empty (or NaN): ask the count; a history: early
         feature[:, 2], threshold[:, 2], missing_left[:, 2] = gate.count_column, _f32(gate.max_count), True
         left[:, 2], right[:, 2] = tree, (other if splits == 3 else 3)  # at most max_count (or NaN): early
-        if splits == 4:  # a value in present_column (any finite float32): main; NaN: early
-            feature[:, 3], threshold[:, 3], missing_left[:, 3] = gate.present_column, _FLOAT32_MAX, False
+        if splits == 4:  # a value in present_column (every feature is <= FLOAT32_MAX): main; NaN: early
+            feature[:, 3], threshold[:, 3], missing_left[:, 3] = gate.present_column, FLOAT32_MAX, False
             left[:, 3], right[:, 3] = other, tree
 
     parts = []

@@ -61,7 +61,7 @@ def test_the_shipped_head_gates_a_known_object_on_its_shape_measure() -> None:
     rt = load_runtime(DEFAULT_NPZ)
     gate = history_gate(HeadConfig())
     feature = rt.trees["feature"].reshape(len(rt.trees["tree_class"]), -1)
-    assert rt.feature_names[gate.present_column or 0] == "elong"
+    assert gate.present_column is not None and rt.feature_names[gate.present_column] == "elong"
     assert (feature[:, :4] == [gate.column, gate.empty_column, gate.count_column, gate.present_column]).all()
 
 
