@@ -84,11 +84,14 @@ class HeadConfig:
     # Nulls where ZTF's packets have values: the early trees are also fitted on a masked copy of
     # their training alerts, each candidate field (but the ones every packet carries) null with
     # probability ``early_nulls``, at weight ``early_nulls_weight``, so every split learns where a
-    # null goes. Without it LightGBM reads a null in a field never null in training as 0 (an
-    # ``elong`` or ``scorr`` no alert has). Measured (docs/model.md "Alerts whose candidate fields
-    # are null", 10 seeds): first alerts stripped to the 25 fields of ALeRCE's stamp-classifier rows
-    # 53 -> 68 % (AGN 0 -> 65), as labelled +0.1 (standard error 0.15), complete first alerts -0.9
-    # (0.4-0.7). The main trees stay as they are: there the copy cost ~1 point as labelled. 0: off.
+    # null goes. Without it a null in a field never null in training has no learnt direction
+    # (LightGBM reads it as 0, an ``elong`` or ``scorr`` no alert has; the bundle since 20261127g
+    # sends it to the child with more training alerts). Measured (docs/model.md "Alerts whose
+    # candidate fields are null", 10 seeds): first alerts stripped to the 25 fields of ALeRCE's
+    # stamp-classifier rows 53 -> 68 % (AGN 0 -> 65), as labelled +0.1 (standard error 0.15),
+    # complete first alerts -0.9 (0.4-0.7); with the 20261127g rule 49 -> 68 % ("Nulls where the
+    # trees never saw one"). The main trees stay as they are: there the copy cost ~1 point as
+    # labelled. 0: off.
     early_nulls: float = 0.3
     early_nulls_weight: float = 0.1
     inner_folds: int = 4  # out-of-fold tree outputs on which the correction and T are fitted

@@ -115,9 +115,10 @@ GATE_FEATURE = "all_n_det"
 _NDETHIST = FEATURE_NAMES.index("ndethist")
 # The known-object exception holds only where the alert carries this shape measure, which every ZTF
 # packet of schemas 1.8-4.02 fills and a packet rebuilt from an export often lacks (ALeRCE's
-# stamp-classifier rows do): the main trees never saw it null and read a null as 0, the early trees
-# learnt where nulls go (``with_nulls``). Measured (docs/model.md, "Known objects rebuilt without
-# a history", 10 seeds): such packets 47.5 -> 68.2 % (AGN 6 -> 64), every other test set the same.
+# stamp-classifier rows do): the main trees never saw it null and learnt no direction for a null
+# (read as 0 until 20261127g, sent to the more populous child since), the early trees learnt where
+# nulls go (``with_nulls``). Measured with the old rule (docs/model.md, "Known objects rebuilt
+# without a history", 10 seeds): such packets 47.5 -> 68.2 % (AGN 6 -> 64), every other test set the same.
 SHAPE_FEATURE = "elong"
 
 

@@ -372,15 +372,17 @@ def test_an_alert_without_a_history_of_a_known_object_goes_to_the_main_trees() -
 
 def test_a_null_where_training_had_none_reaches_a_leaf_learnt_for_it() -> None:
     """A packet re-serialised elsewhere may null fields that ZTF's own packets always fill. Here
-    ``elong`` carries the class strongly and ``magpsf`` weakly. Early trees that never saw a null
-    ``elong`` read it as 0 and call most such first alerts one class; with the masked copy
-    (``early_nulls``) they fall back on ``magpsf``. The main trees are the same either way, and
-    the bundle's head scores the nulls as the fitted model does."""
+    ``elong`` carries the class strongly and ``magpsf`` weakly, and one class makes most of the
+    training alerts (as asteroids make most of the real first detections). Early trees that never
+    saw a null ``elong`` send it to the child with more training alerts, that class's side, and
+    call every such first alert that class; with the masked copy (``early_nulls``) they fall back
+    on ``magpsf``. The main trees are the same either way, and the bundle's head scores the nulls
+    as the fitted model does."""
     rng = np.random.default_rng(7)
     nd, hist, elong = (FEATURE_NAMES.index(n) for n in ("ndethist", "all_n_det", "elong"))
 
-    def make(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        y = np.repeat(np.arange(5), n // 5)
+    def make(n: int, share: list[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(5), n // 5) if share is None else np.sort(rng.choice(5, n, p=share))
         f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
         f[:, elong] += 3.0 * y
         f[:, 0] += 1.5 * y
@@ -389,7 +391,7 @@ def test_a_null_where_training_had_none_reaches_a_leaf_learnt_for_it() -> None:
         first[:, nd], first[:, hist] = 1.0, 1.0
         return f, y, np.stack([first] + [f] * (len(STAGES) - 1))
 
-    features, y, stages = make(500)
+    features, y, stages = make(500, [0.1, 0.1, 0.1, 0.1, 0.6])
     groups = np.array([f"o{i}" for i in range(len(y))])
     z = rng.normal(0, 1, (len(y), 4))
     cfg = HeadConfig(max_iter=30, max_depth=3, inner_folds=3)
