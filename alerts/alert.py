@@ -52,7 +52,8 @@ class ArrayColumns(FieldsEqual):
 class History(ArrayColumns):
     """``prv_candidates``, one row per entry in the packet's order. Detections have a finite
     ``magpsf``; non-detections (upper limits) have NaN there and their limit in ``diffmaglim``.
-    ``positive``: 1 where isdiffpos is 't'/'1', 0 where 'f'/'0', -1 where null."""
+    ``positive``: 1 where isdiffpos reads positive, 0 where negative, -1 where null or neither
+    (``sign_of``)."""
 
     jd: np.ndarray  # float64
     fid: np.ndarray  # float64 (NaN where null)
@@ -67,13 +68,23 @@ class History(ArrayColumns):
         return History(z, z, z, z, z, np.zeros(0, np.int8))
 
 
+# How isdiffpos is written, by its first character. ZTF writes 't'/'f' (schemas 1.8-4.02) or '1'/'0'
+# (some of its early packets). A packet rebuilt from a broker's export may carry that broker's
+# encoding: ALeRCE stores the sign as 1/-1, so its rows come back as "1"/"-1"; "T"/"F" and "+" are
+# the other spellings of the same two values. Read as unknown (-1, a NaN feature) the negative
+# differences of such a packet would reach a branch learnt for no sign at all.
+POSITIVE_SIGNS = "tT1+"
+NEGATIVE_SIGNS = "fF0-"
+
+
 def sign_of(isdiffpos: str | bytes | None) -> int:
-    """isdiffpos -> 1 (positive difference), 0 (negative), -1 (unknown)."""
+    """isdiffpos -> 1 (positive difference), 0 (negative), -1 (unknown), by its first character
+    (``POSITIVE_SIGNS``, ``NEGATIVE_SIGNS``)."""
     if isdiffpos is None or len(isdiffpos) == 0:
         return -1
     c = isdiffpos[0]
     c = chr(c) if isinstance(c, int) else c
-    return 1 if c in ("t", "1") else 0 if c in ("f", "0") else -1
+    return 1 if c in POSITIVE_SIGNS else 0 if c in NEGATIVE_SIGNS else -1
 
 
 def count_or_none(v: float) -> int | None:

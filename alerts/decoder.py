@@ -30,7 +30,7 @@ import fastavro
 import numpy as np
 from fastavro import parse_schema, schemaless_reader
 
-from alerts.alert import Alert, History, sign_of
+from alerts.alert import NEGATIVE_SIGNS, POSITIVE_SIGNS, Alert, History, sign_of
 from alerts.allowlist import CANDIDATE_FIELDS, CANDIDATE_STRINGS, EPOCH_FIELDS, HISTORY_FIELDS
 from alerts.errors import AlertDecodeError
 from alerts.flat_reader import ERR_TOO_MANY, ERROR_TEXT, PackedLayout, Rows, read_record
@@ -63,6 +63,9 @@ _TOP_COLUMNS = (
 )  # fmt: skip
 _OBJECT_ID, _CANDID, _CAND_CANDID, _ISDIFFPOS, _SCIENCE, _DIFFERENCE, _FIRST_CANDIDATE = range(7)
 _HISTORY = {n: i for i, n in enumerate(HISTORY_FIELDS)}
+# The history's isdiffpos by its first byte, as sign_of reads the candidate's (one rule, two forms).
+_POSITIVE = np.frombuffer(POSITIVE_SIGNS.encode(), np.uint8)
+_NEGATIVE = np.frombuffer(NEGATIVE_SIGNS.encode(), np.uint8)
 OBJECT_ID = re.compile(r"ZTF[0-9]{2}[a-z0-9]{7}")
 
 
@@ -309,7 +312,7 @@ def _history_from_rows(buf: np.ndarray, items: Rows) -> History:
     i = _HISTORY["isdiffpos"]
     present = items.lens[:, i] > 0
     first = np.where(present, buf[np.where(present, items.ints[:, i], 0)], 0)
-    positive = np.where(present, np.where((first == 116) | (first == 49), 1, np.where((first == 102) | (first == 48), 0, -1)), -1)
+    positive = np.where(present, np.where(np.isin(first, _POSITIVE), 1, np.where(np.isin(first, _NEGATIVE), 0, -1)), -1)
     return History(
         v[:, _HISTORY["jd"]].copy(), v[:, _HISTORY["fid"]].copy(), v[:, _HISTORY["magpsf"]].copy(),
         v[:, _HISTORY["sigmapsf"]].copy(), v[:, _HISTORY["diffmaglim"]].copy(), positive.astype(np.int8),

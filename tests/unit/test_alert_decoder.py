@@ -350,3 +350,42 @@ def test_a_huge_history_count_is_refused_not_looped_over() -> None:
             decode_alert(make_alert(2_400_000_000_000_000_556, n_prv=5).message, limited, fast=fast)
         assert e.value.reason == "too_large"
         assert len(decode_alert(make_alert(2_400_000_000_000_000_557, n_prv=3).message, limited, fast=fast).history) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "sign"),
+    [("t", 1), ("f", 0), ("1", 1), ("0", 0), ("-1", 0), ("+1", 1), ("T", 1), ("F", 0), ("x", -1), ("", -1), (None, -1)],
+)
+def test_every_spelling_of_isdiffpos_reads_alike_on_both_paths(text: str | None, sign: int) -> None:
+    """ZTF writes 't'/'f' or '1'/'0'; a packet rebuilt from ALeRCE's export carries "1"/"-1".
+    The candidate's sign (the feature) and the history's (``History.positive``) read the same on
+    the fast path, the general path and ``sign_of``; an unknown spelling is unknown (-1, NaN)."""
+    import copy
+    import io
+    import json
+
+    import fastavro
+
+    from alerts.alert import sign_of
+    from alerts.features import FEATURE_NAMES, alert_features
+    from alerts.framing import ContainerFramer
+    from alerts.synthetic import ALERT_SCHEMA
+
+    schema = copy.deepcopy(ALERT_SCHEMA)
+    cand = next(f for f in schema["fields"] if f["name"] == "candidate")
+    next(f for f in cand["type"]["fields"] if f["name"] == "isdiffpos")["type"] = ["null", "string"]
+    prv = next(f for f in schema["fields"] if f["name"] == "prv_candidates")["type"][1]["items"]
+    prv["fields"].append({"name": "isdiffpos", "type": ["null", "string"], "default": None})
+    record = next(iter(fastavro.reader(io.BytesIO(make_alert(2_400_000_000_000_000_777, n_prv=3).message))))
+    record["candidate"]["isdiffpos"] = text
+    for e in record["prv_candidates"]:
+        e["isdiffpos"] = text
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(schema), record)
+    msg = ContainerFramer(json.dumps(schema).encode()).frame(body.getvalue())
+    cache = SchemaCache()
+    fast, general = decode_alert(msg, cache), decode_alert(msg, cache, fast=False)
+    assert cache.fast_hits == 1 and fast == general
+    assert sign_of(text) == sign and list(fast.history.positive) == [sign] * 3
+    value = alert_features(fast)[FEATURE_NAMES.index("isdiffpos")]
+    assert (np.isnan(value) if sign < 0 else value == sign), value
