@@ -24,7 +24,7 @@ from model.classifier import LinearProbe, embed_stamps
 from model.device import select_device
 from trainer import run_folder as rf
 from trainer.augment import augment, random_dihedral, random_shift
-from trainer.classify import summarise, train_head
+from trainer.comparison import summarise, train_head
 from trainer.data import Dataset, Splits, split_by_object
 from trainer.evaluation import classification_metrics, knn_metrics, raw_pixel_baseline
 

@@ -130,7 +130,7 @@ def _stages_figure(summary: dict[str, Any], names: list[str], out: Path) -> None
     """F1 of the fused classifier per class, and macro-F1 of the fused, its own trees' and the
     reference rows, against the number of detections the object has had (the last point: the
     alerts as they are)."""
-    from trainer.classify import FUSED_ROW, GATED_ROW, REFERENCE_ROW
+    from trainer.comparison import FUSED_ROW, GATED_ROW, REFERENCE_ROW
 
     fused = summary["rows"][FUSED_ROW]
     ticks = [str(s["detections"]) for s in fused["stages"]] + ["as labelled"]
@@ -156,7 +156,7 @@ def _stages_figure(summary: dict[str, Any], names: list[str], out: Path) -> None
 
 
 def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) -> list[str]:
-    from trainer.classify import FUSED_ROW, GATED_ROW, REFERENCE_ROW
+    from trainer.comparison import FUSED_ROW, GATED_ROW, REFERENCE_ROW
 
     fused = summary["rows"].get(FUSED_ROW, {})
     others = [summary["rows"].get(name, {}) for name in (GATED_ROW, REFERENCE_ROW)]
@@ -198,7 +198,7 @@ def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
     reliability diagram (out-of-fold predictions of seed 0), and the scores by detections so far."""
     from sklearn.metrics import confusion_matrix
 
-    from trainer.classify import FUSED_ROW, STUDY_ROW, summarise
+    from trainer.comparison import FUSED_ROW, STUDY_ROW, summarise
 
     table = rf.load_classifier_table(run_dir)
     if not table:

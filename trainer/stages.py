@@ -4,7 +4,7 @@ many times (median ndethist 80 to 630: catalogues and spectroscopic classificati
 several detections), while its asteroids and bogus alerts are first detections. Cross-validation
 on the alerts as they are therefore cannot show how the classifier treats the first alerts of a
 new object, the ones a broker most wants classified; the trainer's table reports the classifier
-on these views as well (``trainer.classify.cross_validate``), so every run says from which
+on these views as well (``trainer.comparison.cross_validate``), so every run says from which
 detection on its classes can be trusted.
 
 What a view changes (pure, on the decoded alert): earlier detections of the 30-day history beyond

@@ -122,7 +122,7 @@ class GatedTrees:
     of times, its asteroids and artefacts first detections, so trees fitted on it learn "seen once:
     asteroid or bogus" and a new supernova's first alert is never called SN. The early trees are
     fitted on what a first detection can be (the training alerts the gate picks, and the earlier
-    views and earliest detections of the others; trainer/classify.py ``_fit_trees``), the main
+    views and earliest detections of the others; trainer/classify.py ``fit_trees``), the main
     trees keep the objects the labels describe. ``tree_arrays`` turns the pair into one ensemble
     (the gate's splits above every root), so the bundle and the consumer see one set of trees."""
 

@@ -16,19 +16,8 @@ from alerts.decoder import SchemaCache, decode_alerts
 from alerts.features import FEATURE_NAMES, HISTORY_FEATURES, alert_features
 from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
-from trainer.classify import (
-    ALWAYS_PRESENT,
-    FUSED_ROW,
-    GATED_ROW,
-    REFERENCE_ROW,
-    Labelled,
-    cross_validate,
-    fit_fused,
-    history_gate,
-    rows,
-    summarise,
-    with_nulls,
-)
+from trainer.classify import ALWAYS_PRESENT, fit_fused, history_gate, with_nulls
+from trainer.comparison import FUSED_ROW, GATED_ROW, REFERENCE_ROW, Labelled, cross_validate, rows, summarise
 from trainer.stages import STAGES, earlier_view, earliest_detection_alert, first_detection_view
 from trainer.trees import GatedTrees, TreeBag
 

@@ -22,7 +22,7 @@ from config.trainer import HeadConfig
 from consumer.inference import ModelRunner
 from model.bundle import load_bundle
 from trainer.augment import random_dihedral, random_shift, tile_shuffle
-from trainer.classify import END_TO_END_ROW, FUSED_ROW, REFERENCE_ROW, STUDY_ROW
+from trainer.comparison import END_TO_END_ROW, FUSED_ROW, REFERENCE_ROW, STUDY_ROW
 from trainer.data import UNLABELLED, load_dataset, read_labels, split_by_object
 from trainer.export import export_bundle
 from trainer.fit import run_fit
