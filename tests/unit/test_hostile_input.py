@@ -164,3 +164,40 @@ def test_official_schemas_pass_by_fingerprint_and_others_by_the_rules(corpus: li
     if HAVE_SHARED:
         assert all(p.official for p in plans), "every real writer schema is an official one"
     assert not SchemaCache().plan(SCHEMA_JSON).official, "the generated test schema is judged by the rules"
+
+
+def _framing_cases() -> list[tuple[str, bytes, str]]:
+    """One valid record in containers crafted around it (found by a fuzzing round of 2026-11-28:
+    each was already refused by name; kept so that it stays so)."""
+    from alerts.framing import zigzag
+
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(ALERT_SCHEMA), record_of(CANDID + 1))
+    rec, framer = body.getvalue(), ContainerFramer(SCHEMA_JSON)
+
+    def header(*meta: tuple[bytes, bytes]) -> bytes:
+        pairs = b"".join(zigzag(len(k)) + k + zigzag(len(v)) + v for k, v in meta)
+        return b"Obj\x01" + zigzag(len(meta)) + pairs + zigzag(0) + framer.sync
+
+    block = zigzag(1) + zigzag(len(rec)) + rec + framer.sync
+    flood = b"".join(zigzag(2) + b"k%d" % (i % 10) + zigzag(1) + b"v" for i in range(100_000))
+    return [
+        ("metadata map claiming 100,001 entries", b"Obj\x01" + zigzag(100_001) + zigzag(11) + b"avro.schema"
+         + zigzag(len(SCHEMA_JSON)) + SCHEMA_JSON + flood + zigzag(0) + framer.sync + block, "not_avro"),
+        ("sync marker that is not the header's", framer.frame(rec)[:-16] + b"\x00" * 16, "truncated"),
+        ("bytes after the last block", framer.frame(rec) + b"garbage", "truncated"),
+        ("block size past the message", framer.header + zigzag(1) + zigzag(len(rec) + 100) + rec + framer.sync, "truncated"),
+        ("block size short of the record", framer.header + zigzag(1) + zigzag(len(rec) - 100) + rec + framer.sync, "truncated"),
+        ("a header and no block", framer.header, "no_records"),
+        ("a codec the reader does not know", header((b"avro.schema", SCHEMA_JSON), (b"avro.codec", b"zstandard")) + block, "codec"),
+        ("a writer schema that is not UTF-8", header((b"avro.schema", b"\xff\xfe" + SCHEMA_JSON)) + block, "not_avro"),
+        ("two records in one block", framer.header + zigzag(2) + zigzag(2 * len(rec)) + rec + rec + framer.sync, "not_one_record"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "message", "reason"), _framing_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_crafted_framing_is_a_named_error(name: str, message: bytes, reason: str) -> None:
+    t = time.monotonic()
+    assert _reason(message) == reason, name
+    assert _reason(message, SchemaCache(DecodeLimits(allowed_codecs=("deflate", "snappy", "bzip2")))) == reason, name
+    assert time.monotonic() - t < 5.0
