@@ -55,6 +55,10 @@ STAGED_ROWS = (REFERENCE_ROW, GATED_ROW, FUSED_ROW)
 
 @dataclass(frozen=True)
 class Labelled:
+    """The labelled alerts every row of the table is cross-validated on, row-aligned: what each
+    kind of row reads (features, z, the history as a sequence, the stamps), and the earlier views
+    that the head's early trees are fitted on and the staged rows are scored on."""
+
     features: np.ndarray  # (N, F) float32, NaN = missing
     z: np.ndarray  # (N, latent)
     y: np.ndarray  # (N,) class index
