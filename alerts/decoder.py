@@ -313,11 +313,10 @@ def _history_from_rows(buf: np.ndarray, items: Rows) -> History:
     v = items.vals
     i = _HISTORY["isdiffpos"]
     present = items.lens[:, i] > 0
-    first = np.where(present, buf[np.where(present, items.ints[:, i], 0)], 0)
-    positive = np.where(present, _SIGN_OF_BYTE[first], -1)
+    first = np.where(present, buf[np.where(present, items.ints[:, i], 0)], 0)  # 0 where null: unknown in the table
     return History(
         v[:, _HISTORY["jd"]].copy(), v[:, _HISTORY["fid"]].copy(), v[:, _HISTORY["magpsf"]].copy(),
-        v[:, _HISTORY["sigmapsf"]].copy(), v[:, _HISTORY["diffmaglim"]].copy(), positive.astype(np.int8),
+        v[:, _HISTORY["sigmapsf"]].copy(), v[:, _HISTORY["diffmaglim"]].copy(), _SIGN_OF_BYTE[first],
     )  # fmt: skip
 
 

@@ -174,12 +174,7 @@ def _framing_cases() -> list[tuple[str, bytes, str]]:
     body = io.BytesIO()
     fastavro.schemaless_writer(body, fastavro.parse_schema(ALERT_SCHEMA), record_of(CANDID + 1))
     rec, framer = body.getvalue(), ContainerFramer(SCHEMA_JSON)
-
-    def header(*meta: tuple[bytes, bytes]) -> bytes:
-        pairs = b"".join(zigzag(len(k)) + k + zigzag(len(v)) + v for k, v in meta)
-        return b"Obj\x01" + zigzag(len(meta)) + pairs + zigzag(0) + framer.sync
-
-    block = zigzag(1) + zigzag(len(rec)) + rec + framer.sync
+    block = framer.frame(rec)[len(framer.header) :]
     flood = b"".join(zigzag(2) + b"k%d" % (i % 10) + zigzag(1) + b"v" for i in range(100_000))
     return [
         ("metadata map claiming 100,001 entries", b"Obj\x01" + zigzag(100_001) + zigzag(11) + b"avro.schema"
@@ -189,8 +184,8 @@ def _framing_cases() -> list[tuple[str, bytes, str]]:
         ("block size past the message", framer.header + zigzag(1) + zigzag(len(rec) + 100) + rec + framer.sync, "truncated"),
         ("block size short of the record", framer.header + zigzag(1) + zigzag(len(rec) - 100) + rec + framer.sync, "truncated"),
         ("a header and no block", framer.header, "no_records"),
-        ("a codec the reader does not know", header((b"avro.schema", SCHEMA_JSON), (b"avro.codec", b"zstandard")) + block, "codec"),
-        ("a writer schema that is not UTF-8", header((b"avro.schema", b"\xff\xfe" + SCHEMA_JSON)) + block, "not_avro"),
+        ("a codec the reader does not know", framer.header.replace(zigzag(4) + b"null", zigzag(9) + b"zstandard") + block, "codec"),
+        ("a writer schema that is not UTF-8", ContainerFramer(b"\xff\xfe" + SCHEMA_JSON).frame(rec), "not_avro"),
         ("two records in one block", framer.header + zigzag(2) + zigzag(2 * len(rec)) + rec + rec + framer.sync, "not_one_record"),
     ]  # fmt: skip
 
