@@ -39,7 +39,7 @@ class HeadConfig:
     subsample: float = 0.8  # fraction of the rows each tree is grown on
     min_samples_leaf: int = 20
     # L2 penalty of the linear correction from z. With the shipped trees and no class offsets, over
-    # 10 seeds (docs/model.md "Class offsets"), 0.03 / 0.1 / 0.3 / 1 / 3 gave the fused model
+    # 10 seeds (docs/model-experiments.md "Class offsets"), 0.03 / 0.1 / 0.3 / 1 / 3 gave the fused model
     # -0.1 / +0.4 / +0.2 / +0.2 / 0.0 over the trees alone, the smallest spread at 1 (kept: the
     # value chosen before this comparison; the others are within two standard errors of it).
     fusion_l2: float = 1.0
@@ -53,30 +53,30 @@ class HeadConfig:
     # Which alerts the fusion (with its class offsets) is fitted on: the labelled alerts as they
     # are, plus this fraction of their earlier views (trainer/stages.py: the alert at its object's
     # 1st, 2nd, ... detection), drawn at random; the trees stay fitted on the alerts as they are.
-    # 0 = the alerts only. Measured (docs/model.md "New objects", LightGBM's trees, 5 seeds): 0.1
-    # costs ~1.5 points of macro-F1 on the alerts as labelled against the default fusion and
-    # lifts first detections by 26 points, at the price of ~2 % more real asteroids and artefacts
-    # called astrophysical. ``early_detections`` below serves first detections better (+50 points,
-    # whatever ``ndethist`` says, for ~2), so the default is 0.
+    # 0 = the alerts only. Measured (docs/model-experiments.md "With the shipped trees", LightGBM's
+    # trees, 5 seeds): 0.1 costs ~1.5 points of macro-F1 on the alerts as labelled against the
+    # default fusion and lifts first detections by 26 points, at the price of ~2 % more real
+    # asteroids and artefacts called astrophysical. ``early_detections`` below serves first
+    # detections better (+50 points, whatever ``ndethist`` says, for ~2), so the default is 0.
     fusion_views: float = 0.0
-    # First detections get trees of their own (trainer/trees.py GatedTrees): alerts with at most this
-    # many detections in their own 30-day history (this one included; ``all_n_det``) are scored by
-    # trees fitted on the training alerts with that few and on the earlier views (trainer/stages.py)
-    # of the others, the first-detection ones built from the earliest detection of each object's
-    # window; 0 = one set of trees for all. Not ``ndethist``, which also counts earlier
-    # sub-threshold detections: a new object's first alert often has 2 or more. Measured
-    # (docs/model.md "New objects", 10 seeds): at their first detection the fused model's macro-F1
-    # goes from ~30 to 75-81 % whatever ``ndethist`` says and however the first detection is
-    # reconstructed (a new supernova is no longer called an asteroid), at a cost of ~2 points on
-    # the alerts as labelled (real asteroids and artefacts, which are first detections, now meet
-    # views of the other classes).
+    # First detections get trees of their own (trainer/trees.py GatedTrees): alerts with at most
+    # this many detections in their own 30-day history (this one included; ``all_n_det``) are scored
+    # by trees fitted on the training alerts with that few and on the earlier views
+    # (trainer/stages.py) of the others, the first-detection ones built from the earliest detection
+    # of each object's window; 0 = one set of trees for all. Not ``ndethist``, which also counts
+    # earlier sub-threshold detections: a new object's first alert often has 2 or more. Measured
+    # (docs/model-experiments.md "First detections get trees of their own" and the sections after
+    # it, 10 seeds): at their first detection the fused model's macro-F1 goes from ~30 to 75-81 %
+    # whatever ``ndethist`` says and however the first detection is reconstructed (a new supernova
+    # is no longer called an asteroid), at a cost of ~2 points on the alerts as labelled (real
+    # asteroids and artefacts, which are first detections, now meet views of the other classes).
     # Views exist at 1, 2 and 3 detections: 0..3.
     early_detections: int = 1
     # ... except an alert that carries no history at all (no detection and no upper limit in its 30
     # days: an archival copy, a resent alert, a field's first visit of a season) of a place where
     # ZTF counted more than this many raw detections (``ndethist``): its object is not new, and
     # the main trees, which read ``ndethist``, score it (null: the history alone decides). Measured
-    # (docs/model.md "An alert without a history", 10 seeds): 100 gives +0.4 points as labelled
+    # (docs/model-experiments.md "An alert without a history", 10 seeds): 100 gives +0.4 points as labelled
     # (standard error 0.15), the first detection unchanged (+0.2, 0.6). Only where the alert carries
     # its shape measure ``elong``, as every ZTF packet does (trainer/classify.py SHAPE_FEATURE): a
     # packet rebuilt without it has nulls that only the early trees learnt (``early_nulls``).
@@ -86,7 +86,7 @@ class HeadConfig:
     # probability ``early_nulls``, at weight ``early_nulls_weight``, so every split learns where a
     # null goes. Without it a null in a field never null in training has no learnt direction
     # (LightGBM reads it as 0, an ``elong`` or ``scorr`` no alert has; the bundle since 20261127g
-    # sends it to the child with more training alerts). Measured (docs/model.md "Alerts whose
+    # sends it to the child with more training alerts). Measured (docs/model-experiments.md "Alerts whose
     # candidate fields are null", 10 seeds): first alerts stripped to the 25 fields of ALeRCE's
     # stamp-classifier rows 53 -> 68 % (AGN 0 -> 65), as labelled +0.1 (standard error 0.15),
     # complete first alerts -0.9 (0.4-0.7); with the 20261127g rule 49 -> 68 % ("Nulls where the

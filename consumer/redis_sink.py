@@ -14,7 +14,7 @@ diaObject has no per-object entry.
 
 The embedding is stored once: in the vector set where the server has them, else in its own
 string key. Kept out of the hash, the hash's values all stay under Redis's listpack limit (64
-bytes), so it is stored compactly: ~1.4 KB -> ~0.3 KB per alert (docs/benchmarks.md, "Redis").
+bytes), so it is stored compactly: ~1.4 KB -> ~0.3 KB per alert (docs/benchmarks.md, "Redis memory").
 The per-object entry points at the latest alert instead of copying it.
 
 Every hash and embedding key gets the TTL; a vector set expires TTL after the end of its time

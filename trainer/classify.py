@@ -47,14 +47,14 @@ def gbt(cfg: HeadConfig, seed: int) -> TreeBag:
 # one included (g and r; alerts/features.py). Not ``ndethist``: ZTF counts there every raw
 # detection down to S/N ~3 since the survey began, alerted or not, so a new object's first alert
 # often has ``ndethist`` 2 or more, and a gate on it sent such an alert to the main trees, which
-# call it an asteroid or an artefact (docs/model.md, "The gate reads the alert's own history").
+# call it an asteroid or an artefact (docs/model-experiments.md, "The gate reads the alert's own history").
 GATE_FEATURE = "all_n_det"
 _NDETHIST = FEATURE_NAMES.index("ndethist")
 # The known-object exception holds only where the alert carries this shape measure, which every ZTF
 # packet of schemas 1.8-4.02 fills and a packet rebuilt from an export often lacks (ALeRCE's
 # stamp-classifier rows do): the main trees never saw it null and learnt no direction for a null
 # (read as 0 until 20261127g, sent to the more populous child since), the early trees learnt where
-# nulls go (``with_nulls``). Measured with the old rule (docs/model.md, "Known objects rebuilt
+# nulls go (``with_nulls``). Measured with the old rule (docs/model-experiments.md, "Known objects rebuilt
 # without a history", 10 seeds): such packets 47.5 -> 68.2 % (AGN 6 -> 64), every other test set the same.
 SHAPE_FEATURE = "elong"
 
@@ -79,7 +79,7 @@ def fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n
     of the others at 1 to that many detections, and, with ``earliest`` ((N, F), NaN rows where
     none), on the others' earliest detections as alerts of their own time (``ndethist`` drawn as
     ``_drawn_ndethist`` says). Why both kinds of first detection: early trees fitted on one
-    kind alone score up to 9 points lower on another (docs/model.md, "The first-detection view
+    kind alone score up to 9 points lower on another (docs/model-experiments.md, "The first-detection view
     reads the earliest detection"). With ``cfg.early_nulls`` > 0 the early trees also learn from
     a masked copy of all of these (``with_nulls``), so that a null reaches a leaf learnt for it.
     Without views (a caller with none), one set of trees."""

@@ -23,7 +23,7 @@ brightest epoch; ``earliest_detection_alert`` gives that detection as an alert o
 with the little history the packet held before it. Why: early trees fitted on views that keep the
 alert's own measurements score 79.5 % macro-F1 on such views but 72.7 % on the earliest
 detections as alerts of their own time, and trees fitted on the latter 72.9 % on the former; a
-new supernova's first alert is young, like the earlier epoch (docs/model.md, "The
+new supernova's first alert is young, like the earlier epoch (docs/model-experiments.md, "The
 first-detection view reads the earliest detection").
 """
 

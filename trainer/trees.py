@@ -8,7 +8,7 @@ One rule differs from LightGBM's own ``predict``, on purpose: a NaN in a feature
 the training data goes to the child with more training alerts (scikit-learn's histogram trees do
 the same), not where 0 goes (LightGBM reads it as 0; an ``elong``, ``fwhm`` or ``magpsf`` of 0 is no
 value a real alert has). ``TreeBag`` scores through the same tables, so the cross-validation
-measures the rule the bundle runs (docs/model.md, "Nulls where the trees never saw one").
+measures the rule the bundle runs (docs/model-experiments.md, "Nulls where the trees never saw one").
 
 Why LightGBM and not scikit-learn's HistGradientBoostingClassifier (which grew the trees until
 2026-11-26): stochastic boosting, each tree on a random 80 % of the rows and half of the features,
@@ -78,10 +78,11 @@ class Gate:
     30-day history, unless the alert carries no history at all and ZTF counted more than
     ``max_count`` raw detections at its place (``ndethist``): an alert with no history (an archival
     copy, a field's first visit of a season) cannot say by it whether its object is new, and an
-    object detected that often before is not (docs/model.md, "An alert without a history"). The
-    exception holds only where the alert carries its shape measure (``elong``), which every ZTF
+    object detected that often before is not (docs/model-experiments.md, "An alert without a
+    history"). The exception holds only where the alert carries its shape measure (``elong``), which every ZTF
     packet fills: the main trees never saw a null there and learnt no direction for one, while the
-    early trees learnt where nulls go (docs/model.md, "Known objects rebuilt without a history")."""
+    early trees learnt where nulls go (docs/model-experiments.md, "Known objects rebuilt without a
+    history")."""
 
     column: int
     max_value: float
@@ -277,7 +278,7 @@ def _flatten(root: dict[str, Any]) -> list[dict[str, Any]]:
     training NaNs. "None" (no NaN in the feature's training values): to the child with more
     training alerts (left on a tie), as scikit-learn's histogram trees do. LightGBM's ``predict``
     reads such a NaN as 0 instead, a value no real alert has in most features (``fwhm``, ``elong``,
-    ``magpsf``...). Measured over 10 seeds (docs/model.md, "Nulls where the trees never saw one"):
+    ``magpsf``...). Measured over 10 seeds (docs/model-experiments.md, "Nulls where the trees never saw one"):
     the labelled alerts with 10 / 30 % of their candidate fields null +1.3 / +2.0 macro-F1 (ahead
     on 10 of 10 seeds), every complete alert the same."""
     nodes: list[dict[str, Any]] = []

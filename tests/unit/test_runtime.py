@@ -53,7 +53,7 @@ def test_the_shipped_head_gates_a_known_object_on_its_shape_measure() -> None:
     """Every tree of the shipped ensemble starts with the head's gate (trainer/classify.py
     ``history_gate``): the alert's own detections, then, for an alert without any history, its
     ``ndethist`` and its ``elong``, so that a known object's packet rebuilt without its shape
-    measures reaches the early trees, which learnt where nulls go (docs/model.md, "Known objects
+    measures reaches the early trees, which learnt where nulls go (docs/model-experiments.md, "Known objects
     rebuilt without a history")."""
     from config.trainer import HeadConfig
     from trainer.classify import history_gate
