@@ -65,16 +65,36 @@ def test_every_cited_section_exists() -> None:
     assert not broken, "\n".join(broken)
 
 
+def anchor(heading: str) -> str:
+    """The fragment a Markdown renderer (GitHub's) gives a heading: lower case, punctuation gone,
+    spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    return {anchor(h) for h in _HEADING.findall(page.read_text(encoding="utf-8"))}
+
+
+def test_anchor_follows_the_renderer() -> None:
+    assert anchor("The gate reads the alert's own history") == "the-gate-reads-the-alerts-own-history"
+    assert anchor("Every row over 10 seeds, by `trainer fit` itself") == "every-row-over-10-seeds-by-trainer-fit-itself"
+
+
 def test_every_relative_link_in_the_docs_resolves() -> None:
+    """Files and, for a link to a section (``model-experiments.md#class-offsets``), the heading."""
     pages = [ROOT / "README.md", *sorted(ROOT.glob("*/**/*.md"))]
     pages = [p for p in pages if ".venv" not in p.parts and p.parts[len(ROOT.parts)] in SCANNED_DIRS + ("README.md",)]
     broken, seen = [], 0
     for page in pages:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
-            if target.startswith(("http://", "https://", "#", "mailto:")):
+            if target.startswith(("http://", "https://", "mailto:")):
                 continue
             seen += 1
-            if not (page.parent / target.split("#")[0]).exists():
+            path, _, fragment = target.partition("#")
+            linked = page.parent / path if path else page
+            if not linked.exists():
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
+            elif fragment and linked.suffix == ".md" and fragment not in _anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert seen >= 20, seen
     assert not broken, "\n".join(broken)
