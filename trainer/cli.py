@@ -42,6 +42,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from trainer.fit import run_fit
 
     cfg = _trainer_cfg(args)
+    if args.survey == "lsst" and args.encoder:
+        raise SystemExit("--encoder: a Rubin run trains the encoder and nothing else")
     if args.survey == "lsst":  # no labels for Rubin: the encoder alone (trainer/rubin.py)
         from trainer.rubin import fit_rubin
 
@@ -55,12 +57,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     logging.info("data: %s (labels: %s)", ds.summary(), labels_csv)
     if not labels:
         logging.warning("no labels: the probe and its scores need a labels CSV (--labels)")
-    metrics = run_fit(cfg, ds, Path(args.out), data_paths=list(args.data), smoke=args.smoke, baseline=not args.smoke)
+    encoder = Path(args.encoder) if args.encoder else None
+    metrics = run_fit(cfg, ds, Path(args.out), data_paths=list(args.data), smoke=args.smoke, baseline=not args.smoke,
+                      encoder_from=encoder)  # fmt: skip
     p = metrics["probe_tta" if metrics["tta_dihedral"] else "probe"]
-    print(
-        f"fit done: macro F1 {100 * p['macro_f1']:.1f} % (8-fold pooled: {metrics['tta_dihedral']}), "
-        f"test MSE {metrics['test_mse']:.5f}, epochs {metrics['epochs_run']}; run dir {args.out}"
-    )
+    trained = (
+        f"test MSE {metrics['test_mse']:.5f}, epochs {metrics['epochs_run']}" if encoder is None
+        else "encoder of {bundle}:{version}, not trained".format(**metrics["encoder_from"])
+    )  # fmt: skip
+    print(f"fit done: macro F1 {100 * p['macro_f1']:.1f} % (8-fold pooled: {metrics['tta_dihedral']}), {trained}; "
+          f"run dir {args.out}")  # fmt: skip
     return 0
 
 
@@ -143,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--smoke", action="store_true", help="a few steps on 200 alerts (CI)")
     f.add_argument("--survey", choices=["ztf", "lsst"], default="ztf",
                    help="lsst: Rubin alerts, the encoder alone (no labels: no classifier)")
+    f.add_argument("--encoder", default=None, metavar="BUNDLE",
+                   help="take this bundle's encoder as it is instead of training one, and fit only the probe and "
+                        "the classifier: the published embeddings (and the similarity index) stay the bundle's")
     f.set_defaults(func=cmd_fit)
     r = sub.add_parser("report", help="Markdown + PNG report of a run")
     r.add_argument("run_dir")

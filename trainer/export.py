@@ -42,6 +42,8 @@ def export_bundle(
     }  # fmt: skip
     training = metrics["data"] | {"splits": metrics["splits"], "paths": config.data, "trainer": config.trainer.to_dict(),
                                    "leakage_guard": metrics["leakage_guard"]}  # fmt: skip
+    if "encoder_from" in metrics:  # the encoder was not trained in this run: say whose it is
+        training["encoder_from"] = metrics["encoder_from"]
     if head is not None and use_pooled != (head.config.get("embedding", "plain") == "pooled"):
         raise ValueError("the fused head was fitted on the other embedding: export it with --pooling auto")
     if head is not None:

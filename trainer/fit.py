@@ -1,11 +1,18 @@
 """`trainer fit`: the autoencoder on all alerts of the training objects (labels not needed), early
 stopping on the validation objects, then the linear probe on the frozen encoder with the labels,
 then the evaluation on the test objects. Checkpoints every epoch; a rerun resumes.
+
+With ``encoder_from`` (``trainer fit --encoder BUNDLE``) the encoder is a bundle's, taken as it is,
+and only the probe and the classifier are fitted. Why: the embedding is published (the output
+topic's ``embedding``, the similarity index in Redis, whatever subscribers stored), and training
+the autoencoder again changes every z (on another CPU not even bit-identical) when new labels only
+ask for new classes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +26,7 @@ from tqdm import tqdm
 from alerts.features import FEATURE_NAMES, FEATURES_VERSION
 from config import TrainerConfig
 from model.autoencoder import Autoencoder, Encoder, autoencoder_loss
-from model.bundle import HeadSpec
+from model.bundle import HeadSpec, load_bundle
 from model.classifier import LinearProbe, embed_stamps
 from model.device import select_device
 from trainer import run_folder as rf
@@ -247,28 +254,51 @@ def run_fit(
     smoke: bool = False,
     show_progress: bool = True,
     baseline: bool = True,
+    encoder_from: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, probe, evaluate; writes model.pt, metrics.json, history.json, embeddings.npz, split.json."""
+    """Train, probe, evaluate; writes model.pt, metrics.json, history.json, embeddings.npz, split.json.
+    ``encoder_from``: a bundle whose encoder is used as it is instead of training one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = select_device(cfg.device)
+    source = None
+    if encoder_from is not None:
+        model, source = encoder_of_bundle(encoder_from)
+        cfg = dataclasses.replace(cfg, autoencoder=model.cfg)  # the run folder records the architecture it has
     splits: Splits = split_by_object(ds, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     rf.save_config(run_dir, rf.RunConfig(cfg, list(data_paths or []), smoke))
     rf.save_split(run_dir, {k: ds.candid[getattr(splits, k)].tolist() for k in ("train", "val", "test")})
     x = torch.from_numpy(ds.x)
     t0 = time.perf_counter()
-    model, state = train_autoencoder(
-        cfg, x[splits.train], x[splits.val], run_dir, device, max_steps=20 if smoke else None, show_progress=show_progress
-    )
+    if source is None:
+        model, state = train_autoencoder(
+            cfg, x[splits.train], x[splits.val], run_dir, device, max_steps=20 if smoke else None,
+            show_progress=show_progress,
+        )  # fmt: skip
+    else:
+        model, state = model.to(device), TrainState(epoch=0, best_val=float("nan"), best_epoch=-1)
     # training time of every epoch, those of an earlier, resumed process included
     train_s = max(time.perf_counter() - t0, sum(h.get("seconds", 0.0) for h in state.history))
     rf.save_history(run_dir, state.history)
-    metrics = evaluate_run(run_dir, model, state, train_s, ds, splits, cfg, device, baseline)
+    metrics = evaluate_run(run_dir, model, state, train_s, ds, splits, cfg, device, baseline, encoder_source=source)
     metrics["classifier"] = classifier_stage(run_dir, ds, model.encoder, cfg.head.embedding == "pooled", cfg, device,
                                              quick=smoke, show_progress=show_progress)  # fmt: skip
     rf.save_metrics(run_dir, metrics)
     return metrics
+
+
+def encoder_of_bundle(path: Path) -> tuple[Autoencoder, dict[str, Any]]:
+    """A bundle's encoder, weight for weight, inside an autoencoder of its architecture, and where it
+    came from (recorded in the run's metrics and, through ``trainer export``, in the new bundle).
+    The bundle holds no decoder: the decoder stays at its initialisation and is never used, since
+    a run with a borrowed encoder reports no reconstruction."""
+    bundle = load_bundle(path)
+    model = Autoencoder(bundle.model_config)
+    model.encoder.load_state_dict(bundle.encoder_state)
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for _, t in sorted(bundle.encoder_state.items()))).hexdigest()
+    source = {"bundle": bundle.name, "version": bundle.version, "path": str(path), "encoder_sha256": digest}
+    return model.eval(), source
 
 
 def classifier_stage(
@@ -303,14 +333,17 @@ def reevaluate_run(run_dir: Path, ds: Dataset, cfg: TrainerConfig, baseline: boo
     model.load_state_dict(saved.autoencoder)
     state = TrainState(epoch=old["epochs_run"], best_val=old["val_mse"], best_epoch=old["best_epoch"])
     splits = split_by_object(ds, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    return evaluate_run(run_dir, model.eval(), state, old["train_seconds"], ds, splits, cfg, device, baseline)
+    return evaluate_run(run_dir, model.eval(), state, old["train_seconds"], ds, splits, cfg, device, baseline,
+                        encoder_source=old.get("encoder_from"))  # fmt: skip
 
 
 def evaluate_run(
     run_dir: Path, model: Autoencoder, state: TrainState, train_s: float, ds: Dataset, splits: Splits,
-    cfg: TrainerConfig, device: torch.device, baseline: bool,
+    cfg: TrainerConfig, device: torch.device, baseline: bool, encoder_source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Probe, kNN and reconstruction scores on the test objects; writes model.pt, embeddings, metrics."""
+    """Probe, kNN and reconstruction scores on the test objects; writes model.pt, embeddings, metrics.
+    With a borrowed encoder (``encoder_source``) there is no trained decoder: no reconstruction
+    scores (None), and the metrics name the bundle the encoder came from."""
     x = torch.from_numpy(ds.x)
     lab_tr = splits.train[ds.y[splits.train] >= 0]
     lab_va = splits.val[ds.y[splits.val] >= 0]
@@ -342,8 +375,8 @@ def evaluate_run(
         "tta_dihedral": use_tta,
         "probe_l2": {"plain": variants[False]["l2"], "pooled": variants[True]["l2"]},
         "eval_version": EVAL_VERSION,
-        "test_mse": reconstruction_mse(model, x[splits.test], device),
-        "val_mse": state.best_val,
+        "test_mse": reconstruction_mse(model, x[splits.test], device) if encoder_source is None else None,
+        "val_mse": state.best_val if encoder_source is None else None,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "train_seconds": train_s,
@@ -357,6 +390,8 @@ def evaluate_run(
         "classifier reads the allowlisted features of alerts/allowlist.py, never ssdistnr, ssmagnr, ssnamenr, "
         "rb, drb, drbversion or anything computed from them",
     }  # fmt: skip
+    if encoder_source is not None:
+        metrics["encoder_from"] = encoder_source
     if baseline:
         metrics["raw_pixels_logreg"] = raw_pixel_baseline(ds.x, ds.y, lab_tr, lab_va, lab_te, ds.class_names, cfg.seed)
     # A few test stamps (one per class where possible) for the report's reconstruction figure.

@@ -347,20 +347,26 @@ def write_report(run_dir: Path) -> Path:
     use_tta = metrics["tta_dihedral"]
     probe = metrics["probe_tta" if use_tta else "probe"]
     names = probe["class_names"]
-    _curves(history, run_dir / "curves.png")
+    borrowed = metrics.get("encoder_from")  # an encoder taken from a bundle: no training, no decoder
+    if not borrowed:
+        _curves(history, run_dir / "curves.png")
+        _reconstructions(run, names, run_dir / "reconstructions.png")
     _confusion(probe["confusion_matrix"], names, run_dir / "confusion.png")
     xy, method = _projection(emb.z)
     _umap(xy, method, emb.y, names, run_dir / "latent_umap.png")
-    _reconstructions(run, names, run_dir / "reconstructions.png")
     raw = metrics.get("raw_pixels_logreg")
     t = run.config.trainer
     lines = [
         f"# Training report: {run_dir.name}",
         "",
         f"Model: {t.autoencoder.kind} latent {t.autoencoder.latent_dim}, channels {t.autoencoder.channels}, "
-        f"augmentation {t.augment}, extra objective {t.extra_objective}, lr {t.lr}, batch {t.batch_size}, "
-        f"{metrics['epochs_run']} epochs "
-        f"(best {metrics['best_epoch']}), device {metrics['device']}, {metrics['train_seconds']:.0f} s.",
+        + (
+            "the encoder of bundle {bundle}:{version} as it is (not trained in this run; encoder SHA-256 "
+            "{encoder_sha256:.16}...), device {device}.".format(**borrowed, device=metrics["device"]) if borrowed
+            else f"augmentation {t.augment}, extra objective {t.extra_objective}, lr {t.lr}, batch {t.batch_size}, "
+            f"{metrics['epochs_run']} epochs (best {metrics['best_epoch']}), device {metrics['device']}, "
+            f"{metrics['train_seconds']:.0f} s."
+        ),
         f"Embedding used by the probe: {'mean over the 8 flips/rotations' if use_tta else 'plain z'}"
         + (f"; the fused classifier (and so the exported bundle) reads the {t.head.embedding} z." if rf.load_head(run_dir) else "."),
         "",
@@ -373,7 +379,8 @@ def write_report(run_dir: Path) -> Path:
         *_classifier_section(run_dir, names),
         "## Stamp embedding: scores on the test objects",
         "",
-        f"Reconstruction MSE (test): **{metrics['test_mse']:.5f}** (validation best {metrics['val_mse']:.5f}).",
+        f"Reconstruction MSE (test): **{metrics['test_mse']:.5f}** (validation best {metrics['val_mse']:.5f})."
+        if not borrowed else "Reconstruction: none (the encoder was borrowed from a bundle, which holds no decoder).",
         "",
         *_class_table(probe),
         "",
@@ -390,14 +397,15 @@ def write_report(run_dir: Path) -> Path:
         "",
         "## Figures",
         "",
-        "Training curves: ![curves](curves.png)",
-        "",
+        *([] if borrowed else ["Training curves: ![curves](curves.png)", ""]),
         "Confusion matrix (counts; colour: fraction of the true class): ![confusion](confusion.png)",
         "",
         f"{method} of the latent space, coloured by class: ![latent](latent_umap.png)",
         "",
-        "Reconstructions (rows: science, its reconstruction, difference, its reconstruction): ![recon](reconstructions.png)",
-        "",
+        *([] if borrowed else [
+            "Reconstructions (rows: science, its reconstruction, difference, its reconstruction): ![recon](reconstructions.png)",
+            "",
+        ]),  # fmt: skip
         *_clusters_section(run, run_dir, xy, method, names),
     ]
     out = run_dir / "report.md"

@@ -206,6 +206,40 @@ def test_cli_fit_report_export_smoke(alert_dir: Path, tmp_path: Path) -> None:
 
     rt = load_runtime(tmp_path / "bundle.npz")
     assert rt.name == "stampstream-ae" and (not rt.onnx_int8 or rt.int8_fidelity["cosine_mean"] >= 0.999)
+    _refit_on_the_bundles_encoder(alert_dir, tmp_path, tmp_path / "bundle.pt")
+
+
+def _refit_on_the_bundles_encoder(alert_dir: Path, tmp_path: Path, first: Path) -> None:
+    """`trainer fit --encoder BUNDLE`: the probe and the classifier are fitted on that bundle's
+    encoder, taken weight for weight, so the new bundle publishes the same embeddings; its
+    architecture wins over the config's (latent 8 here against the bundle's), no decoder is
+    trained or scored, and the new bundle says whose encoder it carries."""
+    run = tmp_path / "refit"
+    cfg = tmp_path / "other.yaml"
+    cfg.write_text("autoencoder:\n  latent_dim: 8\n")
+    py = [sys.executable, "-m", "trainer.cli"]
+    kw = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 600}
+    res = subprocess.run([*py, "fit", "--config", str(cfg), "--data", str(alert_dir / "alerts"), "--out", str(run),
+                          "--smoke", "--device", "cpu", "--encoder", str(first)], **kw)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "not trained" in res.stdout
+    assert json.loads((run / "history.json").read_text()) == []
+    res = subprocess.run([*py, "report", str(run)], **kw)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = (run / "report.md").read_text()
+    assert "not trained in this run" in report and "curves.png" not in report and "reconstructions.png" not in report
+    assert not (run / "curves.png").exists() and "By detections so far" in report
+    res = subprocess.run([*py, "export", str(run), "--out", str(tmp_path / "refit.pt"), "--version", "r1", "--no-int8"], **kw)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = load_bundle(first), load_bundle(tmp_path / "refit.pt")
+    assert b.model_config == a.model_config and b.model_config.latent_dim != 8
+    assert a.encoder_state.keys() == b.encoder_state.keys()
+    assert all(torch.equal(a.encoder_state[k], b.encoder_state[k]) for k in a.encoder_state)
+    assert b.training_data["encoder_from"]["version"] == a.version and b.metrics["test_mse"] is None
+    assert b.head is not None
+    x = torch.rand(4, 2, 21, 21)
+    with torch.no_grad():
+        assert torch.equal(a.build()(x)[0], b.build()(x)[0])
 
 
 def test_cli_rubin_fit_report_export(tmp_path: Path) -> None:
