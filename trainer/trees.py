@@ -79,10 +79,10 @@ class Gate:
     ``max_count`` raw detections at its place (``ndethist``): an alert with no history (an archival
     copy, a field's first visit of a season) cannot say by it whether its object is new, and an
     object detected that often before is not (docs/model-experiments.md, "An alert without a
-    history"). The exception holds only where the alert carries its shape measure (``elong``), which every ZTF
-    packet fills: the main trees never saw a null there and learnt no direction for one, while the
-    early trees learnt where nulls go (docs/model-experiments.md, "Known objects rebuilt without a
-    history")."""
+    history"). The exception holds only where the alert carries its shape measure (``elong``),
+    which every ZTF packet fills: the main trees never saw a null there and learnt no direction for
+    one, while the early trees learnt where nulls go (docs/model-experiments.md, "Known objects
+    rebuilt without a history")."""
 
     column: int
     max_value: float
