@@ -380,6 +380,8 @@ def summarise(table: dict[str, Any], class_names: Sequence[str]) -> dict[str, An
             out["rows"][name]["stages"] = [{"detections": s["detections"]} | _mean_scores(s, class_names) for s in row["stages"]]
         if "calibration" in row:
             out["rows"][name]["ece"] = row["calibration"]["ece"]
+    if "unlabelled" in table:
+        out["unlabelled"] = table["unlabelled"]
     return out
 
 

@@ -34,6 +34,7 @@ from trainer.augment import augment, random_dihedral, random_shift
 from trainer.comparison import summarise, train_head
 from trainer.data import Dataset, Splits, split_by_object
 from trainer.evaluation import classification_metrics, knn_metrics, raw_pixel_baseline
+from trainer.unlabelled import unlabelled_calls, unlabelled_of_other_objects
 
 log = logging.getLogger("stampstream.trainer")
 
@@ -318,6 +319,10 @@ def classifier_stage(
                                stamps=None if tta else ds.x[lab], encoder=encoder.cpu(), stages=ds.stages[:, lab],
                                earliest=ds.earliest[lab])  # fmt: skip
     encoder.to(device)
+    others = unlabelled_of_other_objects(ds.y, ds.object_id)
+    if others.any():
+        table["unlabelled"] = unlabelled_calls(fitted.predict_proba(ds.features[others], z[others]),
+                                               ds.features[others], ds.class_names)  # fmt: skip
     summary = summarise(table, ds.class_names)
     spec = HeadSpec.from_head(fitted.head(), FEATURE_NAMES, FEATURES_VERSION, config=dataclasses.asdict(cfg.head), metrics=summary)
     rf.save_head(run_dir, spec, table)

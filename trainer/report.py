@@ -193,6 +193,48 @@ def _stages_section(summary: dict[str, Any], names: list[str], run_dir: Path) ->
     return lines
 
 
+def _unlabelled_figure(calls: dict[str, Any], names: list[str], out: Path) -> None:
+    """One bar per group of trainer/unlabelled.py: the share of its alerts the head calls each class."""
+    groups = [g for g in calls["groups"] if g["alerts"]]
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.55 * len(groups)))
+    left = np.zeros(len(groups))
+    for i, n in enumerate(names):
+        share = np.array([100 * g["called"][n] / g["alerts"] for g in groups])
+        ax.barh(range(len(groups)), share, left=left, color=plt.get_cmap("tab10")(i), label=n)
+        left += share
+    ax.set_yticks(range(len(groups)), [f"{g['short']} ({g['alerts']})" for g in groups], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of the group's alerts called each class")
+    ax.legend(fontsize=7, ncol=len(names), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _unlabelled_section(table: dict[str, Any], names: list[str], run_dir: Path) -> list[str]:
+    calls = table.get("unlabelled")
+    if not calls or not calls["alerts"]:
+        return []
+    _unlabelled_figure(calls, names, run_dir / "unlabelled.png")
+    lines = [
+        "### What it calls the alerts nobody labelled",
+        "",
+        f"The shipped head on the {calls['alerts']} unlabelled alerts of objects without a label (never in its "
+        "training folds; trainer/unlabelled.py). No class to score against, but the labelled set has no real first "
+        "detection of a new object, and these alerts have: the share of each class it calls there is what a "
+        "subscriber will see.",
+        "",
+        "| alerts | n | " + " | ".join(f"{n} %" for n in names) + " | mean top probability |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for g in calls["groups"]:
+        share = " | ".join(f"{100 * g['called'][n] / g['alerts']:.0f}" if g["alerts"] else "" for n in names)
+        top = f"{g['mean_top_probability']:.2f}" if g["mean_top_probability"] is not None else ""
+        lines.append(f"| {g['group']} | {g['alerts']} | {share} | {top} |")
+    return [*lines, "", "![what it calls the unlabelled alerts](unlabelled.png)", ""]
+
+
 def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
     """The cross-validated comparison table, per-class F1, the fused model's confusion matrix and
     reliability diagram (out-of-fold predictions of seed 0), and the scores by detections so far."""
@@ -237,7 +279,7 @@ def _classifier_section(run_dir: Path, names: list[str]) -> list[str]:
             "Reliability diagram: ![reliability](reliability.png)",
             "",
         ]
-    return lines + _stages_section(summary, names, run_dir)
+    return lines + _stages_section(summary, names, run_dir) + _unlabelled_section(table, names, run_dir)
 
 
 def _stamps_of(run: rf.Run, candids: np.ndarray) -> dict[int, np.ndarray] | None:

@@ -185,14 +185,21 @@ def test_cli_fit_report_export_smoke(alert_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     py = [sys.executable, "-m", "trainer.cli"]
     kw = {"cwd": ROOT, "capture_output": True, "text": True, "timeout": 600}
-    res = subprocess.run([*py, "fit", "--data", str(alert_dir / "alerts"), "--out", str(run), "--smoke", "--device", "cpu"], **kw)
+    more = tmp_path / "unlabelled"  # alerts of 6 objects without a label, beside the labelled ones
+    more.mkdir()
+    for i, kind in enumerate(list(KIND_LABEL) + ["point", "streak"]):
+        (more / f"{i}.avro").write_bytes(make_alert(2_400_000_000_000_900_000 + i, object_id=f"ZTF25new{i:04d}", kind=kind).message)
+    res = subprocess.run([*py, "fit", "--data", str(alert_dir / "alerts"), str(more), "--out", str(run), "--smoke", "--device", "cpu"], **kw)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "fit done" in res.stdout
+    calls = json.loads((run / "classifier.json").read_text())["unlabelled"]  # what the head calls them
+    assert calls["alerts"] == 6 and sum(sum(g["called"].values()) for g in calls["groups"]) == 6
     res = subprocess.run([*py, "report", str(run)], **kw)
     assert res.returncode == 0, res.stderr[-2000:]
     report = (run / "report.md").read_text()
     assert "By detections so far" in report  # the fused classifier on earlier views of the labelled alerts
-    for png in ("curves.png", "confusion.png", "latent_umap.png", "reconstructions.png", "stages.png"):
+    assert "What it calls the alerts nobody labelled" in report
+    for png in ("curves.png", "confusion.png", "latent_umap.png", "reconstructions.png", "stages.png", "unlabelled.png"):
         assert png in report
         img = plt.imread(run / png)  # a real PNG, of a plausible size, with something drawn on it
         assert img.ndim == 3 and min(img.shape[:2]) >= 200
