@@ -220,8 +220,8 @@ def _unlabelled_section(table: dict[str, Any], names: list[str], run_dir: Path) 
     lines = [
         "### What it calls the alerts nobody labelled",
         "",
-        f"The shipped head on the {calls['alerts']} unlabelled alerts of objects without a label (never in its "
-        "training folds; trainer/unlabelled.py). No class to score against, but the labelled set has no real first "
+        f"The shipped head on the {calls['alerts']} unlabelled alerts of objects without a label (objects it was "
+        "never trained on; trainer/unlabelled.py). No class to score against, but the labelled set has no real first "
         "detection of a new object, and these alerts have: the share of each class it calls there is what a "
         "subscriber will see.",
         "",

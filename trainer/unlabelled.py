@@ -6,8 +6,8 @@ first detections are asteroids and artefacts (docs/model.md, "New objects"). The
 objects without a label are real alerts of every kind, first detections included. They carry no
 class to score against, but the share of each class the head calls, next to how sure it is, is
 what a subscriber of the stream will see; ``trainer fit`` stores it in the classifier table and
-``trainer report`` shows it. Their objects are never in the head's training folds, so the calls
-are out of sample. Pure functions, no I/O.
+``trainer report`` shows it. The head was never trained on their objects, so the calls are out
+of sample. Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _NDETHIST = FEATURE_NAMES.index("ndethist")
 
 def unlabelled_of_other_objects(y: np.ndarray, object_id: np.ndarray) -> np.ndarray:
     """Mask of the unlabelled alerts (``y`` < 0) whose object has no labelled alert: an unlabelled
-    alert of a labelled object is in the training folds through its object's other alerts."""
+    alert of a labelled object is not out of sample, since its object's other alerts trained the head."""
     labelled = set(object_id[y >= 0].tolist())
     others: np.ndarray = (y < 0) & np.array([o not in labelled for o in object_id.tolist()], dtype=bool)
     return others
