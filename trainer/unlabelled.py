@@ -33,9 +33,7 @@ _NDETHIST = FEATURE_NAMES.index("ndethist")
 def unlabelled_of_other_objects(y: np.ndarray, object_id: np.ndarray) -> np.ndarray:
     """Mask of the unlabelled alerts (``y`` < 0) whose object has no labelled alert: an unlabelled
     alert of a labelled object is not out of sample, since its object's other alerts trained the head."""
-    labelled = set(object_id[y >= 0].tolist())
-    others: np.ndarray = (y < 0) & np.array([o not in labelled for o in object_id.tolist()], dtype=bool)
-    return others
+    return (y < 0) & ~np.isin(object_id, object_id[y >= 0])
 
 
 def alert_group(features: np.ndarray) -> np.ndarray:
