@@ -342,7 +342,7 @@ def _decode_record(message: bytes, buf: np.ndarray, pos: int, end: int, plan: _S
 
 def _inflate(codec: str, block: bytes, limit: int) -> bytes:
     """A compressed container block, inflated to at most ``limit`` bytes (AlertDecodeError past it)."""
-    too_large = AlertDecodeError(f"{codec} block inflates past {limit} bytes", reason="too_large")
+    too_large = AlertDecodeError(f"{codec} blocks inflate past the message's cap ({limit} bytes left)", reason="too_large")
     try:
         if codec == "deflate":
             d = zlib.decompressobj(-15)
@@ -377,7 +377,8 @@ def _inflate(codec: str, block: bytes, limit: int) -> bytes:
 def decode_alerts(message: bytes, cache: SchemaCache, fast: bool = True) -> list[Alert]:
     """All alerts in one container (the ZTF stream has exactly one; archive files have many).
     ``fast=False`` forces the general path. Codecs other than null are read only when allowed by
-    the limits (``DecodeLimits.allowed_codecs``), each block inflated with a cap."""
+    the limits (``DecodeLimits.allowed_codecs``: deflate by default), the blocks inflated up to
+    ``DecodeLimits.max_block_bytes`` in all."""
     limits = cache.limits
     header = read_container_header(message)
     plan = cache.plan(header.schema_json)
@@ -386,6 +387,7 @@ def decode_alerts(message: bytes, cache: SchemaCache, fast: bool = True) -> list
         raise AlertDecodeError(f"container codec {codec!r} is not allowed here", reason="codec")
     alerts: list[Alert] = []
     pos = header.body_offset
+    inflate_left = limits.max_block_bytes
     while pos < len(message):
         count, pos = read_long(message, pos)
         size, pos = read_long(message, pos)
@@ -398,7 +400,8 @@ def decode_alerts(message: bytes, cache: SchemaCache, fast: bool = True) -> list
             raise AlertDecodeError(f"block of {count} records", reason="too_large")
         data, start, stop = message, pos, end
         if codec != "null":
-            data = _inflate(codec, message[pos:end], limits.max_block_bytes)
+            data = _inflate(codec, message[pos:end], inflate_left)
+            inflate_left -= len(data)
             start, stop = 0, len(data)
         alerts += _decode_block(data, start, stop, count, plan, cache, fast)
         pos = end + SYNC_SIZE

@@ -65,6 +65,29 @@ def bzip2_bomb() -> bytes:
     return MAGIC + header[4:] + zigzag(1) + zigzag(len(bomb)) + bomb + framer.sync
 
 
+def deflate_bomb() -> bytes:
+    """One deflate block of ~20 KB that inflates to 20 MiB, past the 16 MiB cap. Deflate is read
+    by default (Avro's required codec), so it is inflated up to the cap, then refused."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb = c.compress(b"\x00" * (20 * 1024 * 1024)) + c.flush()
+    framer = ContainerFramer(SCHEMA_JSON)
+    header = framer.header.replace(zigzag(4) + b"null", zigzag(7) + b"deflate")
+    return MAGIC + header[4:] + zigzag(1) + zigzag(len(bomb)) + bomb + framer.sync
+
+
+def deflate_blocks_past_the_cap(candid: int, blocks: int = 20) -> bytes:
+    """``blocks`` deflate blocks of one valid record each, whose 1 MiB stamp of zeros makes the
+    block ~1 KB: each block far under the cap, 20 MiB together (the cap counts them all)."""
+    record = record_of(candid)
+    record["cutoutScience"]["stampData"] = b"\x00" * (1024 * 1024)
+    for other in ("cutoutTemplate", "cutoutDifference"):  # their noise would not compress
+        if record.get(other):
+            record[other]["stampData"] = b"\x00" * 1024
+    buf = io.BytesIO()
+    fastavro.writer(buf, fastavro.parse_schema(ALERT_SCHEMA), [record] * blocks, codec="deflate", sync_interval=1)
+    return buf.getvalue()
+
+
 def gzip_stamp_bomb(candid: int) -> bytes:
     record = record_of(candid)
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -230,6 +253,8 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("2^62 history entries", huge_history_count(start + 2), "too_large"),
         ("2^62 doubles in an array only fastavro reads", array_count_past_the_end(start + 11), "truncated"),
         ("bzip2 bomb block", bzip2_bomb(), "codec"),
+        ("deflate bomb block", deflate_bomb(), "too_large"),
+        ("deflate blocks that each stay under the cap", deflate_blocks_past_the_cap(start + 17), "too_large"),
         ("gzip stamp bomb", gzip_stamp_bomb(start + 4), "cutout_too_large"),
         ("FITS header size bomb", fits_size_bomb(start + 5), "cutout_too_large"),
         ("tile-compressed FITS image (decompression bomb)", tile_compressed_stamp(start + 10), "cutout_bad_fits"),

@@ -10,10 +10,18 @@ import zlib
 
 import fastavro
 import pytest
-from attacks import bzip2_bomb, deep_recursive_schema, message_of, record_of, zero_byte_items
+from attacks import (
+    bzip2_bomb,
+    deep_recursive_schema,
+    deflate_blocks_past_the_cap,
+    deflate_bomb,
+    message_of,
+    record_of,
+    zero_byte_items,
+)
 
 from alerts.cutouts import gunzip
-from alerts.decoder import SchemaCache, decode_alert, decode_alert_reference
+from alerts.decoder import SchemaCache, decode_alert, decode_alert_reference, decode_alerts
 from alerts.errors import AlertDecodeError, BadAlertError
 from alerts.framing import ContainerFramer, read_container_header
 from alerts.limits import DecodeLimits
@@ -82,18 +90,45 @@ def test_wrong_field_types_are_refused() -> None:
         assert _reason(ContainerFramer(json.dumps(schema).encode()).frame(b"\x00")) == "schema_policy"
 
 
-def test_compressed_blocks_are_refused_by_default_and_bounded_when_allowed() -> None:
+def test_deflate_is_read_by_default_other_codecs_only_where_allowed_and_all_are_bounded() -> None:
     record = _record()
     out = {}
     for codec in ("deflate", "bzip2", "snappy"):
         buf = io.BytesIO()
         fastavro.writer(buf, fastavro.parse_schema(ALERT_SCHEMA), [record], codec=codec)
         out[codec] = buf.getvalue()
-        assert _reason(out[codec]) == "codec"
+        if codec == "deflate":  # Avro's required codec: read by the default limits
+            assert decode_alert(out[codec], SchemaCache()) == decode_alert_reference(out[codec])
+            assert _reason(out[codec], SchemaCache(DecodeLimits(allowed_codecs=()))) == "codec"
+        else:
+            assert _reason(out[codec]) == "codec"
         allowed = SchemaCache(DecodeLimits(allowed_codecs=(codec,)))
         assert decode_alert(out[codec], allowed) == decode_alert_reference(out[codec])
         tiny = SchemaCache(DecodeLimits(allowed_codecs=(codec,), max_block_bytes=1000))
         assert _reason(out[codec], tiny) == "too_large"
+
+
+def test_a_deflate_bomb_is_stopped_at_the_cap_by_default() -> None:
+    """~20 KB of deflate that would inflate to 20 MiB: inflated up to the 16 MiB cap, then refused."""
+    msg = deflate_bomb()
+    assert len(msg) < 64 * 1024
+    t = time.monotonic()
+    assert _reason(msg) == "too_large"
+    assert time.monotonic() - t < 5.0
+
+
+def test_the_inflate_cap_counts_every_block_of_a_message() -> None:
+    """20 deflate blocks of one valid record each (1 MiB inflated, ~1 KB on the wire): no block
+    is near the cap, together they pass it. Under a cap that holds them all they decode (and the
+    stream path refuses the 20 records as not one alert)."""
+    msg = deflate_blocks_past_the_cap(CANDID, blocks=20)
+    assert len(msg) < 256 * 1024
+    assert _reason(msg) == "too_large"
+    cache = SchemaCache(DecodeLimits(max_block_bytes=32 * 1024 * 1024))
+    assert len(decode_alerts(msg, cache)) == 20
+    assert _reason(msg, cache) == "not_one_record"
+    fewer = deflate_blocks_past_the_cap(CANDID, blocks=12)
+    assert len(decode_alerts(fewer, SchemaCache())) == 12
 
 
 def test_a_bzip2_bomb_is_stopped_at_the_cap() -> None:
