@@ -226,8 +226,19 @@ def cutout_crop(
 ) -> tuple[np.ndarray, bool]:
     if gz is None:
         raise CutoutError(f"{name} cutout is missing", reason="cutout_missing")
-    img = fits_image(gunzip(gz, max_bytes), fast=fast)
+    img = fits_image(_fits_bytes(gz, name, max_bytes), fast=fast)
     return centre_crop(img, xpos, ypos)
+
+
+def _fits_bytes(data: bytes, name: str, max_bytes: int) -> bytes:
+    """A ZTF cutout's FITS file: gunzipped, as ZTF sends it, or as it is where a producer that
+    re-serialised the alert stored it uncompressed (a FITS file begins with ``SIMPLE  =``; it is the
+    same image, so it is not lost to the dead letters). Either way at most ``max_bytes``."""
+    if data[:9] != b"SIMPLE  =":
+        return gunzip(data, max_bytes)
+    if len(data) > max_bytes:
+        raise CutoutError(f"{name} cutout of {len(data)} bytes (limit {max_bytes})", reason="cutout_too_large")
+    return data
 
 
 def stamp_pixels(

@@ -196,6 +196,29 @@ def test_bad_cutouts_raise_named_errors(science, difference, reason) -> None:
     assert ei.value.candid == 2_400_000_000_000_000_003
 
 
+def test_an_uncompressed_fits_cutout_is_read_as_its_gzipped_form() -> None:
+    """A producer that re-serialised an alert may store its stamps as plain FITS: the same crops;
+    past the stamp limit it is still refused."""
+    import gzip
+
+    gz = make_alert(2_400_000_000_000_000_006).message
+    science, difference = _cutouts(gz)
+    plain = make_alert(2_400_000_000_000_000_006, science=gzip.decompress(science), difference=gzip.decompress(difference))
+    _, want = decode_message(gz, SchemaCache())
+    _, got = decode_message(plain.message, SchemaCache())
+    np.testing.assert_array_equal(got.pixels, want.pixels)
+    assert got.nan_fraction == want.nan_fraction
+    with pytest.raises(CutoutError) as ei:
+        decode_message(plain.message, SchemaCache(DecodeLimits(max_stamp_bytes=1000)))
+    assert ei.value.reason == "cutout_too_large"
+
+
+def _cutouts(message: bytes) -> tuple[bytes, bytes]:
+    alert = decode_alert(message, SchemaCache())
+    assert alert.science is not None and alert.difference is not None
+    return alert.science, alert.difference
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [(b"", "empty"), (b"{\"json\": true}", "not_avro"), (b"Obj\x01", "truncated")],
