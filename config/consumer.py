@@ -106,6 +106,11 @@ class BatchingConfig:
     # that a message which crashes a decoding library becomes a dead letter instead of a crash
     # loop on its uncommitted offset. 0: off. (Moot with decode_workers > 0.)
     isolate_after_crash: int = 3
+    # Seconds a decode worker may take over one chunk of a batch (up to 64 messages, normally
+    # milliseconds) before it is taken as hung and killed: the batch is decoded again one message
+    # per task, and a message that hangs its worker becomes a dead letter (decode_timeout) instead
+    # of stalling the daemon, and its isolated restart, for ever (consumer/decoding.py).
+    decode_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,8 @@ def _validate(cfg: ConsumerConfig) -> None:
         raise ConfigError("batching.decode_workers must be in 0..256")
     if b.isolate_after_crash < 0:
         raise ConfigError("batching.isolate_after_crash must be >= 0")
+    if not b.decode_timeout_s > 0:
+        raise ConfigError("batching.decode_timeout_s must be > 0")
     if not cfg.kafka.input_topics:
         raise ConfigError("kafka.input_topics: at least one topic")
     for topic in cfg.kafka.input_topics:

@@ -125,7 +125,8 @@ class StreamProcessor:
         self._progress_mark = (time.monotonic(), 0)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         workers = cfg.batching.decode_workers
-        self.decode_pool = DecodePool(workers, cfg.decoding) if workers > 0 else None
+        timeout = cfg.batching.decode_timeout_s
+        self.decode_pool = DecodePool(workers, cfg.decoding, timeout_s=timeout) if workers > 0 else None
         self._isolate_left = isolate_batches if self.decode_pool is None else 0
         self._isolation: DecodePool | None = None
 
@@ -284,9 +285,9 @@ class StreamProcessor:
                 log.info("decoding in the main process again")
             return None
         if self._isolation is None:
-            log.warning("decoding the next %d batches in a worker process: a message that kills it becomes a dead letter",
+            log.warning("decoding the next %d batches in a worker process: a message that kills or hangs it becomes a dead letter",
                         self._isolate_left)  # fmt: skip
-            self._isolation = DecodePool(1, self.cfg.decoding)
+            self._isolation = DecodePool(1, self.cfg.decoding, timeout_s=self.cfg.batching.decode_timeout_s)
         self._isolate_left -= 1
         return self._isolation
 

@@ -21,6 +21,11 @@ Isolation: a message that kills a worker (a crash in a C library, the OOM killer
 pool. The batch is then decoded again one message per task, the pool restarted after each
 death, and the message that killed a worker becomes a dead letter (``worker_crashed``): it never
 reaches the main process, so it can neither crash the daemon nor repeat on an uncommitted offset.
+A message that hangs a worker instead (a loop in a C library with the GIL held: no exception, no
+death) would stall the daemon until its liveness probe restarts it, and the restart, isolated,
+would hang on it again. So a chunk gets ``timeout_s`` (``batching.decode_timeout_s``; chunks take
+milliseconds): past it the workers are killed and the batch decoded again one message per task,
+and the message that hangs becomes a dead letter (``decode_timeout``).
 
 Workers are spawned, never forked: the daemon's process runs librdkafka's threads, and a fork
 copies their locks in whatever state they are in.
@@ -36,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -163,11 +169,13 @@ def _reserved_block(size: int) -> shared_memory.SharedMemory:
 class DecodePool:
     """``workers`` spawned processes, each with its own schema caches (bounded by ``limits``)."""
 
-    def __init__(self, workers: int, limits: DecodeLimits, chunk: int = 64, task: Task | None = None) -> None:
-        """``task``: what a worker runs on a chunk of messages (tests pass one that dies on a marker)."""
+    def __init__(self, workers: int, limits: DecodeLimits, chunk: int = 64, task: Task | None = None,
+                 timeout_s: float | None = None) -> None:  # fmt: skip
+        """``task``: what a worker runs on a chunk of messages (tests pass one that dies or hangs on
+        a marker); ``timeout_s``: how long a chunk may take before its worker is taken as hung."""
         if workers < 1:
             raise ValueError("a decode pool needs at least one worker")
-        self.workers, self.limits, self.chunk = workers, limits, chunk
+        self.workers, self.limits, self.chunk, self.timeout_s = workers, limits, chunk, timeout_s
         self.task: Task = task or decode_chunk
         self.restarts = 0
         self._memory: shared_memory.SharedMemory | None = None
@@ -182,6 +190,14 @@ class DecodePool:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.restarts += 1
         self._pool = self._start()
+
+    def _kill(self) -> None:
+        """Kill the workers (a hung one never takes another task), then start new ones.
+        ProcessPoolExecutor has no public way to stop a busy worker; its ``_processes`` map is the
+        handle there is (``test_a_worker_killed_from_outside_is_replaced`` uses it too)."""
+        for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+            process.kill()
+        self._restart()
 
     def _load(self, values: Sequence[bytes | None]) -> list[tuple[int, int]]:
         """The batch's messages into the shared block (grown, never shrunk) -> their spans. The
@@ -212,20 +228,28 @@ class DecodePool:
             futures = [self._pool.submit(self.task, c) for c in chunks]
             got: list[Decoded | Refused] = []
             for f in futures:
-                got += f.result()
+                got += f.result(timeout=self.timeout_s)
                 beat()
         except BrokenProcessPool:
             log.error("a decode worker died: decoding the batch again, one message per task")
             self._restart()
             got = [self._one_by_one(Chunk(name, (span,)), beat) for span in spans]
+        except FutureTimeout:
+            log.error("a decode worker did not answer within %s s: decoding the batch again, one message per task",
+                      self.timeout_s)  # fmt: skip
+            self._kill()
+            got = [self._one_by_one(Chunk(name, (span,)), beat) for span in spans]
         return [g.error() if isinstance(g, Refused) else g for g in got]
 
     def _one_by_one(self, chunk: Chunk, beat: Callable[[], None]) -> Decoded | Refused:
         try:
-            (o,) = self._pool.submit(self.task, chunk).result()
+            (o,) = self._pool.submit(self.task, chunk).result(timeout=self.timeout_s)
         except BrokenProcessPool:
             self._restart()
             return Refused(BadAlertError, "the message killed a decode worker", "worker_crashed", None)
+        except FutureTimeout:
+            self._kill()
+            return Refused(BadAlertError, f"decoding the message took over {self.timeout_s} s", "decode_timeout", None)
         beat()
         return o
 

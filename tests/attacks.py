@@ -280,18 +280,25 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
     ]
 
 
-# A message no library crashes on today, made to: the worker task below dies on it the way a
-# segfault in a decoding library would (no exception, no reply), so the tests can show what the
-# daemon does with such a message (consumer/decoding.py, consumer/crash_marker.py).
+# Messages no library crashes or hangs on today, made to: the worker task below dies on the first
+# the way a segfault in a decoding library would, and sleeps on the second the way a loop in C
+# with the GIL held would (no exception, no reply either way), so the tests can show what the
+# daemon does with such messages (consumer/decoding.py, consumer/crash_marker.py).
 KILL_WORKER = b"this message kills the process that decodes it"
+HANG_WORKER = b"this message hangs the process that decodes it"
 
 
 def decode_or_die(chunk):  # type: ignore[no-untyped-def]
-    """A decode-worker task (``DecodePool(task=...)``) that exits on KILL_WORKER."""
+    """A decode-worker task (``DecodePool(task=...)``) that exits on KILL_WORKER, and hangs on
+    HANG_WORKER the way a loop in a C library with the GIL held would (no exception, no reply)."""
     import os
+    import time
 
     from consumer.decoding import chunk_values, decode_chunk
 
-    if KILL_WORKER in chunk_values(chunk):
+    values = chunk_values(chunk)
+    if KILL_WORKER in values:
         os._exit(1)
+    if HANG_WORKER in values:
+        time.sleep(3600)
     return decode_chunk(chunk)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
-from attacks import KILL_WORKER, all_attacks, decode_or_die
+from attacks import HANG_WORKER, KILL_WORKER, all_attacks, decode_or_die
 
 from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
@@ -63,20 +64,40 @@ def test_workers_give_what_the_main_process_gives(values: list[bytes | None]) ->
     assert all(o[0].science is None and o[0].difference is None for o in ztf)  # the cut bytes stay behind
 
 
-def test_a_message_that_kills_a_worker_is_a_dead_letter_and_the_rest_decode(values: list[bytes | None]) -> None:
+@pytest.mark.parametrize(("marker", "reason"), [(KILL_WORKER, "worker_crashed"), (HANG_WORKER, "decode_timeout")])
+def test_a_message_that_kills_or_hangs_a_worker_is_a_dead_letter_and_the_rest_decode(
+    values: list[bytes | None], marker: bytes, reason: str
+) -> None:
     good = [v for v in values[:6]]
-    batch = good[:3] + [KILL_WORKER] + good[3:]
-    pool = DecodePool(2, DecodeLimits(), chunk=2, task=decode_or_die)
+    batch = good[:3] + [marker] + good[3:]
+    pool = DecodePool(2, DecodeLimits(), chunk=2, task=decode_or_die, timeout_s=3.0)
     try:
+        t = time.monotonic()
         got = pool.decode(batch)
-        assert pool.restarts >= 2  # once for the batch, once for the killer alone
+        took = time.monotonic() - t
+        assert pool.restarts >= 2  # once for the batch, once for the message alone
         again = pool.decode(good)  # the pool works after the restarts
     finally:
         pool.close()
-    killed = got[3]
-    assert isinstance(killed, BadAlertError) and killed.reason == "worker_crashed"
+    bad = got[3]
+    assert isinstance(bad, BadAlertError) and bad.reason == reason
     assert [o[0].candid for o in got[:3] + got[4:] if not isinstance(o, BadAlertError)] == list(range(START, START + 6))
     assert not any(isinstance(o, BadAlertError) for o in again)
+    assert took < 20  # a hang: two timeouts of 3 s and the restarts, not the hour the message asks for
+    assert _live_workers() == []  # hung workers are killed, not left behind asleep
+
+
+def _live_workers() -> list[int]:
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                out.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 def test_a_worker_killed_from_outside_is_replaced(values: list[bytes | None]) -> None:

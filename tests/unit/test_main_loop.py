@@ -498,8 +498,8 @@ def test_after_a_predecessor_died_a_message_that_kills_the_decoder_becomes_a_dea
 
     made: list[DecodePool] = []
 
-    def pool(workers: int, limits: Any) -> DecodePool:
-        made.append(DecodePool(workers, limits, task=decode_or_die))
+    def pool(workers: int, limits: Any, timeout_s: float | None = None) -> DecodePool:
+        made.append(DecodePool(workers, limits, task=decode_or_die, timeout_s=timeout_s))
         return made[-1]
 
     monkeypatch.setattr(daemon_module, "DecodePool", pool)
@@ -512,3 +512,31 @@ def test_after_a_predecessor_died_a_message_that_kills_the_decoder_becomes_a_dea
     assert h.output_candids() == {START + i for i in range(12)} == set(h.redis.stored)
     assert {tp.partition: tp.offset for c in h.consumer.commits for tp in c} == {0: 7, 1: 6}
     assert len(made) == 1 and h.proc._isolation is None  # one worker, closed after its batches
+
+
+
+def test_after_a_predecessor_died_a_message_that_hangs_the_decoder_becomes_a_dead_letter(alerts: list[bytes],
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The same with a message that hangs the worker (no death): past batching.decode_timeout_s the
+    worker is killed, the message dead-lettered (decode_timeout) and committed past, every good
+    alert comes out."""
+    from attacks import HANG_WORKER, decode_or_die
+
+    import consumer.daemon as daemon_module
+    from consumer.decoding import DecodePool
+
+    timeouts: list[float | None] = []
+
+    def pool(workers: int, limits: Any, timeout_s: float | None = None) -> DecodePool:
+        timeouts.append(timeout_s)
+        return DecodePool(workers, limits, task=decode_or_die, timeout_s=2.0)
+
+    monkeypatch.setattr(daemon_module, "DecodePool", pool)
+    values = alerts[:5] + [HANG_WORKER] + alerts[5:12]
+    h = harness(messages(values), max_batch=6, partitions=2)
+    h.proc._isolate_left = 8
+    h.proc.run(idle_exit_s=0.05)
+    assert [dict(o.headers or [])["reason"] for o in h.dead()] == [b"decode_timeout"]
+    assert h.output_candids() == {START + i for i in range(12)} == set(h.redis.stored)
+    assert {tp.partition: tp.offset for c in h.consumer.commits for tp in c} == {0: 7, 1: 6}
+    assert timeouts == [h.proc.cfg.batching.decode_timeout_s]  # the config's bound reaches the pool
