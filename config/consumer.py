@@ -109,7 +109,9 @@ class BatchingConfig:
     # Seconds a decode worker may take over one chunk of a batch (up to 64 messages, normally
     # milliseconds) before it is taken as hung and killed: the batch is decoded again one message
     # per task, and a message that hangs its worker becomes a dead letter (decode_timeout) instead
-    # of stalling the daemon, and its isolated restart, for ever (consumer/decoding.py).
+    # of stalling the daemon, and its isolated restart, for ever. Decoding in the daemon's own
+    # process, a batch that takes longer ends the process, so that its restart isolates the
+    # message (consumer/decoding.py, hang_guard).
     decode_timeout_s: float = 30.0
 
 

@@ -55,7 +55,7 @@ from consumer.batches import (
     build_results,
     dead_letter,
 )
-from consumer.decoding import DecodePool, Outcome, decode_one
+from consumer.decoding import DecodePool, Outcome, decode_one, hang_guard
 from consumer.inference import ModelRunner
 from consumer.kafka_sink import KafkaSink, Outgoing
 from consumer.metrics import Metrics
@@ -257,11 +257,7 @@ class StreamProcessor:
         always with ``decode_workers``, for the first batches after a predecessor died mid-run."""
         pool = self.decode_pool or self._isolation_pool()
         if pool is None:
-            outcomes = []
-            for v in values:
-                self.metrics.beat()  # per message: a slow message must not look like a dead loop
-                outcomes.append(decode_one(v, self.schemas, self.rubin_schemas))
-            return outcomes
+            return self._decode_here(values)
         here = [i for i, v in enumerate(values) if is_rubin(v)]
         there = [i for i, v in enumerate(values) if not is_rubin(v)]
         got: list[Outcome] = [None] * len(values)  # type: ignore[list-item]  # every row is set below
@@ -269,12 +265,22 @@ class StreamProcessor:
             pooled = pool.decode([values[i] for i in there], self.metrics.beat)
         except OSError as e:  # no room in /dev/shm for this batch's messages: decode them here
             log.warning("decode workers unavailable for this batch (%s): decoding in the main process", e)
-            pooled = [decode_one(values[i], self.schemas, self.rubin_schemas) for i in there]
+            pooled = self._decode_here([values[i] for i in there])
         for i, o in zip(there, pooled, strict=True):
             got[i] = o
-        for i in here:
-            got[i] = decode_one(values[i], self.schemas, self.rubin_schemas)
+        for i, o in zip(here, self._decode_here([values[i] for i in here]), strict=True):
+            got[i] = o
         return got
+
+    def _decode_here(self, values: list[bytes | None]) -> list[Outcome]:
+        """Decode in this process, under ``hang_guard``: a message that hangs the decoder ends the
+        process after ``batching.decode_timeout_s``, and the restart decodes it in a worker."""
+        outcomes = []
+        with hang_guard(self.cfg.batching.decode_timeout_s):
+            for v in values:
+                self.metrics.beat()  # per message: a slow message must not look like a dead loop
+                outcomes.append(decode_one(v, self.schemas, self.rubin_schemas))
+        return outcomes
 
     def _isolation_pool(self) -> DecodePool | None:
         """The worker for the first ``isolate_batches`` batches (then closed), or None."""

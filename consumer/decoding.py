@@ -25,7 +25,8 @@ A message that hangs a worker instead (a loop in a C library with the GIL held: 
 death) would stall the daemon until its liveness probe restarts it, and the restart, isolated,
 would hang on it again. So a chunk gets ``timeout_s`` (``batching.decode_timeout_s``; chunks take
 milliseconds): past it the workers are killed and the batch decoded again one message per task,
-and the message that hangs becomes a dead letter (``decode_timeout``).
+and the message that hangs becomes a dead letter (``decode_timeout``). Where the daemon decodes
+in its own process, ``hang_guard`` ends it after as long, so that the restart isolates the message.
 
 Workers are spawned, never forked: the daemon's process runs librdkafka's threads, and a fork
 copies their locks in whatever state they are in.
@@ -34,15 +35,17 @@ copies their locks in whatever state they are in.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import logging
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -147,6 +150,21 @@ def decode_chunk(chunk: Chunk) -> list[Decoded | Refused]:
 
 
 # -- in the daemon ------------------------------------------------------------------------------
+@contextmanager
+def hang_guard(timeout_s: float) -> Iterator[None]:
+    """Decoding in the daemon's own process: if the block takes over ``timeout_s``, the process
+    exits (status 1, every thread's stack on stderr). A message that loops in a C library with the
+    GIL held stops every Python thread, a watchdog thread included, but not faulthandler's timer,
+    a C thread that needs no GIL. The process then ends as a crash does: its crash marker stays,
+    and its restart decodes the message in a worker, where it becomes a dead letter
+    (``decode_timeout``). faulthandler keeps one such timer per process; this one replaces any other."""
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def _reserved_block(size: int) -> shared_memory.SharedMemory:
     """A shared block whose pages are reserved now: /dev/shm is a tmpfs (64 MB by default in a
     Docker container), and writing into an unreserved page past its size kills the writer with

@@ -87,6 +87,23 @@ def test_a_message_that_kills_or_hangs_a_worker_is_a_dead_letter_and_the_rest_de
     assert _live_workers() == []  # hung workers are killed, not left behind asleep
 
 
+def test_hang_guard_ends_a_process_hung_in_c_with_the_gil_held() -> None:
+    """A regular expression that backtracks for ever holds the GIL inside C, as a hung decoding
+    library would, so no Python thread could interrupt it: the guard's timer (a C thread) ends
+    the process, with the stack of the hang on stderr. A guard left in time ends nothing."""
+    import subprocess
+    import sys
+
+    code = ("import re, time\nfrom consumer.decoding import hang_guard\n"
+            "with hang_guard(0.5):\n    time.sleep(0.1)\ntime.sleep(1.0)\nprint('still here', flush=True)\n"
+            "with hang_guard(1.0):\n    re.match(r'(a+)+$', 'a' * 64 + 'b')\nprint('never', flush=True)\n")  # fmt: skip
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.split() == ["still", "here"], p.stderr[-2000:]
+    assert p.returncode == 1 and time.monotonic() - t < 60
+    assert "Timeout (0:00:01)!" in p.stderr and "in match" in p.stderr
+
+
 def _live_workers() -> list[int]:
     import psutil
 

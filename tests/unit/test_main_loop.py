@@ -540,3 +540,37 @@ def test_after_a_predecessor_died_a_message_that_hangs_the_decoder_becomes_a_dea
     assert h.output_candids() == {START + i for i in range(12)} == set(h.redis.stored)
     assert {tp.partition: tp.offset for c in h.consumer.commits for tp in c} == {0: 7, 1: 6}
     assert timeouts == [h.proc.cfg.batching.decode_timeout_s]  # the config's bound reaches the pool
+
+
+def test_decoding_in_the_daemons_own_process_is_under_the_hang_guard(alerts: list[bytes],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Every decode in the daemon's own process runs under hang_guard, with
+    batching.decode_timeout_s (the guard itself: test_decoding.py)."""
+    from contextlib import contextmanager
+
+    import consumer.daemon as daemon_module
+
+    guarded: list[float] = []
+    inside = [False]
+
+    @contextmanager
+    def guard(timeout_s: float):  # type: ignore[no-untyped-def]
+        guarded.append(timeout_s)
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    real_decode_one = daemon_module.decode_one
+
+    def decode_one(*args: Any) -> Any:
+        assert inside[0], "decoded outside the guard"
+        return real_decode_one(*args)
+
+    monkeypatch.setattr(daemon_module, "hang_guard", guard)
+    monkeypatch.setattr(daemon_module, "decode_one", decode_one)
+    h = harness(messages(alerts[:10]), max_batch=4, partitions=2)
+    h.proc.run(idle_exit_s=0.05)
+    assert h.output_candids() == {START + i for i in range(10)}
+    assert guarded and set(guarded) == {h.proc.cfg.batching.decode_timeout_s}
