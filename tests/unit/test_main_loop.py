@@ -14,6 +14,7 @@ import pytest
 import torch
 from confluent_kafka import KafkaError, Message, TopicPartition
 
+from alerts.message import warm_up
 from alerts.synthetic import make_alert
 from config import parse_consumer_config
 from consumer.batches import ModelMeta
@@ -32,6 +33,9 @@ START = 2_600_000_000_000_000_000
 
 @pytest.fixture(scope="module")
 def alerts() -> list[bytes]:
+    # The decoder compiled first, as `consumer run` does before its loop (consumer/cli.py): a first
+    # compilation (seconds, more on a busy machine) must not count on the hang guard's clock.
+    warm_up()
     return [make_alert(START + i).message for i in range(24)]
 
 
