@@ -154,6 +154,7 @@ class RubinPlan:
     writer: Any  # parsed writer schema (general path)
     version: str
     layout: PackedLayout | None
+    schema_json: bytes  # what it was compiled from (the daemon hands it to its decode workers)
 
 
 def check_rubin_fields(writer: Any) -> None:
@@ -179,7 +180,7 @@ def compile_rubin(schema_json: bytes, schema_id: int, limits: DecodeLimits) -> R
     """The schema policy as for ZTF (schema_policy.py), then fastavro's parse and our layout."""
     writer_json, writer = checked_schema(schema_json, limits, _rubin_rules, not_json="unknown_schema")
     layout = compile_layout(writer_json, _TOP_COLUMNS, "prvDiaSources", RUBIN_HISTORY_FIELDS)
-    return RubinPlan(writer, version_of(schema_id), layout)
+    return RubinPlan(writer, version_of(schema_id), layout, schema_json)
 
 
 SchemaLookup = Callable[[int], bytes | None]

@@ -43,6 +43,7 @@ from alerts.errors import BadAlertError
 from alerts.message import is_rubin
 from alerts.rubin import SURVEY as RUBIN
 from alerts.rubin import RubinSchemaCache, SchemaLookup
+from alerts.rubin_schemas import wire_schema_id
 from config import ConsumerConfig
 from consumer.batches import (
     DecodedBatch,
@@ -253,16 +254,28 @@ class StreamProcessor:
         return out
 
     def _decode_values(self, values: list[bytes | None]) -> list[Outcome]:
-        """In this process, or the ZTF messages in the decode workers (consumer/decoding.py):
-        always with ``decode_workers``, for the first batches after a predecessor died mid-run."""
+        """In this process, or in the decode workers (consumer/decoding.py): always with
+        ``decode_workers``, for the first batches after a predecessor died mid-run. A Rubin
+        message goes to the workers with its writer schema, looked up here; one refused by its
+        header or its schema alone is refused here."""
         pool = self.decode_pool or self._isolation_pool()
         if pool is None:
             return self._decode_here(values)
-        here = [i for i, v in enumerate(values) if is_rubin(v)]
-        there = [i for i, v in enumerate(values) if not is_rubin(v)]
+        there, schemas, here = [], [], []
+        for i, v in enumerate(values):
+            schema = None
+            if is_rubin(v):
+                try:  # its writer schema, from the registry or the package: the body is not read
+                    schema_id = wire_schema_id(v or b"")
+                    schema = (schema_id, self.rubin_schemas.plan(schema_id).schema_json)
+                except BadAlertError:  # refused by its header or schema alone: as safe to refuse here
+                    here.append(i)
+                    continue
+            there.append(i)
+            schemas.append(schema)
         got: list[Outcome] = [None] * len(values)  # type: ignore[list-item]  # every row is set below
         try:
-            pooled = pool.decode([values[i] for i in there], self.metrics.beat)
+            pooled = pool.decode([values[i] for i in there], self.metrics.beat, schemas)
         except OSError as e:  # no room in /dev/shm for this batch's messages: decode them here
             log.warning("decode workers unavailable for this batch (%s): decoding in the main process", e)
             pooled = self._decode_here([values[i] for i in there])

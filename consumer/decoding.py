@@ -14,8 +14,10 @@ block, and a worker gets the block's name and its messages' offsets and lengths 
 pickled, the ~70 KB messages cost the main thread 77 instead of 65 µs per alert, and a worker 402
 instead of 321; docs/benchmarks.md); back come the alert without its cutout bytes (the crops are
 cut already), the (2, 21, 21) crops and the features, or the error's class, text, reason and
-candid. Rubin messages stay in the main process: their schema source talks to
-the schema registry (alerts/rubin.py), which a worker would have to open again.
+candid. Rubin messages go to the workers too, with their writer schemas: the daemon resolves a
+message's schema id (the schema registry, then the packaged schemas: consumer/schema_registry.py)
+without reading its body, and a chunk carries the schemas of its Rubin messages, so a worker
+needs no registry of its own.
 
 Isolation: a message that kills a worker (a crash in a C library, the OOM killer) breaks only the
 pool. The batch is then decoded again one message per task, the pool restarted after each
@@ -52,11 +54,12 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from alerts.cutouts import StampPixels
-from alerts.decoder import Alert, SchemaCache
+from alerts.decoder import SchemaCache
 from alerts.errors import BadAlertError
 from alerts.limits import DecodeLimits
 from alerts.message import AnyAlert, decode_any, features_of, warm_up
 from alerts.rubin import RubinSchemaCache
+from alerts.rubin_schemas import packaged_schema
 
 log = logging.getLogger("stampstream.consumer")
 
@@ -96,6 +99,7 @@ class Chunk:
 
     memory: str
     spans: tuple[tuple[int, int], ...]
+    schemas: tuple[tuple[int, bytes], ...] = ()  # Rubin schema id -> writer schema, for its messages
 
 
 Task = Callable[[Chunk], list[Decoded | Refused]]
@@ -105,11 +109,17 @@ PARENT_CHECK_S = 1.0
 _ZTF: SchemaCache | None = None
 _RUBIN: RubinSchemaCache | None = None
 _ATTACHED: shared_memory.SharedMemory | None = None
+_SCHEMAS: dict[int, bytes] = {}  # Rubin writer schemas the daemon sent (as bounded as its own cache)
+
+
+def _sent_schema(schema_id: int) -> bytes | None:
+    """A worker's Rubin schema lookup: what the daemon sent with the chunks, else the package's."""
+    return _SCHEMAS.get(schema_id) or packaged_schema(schema_id)
 
 
 def _start_worker(limits: DecodeLimits, parent: int) -> None:
     global _ZTF, _RUBIN
-    _ZTF, _RUBIN = SchemaCache(limits), RubinSchemaCache(limits)
+    _ZTF, _RUBIN = SchemaCache(limits), RubinSchemaCache(limits, _sent_schema)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
     warm_up()
 
@@ -136,16 +146,18 @@ def chunk_values(chunk: Chunk) -> list[bytes | None]:
 
 def decode_chunk(chunk: Chunk) -> list[Decoded | Refused]:
     assert _ZTF is not None and _RUBIN is not None, "worker not started"
+    for schema_id, schema_json in chunk.schemas:
+        _SCHEMAS[schema_id] = schema_json
+        while len(_SCHEMAS) > _RUBIN.limits.max_schema_cache_entries:
+            del _SCHEMAS[next(iter(_SCHEMAS))]
     out: list[Decoded | Refused] = []
     for value in chunk_values(chunk):
         o = decode_one(value, _ZTF, _RUBIN)
         if isinstance(o, BadAlertError):
             out.append(Refused(type(o), str(o), o.reason, o.candid))
-        else:
+        else:  # the cutout bytes are cut already: do not send them back
             alert, stamp, features = o
-            if isinstance(alert, Alert):  # the cutout bytes are cut already: do not send them back
-                alert = dataclasses.replace(alert, science=None, difference=None)
-            out.append((alert, stamp, features))
+            out.append((dataclasses.replace(alert, science=None, difference=None), stamp, features))
     return out
 
 
@@ -235,13 +247,20 @@ class DecodePool:
             pos += len(v)
         return spans
 
-    def decode(self, values: Sequence[bytes | None], beat: Callable[[], None] = lambda: None) -> list[Outcome]:
-        """Outcomes in the order of ``values``; ``beat`` is called as each chunk comes back."""
+    def decode(self, values: Sequence[bytes | None], beat: Callable[[], None] = lambda: None,
+               schemas: Sequence[tuple[int, bytes] | None] = ()) -> list[Outcome]:  # fmt: skip
+        """Outcomes in the order of ``values``; ``beat`` is called as each chunk comes back;
+        ``schemas``: per message, its Rubin schema id and writer schema (None for the others)."""
         spans = self._load(values)
         assert self._memory is not None
         name = self._memory.name
         size = max(1, min(self.chunk, -(-len(values) // self.workers)))
-        chunks = [Chunk(name, tuple(spans[i : i + size])) for i in range(0, len(values), size)]
+        per_message = list(schemas) or [None] * len(values)
+
+        def chunk(lo: int, hi: int) -> Chunk:
+            return Chunk(name, tuple(spans[lo:hi]), tuple({s for s in per_message[lo:hi] if s is not None}))
+
+        chunks = [chunk(i, i + size) for i in range(0, len(values), size)]
         try:
             futures = [self._pool.submit(self.task, c) for c in chunks]
             got: list[Decoded | Refused] = []
@@ -251,12 +270,12 @@ class DecodePool:
         except BrokenProcessPool:
             log.error("a decode worker died: decoding the batch again, one message per task")
             self._restart()
-            got = [self._one_by_one(Chunk(name, (span,)), beat) for span in spans]
+            got = [self._one_by_one(chunk(i, i + 1), beat) for i in range(len(values))]
         except FutureTimeout:
             log.error("a decode worker did not answer within %s s: decoding the batch again, one message per task",
                       self.timeout_s)  # fmt: skip
             self._kill()
-            got = [self._one_by_one(Chunk(name, (span,)), beat) for span in spans]
+            got = [self._one_by_one(chunk(i, i + 1), beat) for i in range(len(values))]
         return [g.error() if isinstance(g, Refused) else g for g in got]
 
     def _one_by_one(self, chunk: Chunk, beat: Callable[[], None]) -> Decoded | Refused:

@@ -296,9 +296,9 @@ def decode_or_die(chunk):  # type: ignore[no-untyped-def]
 
     from consumer.decoding import chunk_values, decode_chunk
 
-    values = chunk_values(chunk)
-    if KILL_WORKER in values:
+    values = [v or b"" for v in chunk_values(chunk)]
+    if any(v.endswith(KILL_WORKER) for v in values):  # as a whole message, or a Rubin message's body
         os._exit(1)
-    if HANG_WORKER in values:
+    if any(v.endswith(HANG_WORKER) for v in values):
         time.sleep(3600)
     return decode_chunk(chunk)

@@ -87,6 +87,26 @@ def test_a_message_that_kills_or_hangs_a_worker_is_a_dead_letter_and_the_rest_de
     assert _live_workers() == []  # hung workers are killed, not left behind asleep
 
 
+def test_a_rubin_message_decodes_in_a_worker_with_the_schema_the_daemon_sent() -> None:
+    """A schema only the registry knows (an id the package lacks): the daemon looks it up and
+    sends it with the chunk; the worker decodes as the daemon's own process would."""
+    from alerts.rubin_schemas import packaged_schema
+
+    message = make_rubin_message(1000, 170_000_000_000_000_100, n_prv=2)
+    registry_only = b"\x00" + (99_901).to_bytes(4, "big") + message[5:]
+    schema = packaged_schema(1000)
+    assert schema is not None and packaged_schema(99_901) is None
+    pool = DecodePool(1, DecodeLimits())
+    try:
+        (unsent,) = pool.decode([registry_only])
+        (sent,) = pool.decode([registry_only], schemas=[(99_901, schema)])
+    finally:
+        pool.close()
+    assert isinstance(unsent, BadAlertError) and unsent.reason == "unknown_schema"
+    here = decode_one(registry_only, SchemaCache(), RubinSchemaCache(lookup={99_901: schema}.get))
+    assert not isinstance(sent, BadAlertError) and same(sent, here)
+
+
 def test_hang_guard_ends_a_process_hung_in_c_with_the_gil_held() -> None:
     """A regular expression that backtracks for ever holds the GIL inside C, as a hung decoding
     library would, so no Python thread could interrupt it: the guard's timer (a C thread) ends

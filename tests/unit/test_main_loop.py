@@ -490,11 +490,12 @@ def test_a_batch_the_decode_workers_cannot_take_is_decoded_in_process(alerts: li
     assert len(calls) >= 2  # the workers were asked again after the refusal
 
 
-def test_after_a_predecessor_died_a_message_that_kills_the_decoder_becomes_a_dead_letter(alerts: list[bytes],
+@pytest.mark.parametrize("survey", ["ztf", "lsst"])
+def test_after_a_predecessor_died_a_message_that_kills_the_decoder_becomes_a_dead_letter(alerts: list[bytes], survey: str,
                                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """The restart after a hard death (consumer/crash_marker.py): the first batches decode in a
-    worker; the message that kills it is dead-lettered (worker_crashed) and committed past, every
-    good alert comes out, and later batches decode in the main process again."""
+    worker; the message that kills it, of either survey, is dead-lettered (worker_crashed) and
+    committed past, every good alert comes out, and later batches decode in the main process again."""
     from attacks import KILL_WORKER, decode_or_die
 
     import consumer.daemon as daemon_module
@@ -508,6 +509,8 @@ def test_after_a_predecessor_died_a_message_that_kills_the_decoder_becomes_a_dea
 
     monkeypatch.setattr(daemon_module, "DecodePool", pool)
     values = alerts[:5] + [KILL_WORKER] + alerts[5:12]
+    if survey == "lsst":  # Rubin's wire form, a packaged schema id, then the killer as its body
+        values[5] = b"\x00" + (1000).to_bytes(4, "big") + KILL_WORKER
     msgs = messages(values)
     h = harness(msgs, max_batch=6, partitions=2)  # max_wait_ms 0: batches of one message here
     h.proc._isolate_left = 8  # as StreamProcessor(isolate_batches=8) after a death
