@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
@@ -265,9 +266,8 @@ class StreamProcessor:
         for i, v in enumerate(values):
             schema = None
             if is_rubin(v):
-                try:  # its writer schema, from the registry or the package: the body is not read
-                    schema_id = wire_schema_id(v or b"")
-                    schema = (schema_id, self.rubin_schemas.plan(schema_id).schema_json)
+                try:
+                    schema = self._rubin_schema(v)
                 except BadAlertError:  # refused by its header or schema alone: as safe to refuse here
                     here.append(i)
                     continue
@@ -285,9 +285,21 @@ class StreamProcessor:
             got[i] = o
         return got
 
+    def _rubin_schema(self, value: bytes | None) -> tuple[int, bytes]:
+        """A Rubin message's schema id and writer schema, from the registry or the package: I/O
+        with its own timeout and rate limit (consumer/schema_registry.py), cached once compiled.
+        Its header only, never its body. BadAlertError where the header or the schema is refused."""
+        schema_id = wire_schema_id(value or b"")
+        return schema_id, self.rubin_schemas.plan(schema_id).schema_json
+
     def _decode_here(self, values: list[bytes | None]) -> list[Outcome]:
         """Decode in this process, under ``hang_guard``: a message that hangs the decoder ends the
-        process after ``batching.decode_timeout_s``, and the restart decodes it in a worker."""
+        process after ``batching.decode_timeout_s``, and the restart decodes it in a worker. Rubin
+        schemas are looked up first, outside the guard: a slow registry is not a hung decoder."""
+        for v in values:
+            if is_rubin(v):
+                with suppress(BadAlertError):  # refused again below, without a second request
+                    self._rubin_schema(v)
         outcomes = []
         with hang_guard(self.cfg.batching.decode_timeout_s):
             for v in values:

@@ -419,7 +419,8 @@ class FakeRubinRunner(FakeRunner):
 
 @pytest.mark.parametrize(("pipeline", "decode_workers"), [(True, 0), (False, 0), (True, 1)])
 def test_a_mixed_topic_goes_to_each_surveys_bundle(alerts: list[bytes], pipeline: bool, decode_workers: int) -> None:
-    """(ZTF in the decode worker, Rubin in the main process, in the order of the topic.)"""
+    """(With decode_workers, both surveys in the workers, Rubin's schemas sent along; results in
+    the order of the topic.)"""
     from alerts.synthetic_rubin import make_rubin_message
 
     rubin = [make_rubin_message(900 if i % 2 else 1100, 7_000 + i, seed=i) for i in range(9)]
@@ -552,10 +553,13 @@ def test_after_a_predecessor_died_a_message_that_hangs_the_decoder_becomes_a_dea
 def test_decoding_in_the_daemons_own_process_is_under_the_hang_guard(alerts: list[bytes],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Every decode in the daemon's own process runs under hang_guard, with
-    batching.decode_timeout_s (the guard itself: test_decoding.py)."""
+    batching.decode_timeout_s (the guard itself: test_decoding.py); Rubin's schema lookups, which
+    may wait on the registry, run before it."""
     from contextlib import contextmanager
 
     import consumer.daemon as daemon_module
+    from alerts.rubin_schemas import packaged_schema
+    from alerts.synthetic_rubin import make_rubin_message
 
     guarded: list[float] = []
     inside = [False]
@@ -575,9 +579,19 @@ def test_decoding_in_the_daemons_own_process_is_under_the_hang_guard(alerts: lis
         assert inside[0], "decoded outside the guard"
         return real_decode_one(*args)
 
+    def lookup(schema_id: int) -> bytes | None:
+        assert not inside[0], "a schema lookup inside the guard"
+        lookups.append(schema_id)
+        return packaged_schema(schema_id)
+
+    lookups: list[int] = []
     monkeypatch.setattr(daemon_module, "hang_guard", guard)
     monkeypatch.setattr(daemon_module, "decode_one", decode_one)
-    h = harness(messages(alerts[:10]), max_batch=4, partitions=2)
+    rubin = [make_rubin_message(1100, 7_100 + i, seed=i) for i in range(4)]
+    h = harness(messages(alerts[:10] + rubin), max_batch=4, partitions=2)
+    h.proc.rubin_runner = FakeRubinRunner()  # type: ignore[assignment]
+    h.proc.rubin_schemas.lookup = lookup
     h.proc.run(idle_exit_s=0.05)
-    assert h.output_candids() == {START + i for i in range(10)}
+    assert h.output_candids() == {START + i for i in range(10)} | {7_100 + i for i in range(4)}
     assert guarded and set(guarded) == {h.proc.cfg.batching.decode_timeout_s}
+    assert lookups == [1100]  # once, then compiled and cached
