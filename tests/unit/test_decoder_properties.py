@@ -53,6 +53,31 @@ def test_mutated_alerts_decode_or_raise_named_error(edits: list[tuple[int, int]]
     _decode_or_named_error(bytes(data))
 
 
+def _deflated(message: bytes) -> bytes:
+    import io
+
+    import fastavro
+
+    reader = fastavro.reader(io.BytesIO(message))
+    buf = io.BytesIO()
+    fastavro.writer(buf, reader.writer_schema, list(reader), codec="deflate")
+    return buf.getvalue()
+
+
+GOOD_DEFLATED = _deflated(GOOD)  # deflate is read by default (Avro's required codec)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=len(GOOD_DEFLATED) - 1), st.integers(0, 255)),
+                min_size=1, max_size=20), st.integers(min_value=1, max_value=len(GOOD_DEFLATED)))  # fmt: skip
+def test_mutated_deflate_containers_decode_or_raise_named_error(edits: list[tuple[int, int]], keep: int) -> None:
+    """Byte edits and a truncation of a deflate container, mostly inside its compressed block."""
+    data = bytearray(GOOD_DEFLATED)
+    for pos, value in edits:
+        data[pos] = value
+    _decode_or_named_error(bytes(data[:keep]))
+
+
 @SETTINGS
 @given(st.binary(max_size=4096))
 def test_random_bytes_raise_named_error(data: bytes) -> None:
