@@ -44,7 +44,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -124,6 +124,10 @@ def _start_worker(limits: DecodeLimits, parent: int) -> None:
     warm_up()
 
 
+def _started() -> None:
+    """A task that returns once its worker has run ``_start_worker``."""
+
+
 def _exit_with(parent: int) -> None:
     """A worker outlives a daemon killed with -9 (measured: idle, blocked on its queue, 180 MB):
     it leaves as soon as its parent is gone."""
@@ -199,6 +203,8 @@ def _reserved_block(size: int) -> shared_memory.SharedMemory:
 class DecodePool:
     """``workers`` spawned processes, each with its own schema caches (bounded by ``limits``)."""
 
+    START_S = 90.0  # below the 120 s after which /healthz calls the main loop stale
+
     def __init__(self, workers: int, limits: DecodeLimits, chunk: int = 64, task: Task | None = None,
                  timeout_s: float | None = None) -> None:  # fmt: skip
         """``task``: what a worker runs on a chunk of messages (tests pass one that dies or hangs on
@@ -212,9 +218,17 @@ class DecodePool:
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
+        """Spawn the workers and wait until they have started (imports, compiled kernels: under a
+        second with numba's cache, ~10 s without it), so that the decode timeout measures
+        decoding, not a start. Bounded by ``START_S``: a start that takes longer is logged and
+        the pool used as it is."""
         ctx = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_worker,
+        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_start_worker,
                                    initargs=(self.limits, os.getpid()))  # fmt: skip
+        started = [pool.submit(_started) for _ in range(self.workers)]  # one spawn per submit
+        if wait(started, timeout=self.START_S).not_done:
+            log.warning("decode workers not started within %.0f s", self.START_S)
+        return pool
 
     def _restart(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

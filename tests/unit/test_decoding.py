@@ -87,6 +87,17 @@ def test_a_message_that_kills_or_hangs_a_worker_is_a_dead_letter_and_the_rest_de
     assert _live_workers() == []  # hung workers are killed, not left behind asleep
 
 
+def test_the_workers_have_started_before_the_first_decode_is_timed() -> None:
+    """A worker's start (~1 s; ~10 s where numba's cache is cold) must not count against the
+    decode timeout: the pool spawns its workers and waits for them when it starts."""
+    pool = DecodePool(2, DecodeLimits(), timeout_s=30.0)
+    try:
+        assert len(_live_workers()) == 2  # spawned and started before any decode
+        assert not isinstance(pool.decode([make_alert(START + 50).message])[0], BadAlertError)
+    finally:
+        pool.close()
+
+
 def test_a_rubin_message_decodes_in_a_worker_with_the_schema_the_daemon_sent() -> None:
     """A schema only the registry knows (an id the package lacks): the daemon looks it up and
     sends it with the chunk; the worker decodes as the daemon's own process would."""
