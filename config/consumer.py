@@ -98,8 +98,9 @@ class BatchingConfig:
     retry_initial_s: float = 0.5
     retry_max_s: float = 10.0
     # Decode + cutouts + features in this many spawned worker processes (0: in the main process;
-    # a Rubin message's writer schema is still looked up there and sent along). Pays where one consumer has cores of its own beyond ~2; on 2 shared cores it
-    # does not (docs/benchmarks.md). A message that kills a worker becomes a dead letter.
+    # a Rubin message's writer schema is still looked up there and sent along). Pays where one
+    # consumer has cores of its own beyond ~2; on 2 shared cores it does not (docs/benchmarks.md).
+    # A message that kills or hangs a worker becomes a dead letter.
     decode_workers: int = 0
     # After a consumer of this group on this host died mid-run (SIGKILL, OOM, a crash: its marker
     # file is left, consumer/crash_marker.py), decode this many batches in a worker process, so
