@@ -230,15 +230,21 @@ def cutout_crop(
     return centre_crop(img, xpos, ypos)
 
 
+FITS_MAGIC = b"SIMPLE  ="  # the first card of every FITS file
+
+
+def _within(raw: bytes, name: str, max_bytes: int) -> bytes:
+    """An uncompressed cutout, refused (``cutout_too_large``) past ``max_bytes``."""
+    if len(raw) > max_bytes:
+        raise CutoutError(f"{name} cutout of {len(raw)} bytes (limit {max_bytes})", reason="cutout_too_large")
+    return raw
+
+
 def _fits_bytes(data: bytes, name: str, max_bytes: int) -> bytes:
     """A ZTF cutout's FITS file: gunzipped, as ZTF sends it, or as it is where a producer that
-    re-serialised the alert stored it uncompressed (a FITS file begins with ``SIMPLE  =``; it is the
-    same image, so it is not lost to the dead letters). Either way at most ``max_bytes``."""
-    if data[:9] != b"SIMPLE  =":
-        return gunzip(data, max_bytes)
-    if len(data) > max_bytes:
-        raise CutoutError(f"{name} cutout of {len(data)} bytes (limit {max_bytes})", reason="cutout_too_large")
-    return data
+    re-serialised the alert stored it uncompressed (it is the same image, so it is not lost to the
+    dead letters). Either way at most ``max_bytes``."""
+    return _within(data, name, max_bytes) if data.startswith(FITS_MAGIC) else gunzip(data, max_bytes)
 
 
 def stamp_pixels(
@@ -335,9 +341,7 @@ def resample_area(img: np.ndarray) -> np.ndarray:
 def rubin_cutout_crop(raw: bytes | None, name: str, *, fast: bool = True, max_bytes: int = MAX_STAMP_BYTES) -> tuple[np.ndarray, bool]:
     if raw is None:
         raise CutoutError(f"{name} cutout is missing", reason="cutout_missing")
-    if len(raw) > max_bytes:
-        raise CutoutError(f"{name} cutout of {len(raw)} bytes (limit {max_bytes})", reason="cutout_too_large")
-    if raw[:9] != b"SIMPLE  =":
+    if not _within(raw, name, max_bytes).startswith(FITS_MAGIC):
         raise CutoutError(f"{name} cutout is not a FITS file", reason="cutout_bad_fits")
     header = _header_cards(raw)  # read once: the image's layout and the reference pixel
     img = _fast_fits(raw, header) if fast else None

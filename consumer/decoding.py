@@ -281,14 +281,10 @@ class DecodePool:
             for f in futures:
                 got += f.result(timeout=self.timeout_s)
                 beat()
-        except BrokenProcessPool:
-            log.error("a decode worker died: decoding the batch again, one message per task")
-            self._restart()
-            got = [self._one_by_one(chunk(i, i + 1), beat) for i in range(len(values))]
-        except FutureTimeout:
-            log.error("a decode worker did not answer within %s s: decoding the batch again, one message per task",
-                      self.timeout_s)  # fmt: skip
-            self._kill()
+        except (BrokenProcessPool, FutureTimeout) as e:
+            what = "died" if isinstance(e, BrokenProcessPool) else f"did not answer within {self.timeout_s} s"
+            log.error("a decode worker %s: decoding the batch again, one message per task", what)
+            self._kill()  # a dead worker is gone already; a hung one must be killed
             got = [self._one_by_one(chunk(i, i + 1), beat) for i in range(len(values))]
         return [g.error() if isinstance(g, Refused) else g for g in got]
 

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,14 +136,15 @@ def test_hang_guard_ends_a_process_hung_in_c_with_the_gil_held() -> None:
     assert "Timeout (0:00:01)!" in p.stderr and "in match" in p.stderr
 
 
-def _live_workers() -> list[int]:
+def _live_workers(pid: int | None = None) -> list[Any]:
+    """The decode workers (spawned processes, zombies left out) under process ``pid`` (this one by default)."""
     import psutil
 
     out = []
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process(pid).children(recursive=True):
         try:
             if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
-                out.append(child.pid)
+                out.append(child)
         except psutil.NoSuchProcess:
             pass
     return out
@@ -173,7 +175,7 @@ def test_workers_leave_when_the_daemon_is_killed() -> None:
     daemon = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert daemon.stdout is not None and daemon.stdout.readline().strip() == "ready"
-        workers = [c for c in psutil.Process(daemon.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        workers = _live_workers(daemon.pid)
         assert workers
         daemon.kill()
         daemon.wait()
