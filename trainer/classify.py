@@ -10,6 +10,7 @@ Why each part is there, with the measurements: docs/model.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from config.trainer import HeadConfig
 from model.fused import FusedHead
 from model.trees import TreeEnsemble
 from trainer.stages import STAGES
-from trainer.trees import Gate, GatedTrees, TreeBag, tree_arrays
+from trainer.trees import Gate, GatedTrees, NullGate, TreeBag, tree_arrays
 
 log = logging.getLogger("stampstream.trainer")
 
@@ -71,7 +72,8 @@ def history_gate(cfg: HeadConfig) -> Gate:
 
 
 def fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n_classes: int,
-               stages: np.ndarray | None, earliest: np.ndarray | None = None) -> TreeBag | GatedTrees:  # fmt: skip
+               stages: np.ndarray | None, earliest: np.ndarray | None = None,
+               exported: np.ndarray | None = None) -> TreeBag | GatedTrees:  # fmt: skip
     """The head's trees: with ``cfg.early_detections`` > 0 and the earlier views (``stages``, (S, N, F)
     in trainer.stages.STAGES order), a ``GatedTrees``: main trees on the alerts as they are, early
     trees on the alerts ``history_gate`` picks (at most that many detections in their 30-day
@@ -82,6 +84,9 @@ def fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n
     kind alone score up to 9 points lower on another (docs/model-experiments.md, "The first-detection view
     reads the earliest detection"). With ``cfg.early_nulls`` > 0 the early trees also learn from
     a masked copy of all of these (``with_nulls``), so that a null reaches a leaf learnt for it.
+    With ``cfg.export_rounds`` > 0 and ``exported`` ((2, N, F): trainer.stages.exported_first_alert
+    of each alert and of its earliest detection, NaN rows where none), the early trees' rows that
+    ``export_gate`` picks go to export trees of their own, fitted on those views.
     Without views (a caller with none), one set of trees."""
     main = gbt(cfg, seed).fit(features, y)
     if cfg.early_detections == 0 or stages is None:
@@ -101,7 +106,24 @@ def fit_trees(cfg: HeadConfig, seed: int, features: np.ndarray, y: np.ndarray, n
     if cfg.early_nulls > 0:  # the masked copy (HeadConfig.early_nulls), drawn after the views
         weight = np.concatenate([np.ones(len(yy)), np.full(len(yy), cfg.early_nulls_weight)])
         x, yy = np.concatenate([x, with_nulls(x, cfg.early_nulls, rng)]), np.concatenate([yy, yy])
-    return GatedTrees(main, gbt(cfg, seed).fit(x, yy, sample_weight=weight), gate, n_classes)
+    early: TreeBag | GatedTrees = gbt(cfg, seed).fit(x, yy, sample_weight=weight)
+    if cfg.export_rounds > 0 and exported is not None:
+        rows = ~np.isnan(exported).all(2)  # (2, N): the earliest detection's view exists only where there is one
+        xe, ye = exported[rows], np.broadcast_to(y, rows.shape)[rows]
+        shape = dataclasses.replace(cfg, max_iter=cfg.export_rounds, learning_rate=cfg.export_learning_rate)
+        early = GatedTrees(early, gbt(shape, seed).fit(xe, ye), export_gate(), n_classes)
+    return GatedTrees(main, early, gate, n_classes)
+
+
+# Measurements every ZTF packet of schemas 1.8-4.02 carries (none is null in any alert of
+# ../shared/ztf) and ALeRCE's stamp-classifier rows do not (trainer.stages.ALERCE_STAMP_FIELDS):
+# shape, PSF fit, aperture photometry. A first alert null in all three was rebuilt from an export
+# of a few fields, and its export trees score it.
+EXPORT_GATE_FEATURES = ("elong", "chipsf", "magap")
+
+
+def export_gate() -> NullGate:
+    return NullGate(tuple(FEATURE_NAMES.index(n) for n in EXPORT_GATE_FEATURES))
 
 
 # The candidate features every ZTF packet carries (non-null in every schema, or derived from such
@@ -223,7 +245,8 @@ class FittedFused:
 
 
 def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int,
-              cfg: HeadConfig, seed: int, stages: np.ndarray | None = None, earliest: np.ndarray | None = None) -> FittedFused:  # fmt: skip
+              cfg: HeadConfig, seed: int, stages: np.ndarray | None = None, earliest: np.ndarray | None = None,
+              exported: np.ndarray | None = None) -> FittedFused:  # fmt: skip
     """Trees on all of the data; the fusion and the temperature on out-of-fold tree outputs (inner
     object-grouped folds), so neither learns from trees that have seen the same alerts. With
     ``cfg.fusion_views`` > 0 and ``stages`` (features of the alerts' earlier views, (S, N, F)),
@@ -236,7 +259,7 @@ def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nda
     inner = StratifiedGroupKFold(k, shuffle=True, random_state=seed + 1000)
     for tr, te in inner.split(features, y, groups):
         m = fit_trees(cfg, seed, features[tr], y[tr], n_classes, None if stages is None else stages[:, tr],
-                       None if earliest is None else earliest[tr])  # fmt: skip
+                       None if earliest is None else earliest[tr], None if exported is None else exported[:, tr])  # fmt: skip
         for block, x in enumerate([features, *views]):
             oof[block, te] = np.log(np.clip(full_proba(m, x[te], n_classes), 1e-12, 1.0))
     drawn = np.concatenate([np.ones(len(y), bool), np.random.default_rng(seed).random(len(views) * len(y)) < cfg.fusion_views])
@@ -244,7 +267,7 @@ def fit_fused(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nda
     w, b, mean, std, scale = _fit_fusion(offset, zz, yy, n_classes, cfg.fusion_l2, cfg.fusion_offsets)
     log.debug("fusion: trees' log-odds scaled by %.3f", scale)
     temperature = fit_temperature(offset + ((zz - mean) / std) @ w.T + b, yy)
-    trees = fit_trees(cfg, seed, features, y, n_classes, stages, earliest)
+    trees = fit_trees(cfg, seed, features, y, n_classes, stages, earliest, exported)
     return FittedFused(trees, w, b, mean, std, temperature)
 
 

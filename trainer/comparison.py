@@ -68,6 +68,7 @@ class Labelled:
     stamps: np.ndarray | None = None  # (N, 2, 21, 21) normalised: for the end-to-end row
     stages: np.ndarray | None = None  # (S, N, F): features of the earlier views (trainer/stages.py)
     earliest: np.ndarray | None = None  # (N, F): trainer.stages.earliest_detection_alert's features (NaN rows: none)
+    exported: np.ndarray | None = None  # (2, N, F): trainer.stages.exported_first_alert of each and of its earliest
 
     def with_views(self) -> Labelled:
         """The alerts followed by each earlier view of them: (1 + S) N rows, the views' features in
@@ -84,10 +85,11 @@ class Labelled:
             y=np.tile(self.y, blocks), groups=np.tile(self.groups, blocks), sequences=None, stamps=None,
         )  # fmt: skip
 
-    def views_at(self, tr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The earlier views and the earliest detections of the alerts ``tr`` (None where absent):
-        what the head's trees are fitted on beside the alerts themselves."""
-        return (None if self.stages is None else self.stages[:, tr]), (None if self.earliest is None else self.earliest[tr])
+    def views_at(self, tr: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The earlier views, the earliest detections and the exported first alerts of the alerts
+        ``tr`` (None where absent): what the head's trees are fitted on beside the alerts themselves."""
+        return ((None if self.stages is None else self.stages[:, tr]), (None if self.earliest is None else self.earliest[tr]),
+                (None if self.exported is None else self.exported[:, tr]))  # fmt: skip
 
 
 def _columns(names: Sequence[str]) -> list[int]:
@@ -397,16 +399,18 @@ def train_head(features: np.ndarray, z: np.ndarray, y: np.ndarray, groups: np.nd
                cfg: HeadConfig, *, sequences: np.ndarray | None = None, quick: bool = False,
                show_progress: bool = True, stamps: np.ndarray | None = None,
                encoder: torch.nn.Module | None = None, stages: np.ndarray | None = None,
-               earliest: np.ndarray | None = None) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
+               earliest: np.ndarray | None = None,
+               exported: np.ndarray | None = None) -> tuple[FittedFused, dict[str, Any]]:  # fmt: skip
     """Cross-validate the table's rows on the labelled alerts, then fit the shipped head on all of
     them. -> (fitted head, the full table). With ``stamps`` and the pretrained ``encoder``, the
     table also has the end-to-end row; with ``stages`` (features of trainer/stages.py's earlier
     views), the reference and fused rows are scored on them too."""
-    d = Labelled(features, z, y, groups, class_names, sequences, stamps, stages, earliest)
+    d = Labelled(features, z, y, groups, class_names, sequences, stamps, stages, earliest, exported)
     n_objects_min = min(len(set(groups[y == c].tolist())) for c in np.unique(y))
     folds = max(2, min(cfg.cv_folds, n_objects_min))
     end_to_end = encoder if stamps is not None and not quick else None
     table = cross_validate(d, rows(cfg, quick, sequences is not None, end_to_end), seeds=1 if quick else cfg.cv_seeds, folds=folds,
                            show_progress=show_progress)  # fmt: skip
-    fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0, stages=stages, earliest=earliest)
+    fitted = fit_fused(features, z, y, groups, len(class_names), cfg, seed=0, stages=stages, earliest=earliest,
+                       exported=exported)  # fmt: skip
     return fitted, table

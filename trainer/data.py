@@ -26,7 +26,13 @@ from alerts.features import FEATURE_NAMES, alert_features, history_sequence
 from alerts.files import iter_messages
 from model.classifier import CLASS_NAMES
 from model.preprocess import normalise
-from trainer.stages import STAGES, earlier_view, earliest_detection_alert, first_detection_view
+from trainer.stages import (
+    STAGES,
+    earlier_view,
+    earliest_detection_alert,
+    exported_first_alert,
+    first_detection_view,
+)
 
 log = logging.getLogger("stampstream.trainer")
 UNLABELLED = -1
@@ -43,6 +49,9 @@ class Dataset:
     sequences: np.ndarray  # (N, SEQUENCE_LENGTH, 6) float32: the cleaned history (features.history_sequence)
     stages: np.ndarray  # (len(STAGES), N, len(FEATURE_NAMES)) float32: features of trainer.stages' earlier views
     earliest: np.ndarray  # (N, len(FEATURE_NAMES)) float32: trainer.stages.earliest_detection_alert's features, NaN rows where none
+    # (2, N, len(FEATURE_NAMES)) float32: trainer.stages.exported_first_alert of the alert and of its
+    # earliest detection (NaN rows where none)
+    exported: np.ndarray
     skipped: int = 0
 
     def __len__(self) -> int:
@@ -50,7 +59,8 @@ class Dataset:
 
     def subset(self, idx: np.ndarray) -> Dataset:
         return Dataset(self.x[idx], self.candid[idx], self.object_id[idx], self.y[idx], self.class_names,
-                       self.features[idx], self.sequences[idx], self.stages[:, idx], self.earliest[idx])  # fmt: skip
+                       self.features[idx], self.sequences[idx], self.stages[:, idx], self.earliest[idx],
+                       self.exported[:, idx])  # fmt: skip
 
     def summary(self) -> dict[str, object]:
         counts = Counter(int(v) for v in self.y)
@@ -93,6 +103,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     seqs: list[np.ndarray] = []
     views: list[np.ndarray] = []
     earliest: list[np.ndarray] = []
+    exported: list[np.ndarray] = []
     candids: list[int] = []
     objects: list[str] = []
     seen: set[int] = set()
@@ -113,7 +124,10 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
                     for k in STAGES
                 ]))  # fmt: skip
                 first = earliest_detection_alert(alert, prv)
-                earliest.append(alert_features(first) if first is not None else np.full(len(FEATURE_NAMES), np.nan, np.float32))
+                none = np.full(len(FEATURE_NAMES), np.nan, np.float32)
+                earliest.append(alert_features(first) if first is not None else none)
+                exported.append(np.stack([alert_features(exported_first_alert(alert)),
+                                          alert_features(exported_first_alert(first)) if first is not None else none]))  # fmt: skip
                 candids.append(alert.candid)
                 objects.append(alert.object_id)
         except BadAlertError as e:
@@ -127,7 +141,7 @@ def load_dataset(paths: Sequence[str | Path], labels: dict[int, int], limit: int
     y = np.array([labels.get(int(c), UNLABELLED) for c in cand], dtype=np.int64)
     features = np.stack(feats) if feats else np.zeros((0, len(FEATURE_NAMES)), np.float32)
     return Dataset(normalise(np.stack(raws)), cand, np.array(objects), y, CLASS_NAMES, features, np.stack(seqs),
-                   np.stack(views, axis=1), np.stack(earliest), skipped)  # fmt: skip
+                   np.stack(views, axis=1), np.stack(earliest), np.stack(exported, axis=1), skipped)  # fmt: skip
 
 
 def _histories(message: bytes, n_alerts: int) -> list[list[dict[str, Any]] | None]:

@@ -317,7 +317,7 @@ def classifier_stage(
     fitted, table = train_head(ds.features[lab], z[lab], ds.y[lab], ds.object_id[lab], ds.class_names, cfg.head,
                                sequences=ds.sequences[lab], quick=quick, show_progress=show_progress,
                                stamps=None if tta else ds.x[lab], encoder=encoder.cpu(), stages=ds.stages[:, lab],
-                               earliest=ds.earliest[lab])  # fmt: skip
+                               earliest=ds.earliest[lab], exported=ds.exported[:, lab])  # fmt: skip
     encoder.to(device)
     others = unlabelled_of_other_objects(ds.y, ds.object_id)
     if others.any():

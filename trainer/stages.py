@@ -125,3 +125,28 @@ def earliest_detection_alert(alert: Alert, prv_candidates: Sequence[dict[str, An
     candidate[_JD] = jd
     candidate[_NDETHIST], candidate[_JDSTARTHIST], candidate[_JDENDHIST] = 1.0, jd, jd
     return _with_epoch(dataclasses.replace(alert, candidate=candidate, history=history), entry)
+
+
+# The candidate fields of ALeRCE's stamp classifier (Carrasco-Davis et al. 2021), the anchor of
+# issue #10: what a first alert rebuilt from its rows or from a broker export like it carries,
+# besides the stamps and the sign of the difference. ``rb``, which those rows also keep, is never
+# read (alerts/allowlist.py).
+ALERCE_STAMP_FIELDS: frozenset[str] = frozenset({
+    "jd", "fid", "ra", "dec", "xpos", "ypos", "magpsf", "sigmapsf", "diffmaglim", "fwhm", "classtar",
+    "distnr", "magnr", "chinr", "sharpnr", "ndethist", "ncovhist",
+    "sgscore1", "distpsnr1", "sgscore2", "distpsnr2", "sgscore3", "distpsnr3",
+})  # fmt: skip
+_NOT_EXPORTED = np.array([n not in ALERCE_STAMP_FIELDS for n in CANDIDATE_FIELDS])
+
+
+def exported_first_alert(alert: Alert) -> Alert:
+    """``alert`` as a first alert rebuilt from an export that keeps only ``ALERCE_STAMP_FIELDS``:
+    no history, seen once (``ndethist`` 1), every other candidate field null. The trainer fits
+    the head's export trees on these views of its training alerts and of their earliest
+    detections (trainer/classify.py ``fit_trees``): trees fitted on ZTF's full packets, even
+    with nulls drawn at random, score such a packet ~5 points lower (docs/model-experiments.md,
+    "Packets rebuilt from an export")."""
+    candidate = alert.candidate.copy()
+    candidate[_NDETHIST], candidate[_JDSTARTHIST], candidate[_JDENDHIST] = 1.0, alert.jd, alert.jd
+    candidate[_NOT_EXPORTED] = np.nan
+    return dataclasses.replace(alert, candidate=candidate, history=History.empty())

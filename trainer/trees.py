@@ -114,6 +114,53 @@ class Gate:
                 out &= ~(empty & known)
         return out
 
+    def write_prefix(self, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
+                     missing_left: np.ndarray, tree: int, other: int) -> None:  # fmt: skip
+        """Nodes 0..splits-1 of every tree in the tables: the gate, leading to node ``tree`` (the
+        tree's own root) where it picks the row and to ``other`` (a leaf worth 0) elsewhere."""
+        feature[:, 0], threshold[:, 0], missing_left[:, 0] = self.column, _f32(self.max_value), False
+        if self.splits == 1:
+            left[:, 0], right[:, 0] = tree, other  # <= max_value: early; NaN: main
+            return
+        assert self.empty_column is not None and self.count_column is not None and self.max_count is not None
+        left[:, 0], right[:, 0] = 1, other
+        feature[:, 1], threshold[:, 1], missing_left[:, 1] = self.empty_column, _f32(0.5), True
+        left[:, 1], right[:, 1] = 2, tree  # empty (or NaN): ask the count; a history: early
+        feature[:, 2], threshold[:, 2], missing_left[:, 2] = self.count_column, _f32(self.max_count), True
+        left[:, 2], right[:, 2] = tree, (other if self.splits == 3 else 3)  # at most max_count (or NaN): early
+        if self.splits == 4:  # a value in present_column (every feature is <= FLOAT32_MAX): main; NaN: early
+            feature[:, 3], threshold[:, 3], missing_left[:, 3] = self.present_column, FLOAT32_MAX, False
+            left[:, 3], right[:, 3] = other, tree
+
+
+@dataclass(frozen=True)
+class NullGate:
+    """Picks the rows that are null (NaN) in every one of ``columns``: for the head
+    (trainer/classify.py ``export_gate``), a packet without the measurements every ZTF packet
+    carries, as one rebuilt from an export of a few fields (trainer/stages.py
+    ``exported_first_alert``)."""
+
+    columns: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            raise ValueError("a null gate needs at least one column")
+
+    @property
+    def splits(self) -> int:
+        return len(self.columns)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        return np.isnan(x[:, list(self.columns)]).all(1)  # type: ignore[no-any-return]
+
+    def write_prefix(self, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
+                     missing_left: np.ndarray, tree: int, other: int) -> None:  # fmt: skip
+        """One node per column: a value (every feature is <= FLOAT32_MAX) leads to ``other``, a NaN
+        to the next column's node, and past the last one to ``tree``."""
+        for i, column in enumerate(self.columns):
+            feature[:, i], threshold[:, i], missing_left[:, i] = column, FLOAT32_MAX, False
+            left[:, i], right[:, i] = other, (i + 1 if i + 1 < len(self.columns) else tree)
+
 
 class GatedTrees:
     """Two sets of trees and a ``Gate``: a row the gate picks is scored by ``early`` alone, every
@@ -125,9 +172,12 @@ class GatedTrees:
     fitted on what a first detection can be (the training alerts the gate picks, and the earlier
     views and earliest detections of the others; trainer/classify.py ``fit_trees``), the main
     trees keep the objects the labels describe. ``tree_arrays`` turns the pair into one ensemble
-    (the gate's splits above every root), so the bundle and the consumer see one set of trees."""
+    (the gate's splits above every root), so the bundle and the consumer see one set of trees.
+    Either side may itself be a ``GatedTrees``: the head's early side holds the early trees and,
+    behind a ``NullGate``, the export trees (trainer/classify.py ``fit_trees``)."""
 
-    def __init__(self, main: TreeBag, early: TreeBag, gate: Gate, n_classes: int) -> None:
+    def __init__(self, main: TreeBag | GatedTrees, early: TreeBag | GatedTrees, gate: Gate | NullGate,
+                 n_classes: int) -> None:  # fmt: skip
         self.main, self.early, self.gate = main, early, gate
         self.classes_ = np.arange(n_classes)
 
@@ -144,7 +194,7 @@ class GatedTrees:
         return softmax(self.decision_function(x), axis=1)  # type: ignore[no-any-return]
 
 
-def _full_raw(bag: TreeBag, x: np.ndarray, n_classes: int) -> np.ndarray:
+def _full_raw(bag: TreeBag | GatedTrees, x: np.ndarray, n_classes: int) -> np.ndarray:
     out = np.full((len(x), n_classes), ABSENT_CLASS_LOGIT)
     out[:, bag.classes_] = bag.decision_function(x)
     return out
@@ -198,7 +248,7 @@ def tree_arrays(clf: LGBMClassifier | TreeBag | GatedTrees, n_classes: int | Non
     )  # fmt: skip
 
 
-def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate) -> TreeArrays:
+def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate | NullGate) -> TreeArrays:
     """Two ensembles -> one that scores a row by ``early`` where ``gate`` picks it and by ``main``
     elsewhere. Every tree gets the gate's splits above its root (node 0: ``column``; with the
     gate's exception, node 1 ``empty_column``, node 2 ``count_column`` and node 3
@@ -216,19 +266,7 @@ def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate) -> TreeArrays:
         """Node 0..splits-1: the gate. ``splits`` is the tree's root; ``leaf`` is worth 0."""
         tree, other = (splits, leaf) if early_side else (leaf, splits)
         is_leaf[:, :splits] = False
-        feature[:, 0], threshold[:, 0], missing_left[:, 0] = gate.column, _f32(gate.max_value), False
-        if splits == 1:
-            left[:, 0], right[:, 0] = tree, other  # <= max_value: early; NaN: main
-            return
-        assert gate.empty_column is not None and gate.count_column is not None and gate.max_count is not None
-        left[:, 0], right[:, 0] = 1, other
-        feature[:, 1], threshold[:, 1], missing_left[:, 1] = gate.empty_column, _f32(0.5), True
-        left[:, 1], right[:, 1] = 2, tree  # empty (or NaN): ask the count; a history: early
-        feature[:, 2], threshold[:, 2], missing_left[:, 2] = gate.count_column, _f32(gate.max_count), True
-        left[:, 2], right[:, 2] = tree, (other if splits == 3 else 3)  # at most max_count (or NaN): early
-        if splits == 4:  # a value in present_column (every feature is <= FLOAT32_MAX): main; NaN: early
-            feature[:, 3], threshold[:, 3], missing_left[:, 3] = gate.present_column, FLOAT32_MAX, False
-            left[:, 3], right[:, 3] = other, tree
+        gate.write_prefix(feature, threshold, left, right, missing_left, tree, other)
 
     parts = []
     for arrays, early_side in ((main, False), (early, True)):

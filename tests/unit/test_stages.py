@@ -16,9 +16,23 @@ from alerts.decoder import SchemaCache, decode_alerts
 from alerts.features import FEATURE_NAMES, HISTORY_FEATURES, alert_features
 from alerts.synthetic import make_alert
 from config.trainer import HeadConfig
-from trainer.classify import ALWAYS_PRESENT, fit_fused, history_gate, with_nulls
+from trainer.classify import (
+    ALWAYS_PRESENT,
+    EXPORT_GATE_FEATURES,
+    export_gate,
+    fit_fused,
+    history_gate,
+    with_nulls,
+)
 from trainer.comparison import FUSED_ROW, GATED_ROW, REFERENCE_ROW, Labelled, cross_validate, rows, summarise
-from trainer.stages import STAGES, earlier_view, earliest_detection_alert, first_detection_view
+from trainer.stages import (
+    ALERCE_STAMP_FIELDS,
+    STAGES,
+    earlier_view,
+    earliest_detection_alert,
+    exported_first_alert,
+    first_detection_view,
+)
 from trainer.trees import GatedTrees, TreeBag
 
 JD = 2_460_100.5
@@ -147,6 +161,69 @@ def test_the_earliest_detection_as_an_alert_of_its_own_time() -> None:
     assert (e.science, e.difference) == (a.science, a.difference)
     only_limits = dataclasses.replace(a, history=dataclasses.replace(a.history, magpsf=np.full(6, np.nan)))
     assert earliest_detection_alert(only_limits, _prv_entries(a)) is None and earliest_detection_alert(a, None) is None
+
+
+def test_an_exported_first_alert_keeps_only_the_exported_fields_and_no_history() -> None:
+    a = alert_with_history()
+    e = exported_first_alert(a)
+    assert len(e.history.jd) == 0 and e.value("ndethist") == 1
+    for k, name in enumerate(CANDIDATE_FIELDS):
+        if name in ALERCE_STAMP_FIELDS and name != "ndethist":
+            assert e.candidate[k] == a.candidate[k] or (np.isnan(e.candidate[k]) and np.isnan(a.candidate[k])), name
+        elif name != "ndethist":
+            assert np.isnan(e.candidate[k]), name
+    assert not FORBIDDEN & ALERCE_STAMP_FIELDS
+    assert (e.science, e.difference, e.isdiffpos) == (a.science, a.difference, a.isdiffpos)
+    # what the head's gates make of it: a first detection, and one the export trees score
+    f = alert_features(e)[None]
+    assert history_gate(HeadConfig()).rows(f).all() and export_gate().rows(f).all()
+    measured = a.candidate.copy()  # a packet of ZTF's own carries these (the generated one does not)
+    measured[[CANDIDATE_FIELDS.index(n) for n in EXPORT_GATE_FEATURES]] = (1.2, 3.4, 18.6)
+    assert not export_gate().rows(alert_features(dataclasses.replace(a, candidate=measured))[None]).any()
+    assert not set(EXPORT_GATE_FEATURES) & ALERCE_STAMP_FIELDS
+
+
+def test_packets_rebuilt_from_an_export_get_trees_of_their_own() -> None:
+    """A first alert null in the measurements every ZTF packet carries is scored by the export
+    trees, fitted on the training alerts as exported first alerts. Here complete packets carry the
+    class in a field the export drops (``elong``), exported ones in one it keeps (``fwhm``, noise
+    in complete packets): only trees fitted on the exported views read it. Complete packets score
+    the same with and without the export trees, and the bundle's head scores the exported ones as
+    the fitted model does."""
+    rng = np.random.default_rng(3)
+    nd, hist, elong, fwhm = (FEATURE_NAMES.index(n) for n in ("ndethist", "all_n_det", "elong", "fwhm"))
+    gate_columns = [FEATURE_NAMES.index(n) for n in EXPORT_GATE_FEATURES]
+    kept = [i for i, n in enumerate(FEATURE_NAMES) if n in ALERCE_STAMP_FIELDS or n in HISTORY_FEATURES]
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(5), n // 5)
+        f = rng.normal(0, 1, (n, len(FEATURE_NAMES))).astype(np.float32)
+        f[:, elong] += 3.0 * y
+        f[:, nd], f[:, hist] = np.where(y >= 3, 1.0, 50.0), np.where(y >= 3, 1.0, 20.0)
+        first = f.copy()
+        first[:, nd], first[:, hist] = 1.0, 1.0
+        exported = np.full_like(first, np.nan)
+        exported[:, kept] = first[:, kept]
+        exported[:, fwhm] += 3.0 * y
+        return f, y, np.stack([first] + [f] * (len(STAGES) - 1)), np.stack([exported, np.full_like(first, np.nan)])
+
+    features, y, stages, exported = make(500)
+    groups = np.array([f"o{i}" for i in range(len(y))])
+    z = rng.normal(0, 1, (len(y), 4))
+    cfg = HeadConfig(max_iter=30, max_depth=3, inner_folds=3)
+    fitted = {r: fit_fused(features, z, y, groups, 5, dataclasses.replace(cfg, export_rounds=r), seed=0, stages=stages,
+                           exported=exported)
+              for r in (0, 30)}  # fmt: skip
+    _, y_test, test_stages, test_exported = make(500)
+    z_test = rng.normal(0, 1, (len(y_test), 4))
+    assert np.isnan(test_exported[0][:, gate_columns]).all()
+    acc = {r: float((f.predict_proba(test_exported[0], z_test).argmax(1) == y_test).mean()) for r, f in fitted.items()}
+    assert acc[30] > acc[0] + 0.3 and acc[30] > 0.8, acc
+    np.testing.assert_array_equal(fitted[0].predict_proba(test_stages[0], z_test), fitted[30].predict_proba(test_stages[0], z_test))
+    np.testing.assert_array_equal(fitted[0].predict_proba(features, z), fitted[30].predict_proba(features, z))
+    with torch.no_grad():
+        shipped = fitted[30].head()(torch.from_numpy(z_test).float(), torch.from_numpy(test_exported[0])).numpy()
+    np.testing.assert_allclose(shipped, fitted[30].predict_proba(test_exported[0], z_test), atol=1e-4)
 
 
 def _labelled(stages: np.ndarray | None, rng: np.random.Generator, n: int = 200) -> Labelled:

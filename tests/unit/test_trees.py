@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from lightgbm import LGBMClassifier
 
 from model.trees import TreeEnsemble
-from trainer.trees import Gate, GatedTrees, TreeBag, tree_arrays
+from trainer.trees import Gate, GatedTrees, NullGate, TreeBag, tree_arrays
 
 
 def _lgbm(seed: int, **kw: object) -> LGBMClassifier:
@@ -142,6 +142,18 @@ def test_bag_of_one_is_the_model() -> None:
     np.testing.assert_allclose(bag.predict_proba(x), lone.predict_proba(x), atol=1e-5)  # float32 tables
 
 
+def _scores_as_it_does(gated: GatedTrees, trees: TreeEnsemble, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble's probabilities, by its compiled loop and by its tensor gathers, equal the
+    ``GatedTrees``' own -> (theirs, the loop's)."""
+    expected = gated.predict_proba(test)
+    with torch.no_grad():
+        ours = torch.softmax(trees(torch.from_numpy(test)), 1).numpy()
+        tensors = torch.softmax(trees.forward_tensors(torch.from_numpy(test)), 1).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    np.testing.assert_allclose(tensors, expected, atol=1e-5)
+    return expected, ours
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.booleans(), st.sampled_from([0, 1, 2]))
 def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early_lacks_a_class: bool, exception: int) -> None:
@@ -170,12 +182,7 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
     test[:, 5] = rng.integers(0, 3, size=600)
     test[:, 6] = rng.choice([1, 100, 101, 500], size=600)
     test[rng.random(test.shape) < 0.1] = np.nan  # the gate's columns too
-    expected = gated.predict_proba(test)
-    with torch.no_grad():
-        ours = torch.softmax(trees(torch.from_numpy(test)), 1).numpy()
-        tensors = torch.softmax(trees.forward_tensors(torch.from_numpy(test)), 1).numpy()
-    np.testing.assert_allclose(ours, expected, atol=1e-5)
-    np.testing.assert_allclose(tensors, expected, atol=1e-5)
+    expected, ours = _scores_as_it_does(gated, trees, test)
     rows = gated.gate.rows(test)
     assert rows.any() and (~rows).any() and not rows[np.isnan(test[:, 4])].any()
     known = (test[:, 4] <= 1) & ~(test[:, 5] > 0) & (test[:, 6] > 100)  # no history, ndethist > 100
@@ -188,6 +195,50 @@ def test_gated_trees_become_one_ensemble_that_scores_as_they_do(seed: int, early
     assert not np.allclose(early_only, _softmax_full(main, test[rows], 4), atol=1e-3)  # the gate matters
     if early_lacks_a_class:
         assert ours[rows, 3].max() < 1e-6
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.booleans())
+def test_a_null_gate_nested_in_the_early_side_becomes_one_ensemble_that_scores_as_it_does(seed: int, export_lacks_a_class: bool) -> None:
+    """The head's three sets of trees (trainer/classify.py ``fit_trees``): a ``NullGate`` inside the
+    early side of a ``Gate``. The tables score a row by the export trees where the outer gate picks
+    it and every column of the null gate is NaN, by the early trees where only the outer gate picks
+    it, by the main trees elsewhere, as the nested ``GatedTrees`` do; also when the export trees
+    never saw a class (one more baseline difference)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(600, 7)).astype(np.float32)
+    x[:, 4] = rng.integers(1, 4, size=600)  # the outer gate's column, as all_n_det
+    y = np.digitize(x[:, 0] + x[:, 1], [-0.8, 0.0, 0.8])
+    null = NullGate((2, 3))
+    outer = Gate(4, 1.5)
+    few = outer.rows(x)
+    sparse = x[few].copy()
+    sparse[:, [2, 3]] = np.nan  # what the export trees are fitted on: the gate's columns null
+    sparse_y = np.where(y[few] == 3, 2, y[few]) if export_lacks_a_class else y[few]
+    main = TreeBag([_lgbm(seed)]).fit(x, y)
+    early = TreeBag([_lgbm(seed + 1)]).fit(x[few], y[few])
+    export = TreeBag([_lgbm(seed + 2, n_estimators=10)]).fit(sparse, sparse_y)
+    gated = GatedTrees(main, GatedTrees(early, export, null, n_classes=4), outer, n_classes=4)
+    trees = TreeEnsemble.from_arrays(tree_arrays(gated))
+    test = rng.normal(size=(900, 7)).astype(np.float32)
+    test[:, 4] = rng.integers(0, 4, size=900)
+    kind = rng.integers(0, 3, size=900)  # 0: both null, 1: one of the two null, 2: both present
+    test[kind == 0, 2:4] = np.nan
+    test[kind == 1, 2 + rng.integers(0, 2, size=int((kind == 1).sum()))] = np.nan
+    expected, ours = _scores_as_it_does(gated, trees, test)
+    picked, empty = outer.rows(test), null.rows(test)
+    assert np.array_equal(empty, kind == 0)
+    for sel, bag in ((picked & empty, export), (picked & ~empty, early), (~picked, main)):
+        assert sel.any()
+        np.testing.assert_allclose(expected[sel], _softmax_full(bag, test[sel], 4), atol=1e-6)
+    assert not np.allclose(expected[picked & empty], _softmax_full(early, test[picked & empty], 4), atol=1e-3)
+    if export_lacks_a_class:
+        assert ours[picked & empty, 3].max() < 1e-6
+
+
+def test_a_null_gate_needs_a_column() -> None:
+    with pytest.raises(ValueError, match="at least one column"):
+        NullGate(())
 
 
 def test_a_gate_exception_needs_all_three_fields() -> None:
