@@ -250,13 +250,13 @@ def tree_arrays(clf: LGBMClassifier | TreeBag | GatedTrees, n_classes: int | Non
 
 def gated_arrays(main: TreeArrays, early: TreeArrays, gate: Gate | NullGate) -> TreeArrays:
     """Two ensembles -> one that scores a row by ``early`` where ``gate`` picks it and by ``main``
-    elsewhere. Every tree gets the gate's splits above its root (node 0: ``column``; with the
-    gate's exception, node 1 ``empty_column``, node 2 ``count_column`` and node 3
-    ``present_column``, which both sides share as a small graph): a main tree's gated rows, and an
-    early tree's other rows, reach a leaf worth 0. The early trees' baseline differs from the main
-    trees' where one set never saw a class: one more gated tree per such class adds the
-    difference. Depth + 1 (up to + 4 with the exception); the consumer's loop pays one step per
-    tree for a row with an earlier detection, and up to four for one without (docs/benchmarks.md)."""
+    elsewhere. Every tree gets the gate's splits above its root (``gate.write_prefix``, which both
+    sides share as a small graph: a ``Gate``'s column and its exception's, a ``NullGate``'s one node
+    per column): a main tree's gated rows, and an early tree's other rows, reach a leaf worth 0.
+    The early trees' baseline differs from the main trees' where one set never saw a class: one
+    more gated tree per such class adds the difference. Depth + ``gate.splits``; for the head's
+    history gate the consumer's loop pays one step per tree for a row with an earlier detection,
+    and up to four for one without (docs/benchmarks.md)."""
     splits = gate.splits
     width = max(main.feature.shape[1], early.feature.shape[1]) + splits + 1
     leaf = width - 1  # the new leaf worth 0, at the end of every tree
