@@ -1,6 +1,6 @@
 """A night of ZTF through the real broker and both sinks: one million distinct alerts by default.
 
-    python bench/night.py [--n 1000000] [--rate 2000] [--partitions 2] [--no-stack] [--keep]
+    python bench/night.py [--n 1000000] [--rate 2000] [--kill-at 0.5] [--partitions 2] [--no-stack] [--keep]
 
 Why: the throughput benchmark repeats the 2,134 real alerts, so its Redis holds 2,134 keys
 whatever it replays, and its runs last seconds. A broker runs the consumer for whole nights of a
@@ -14,6 +14,10 @@ The alerts arrive at --rate alerts/s while one `consumer run` reads them, as on 
 bursts pass 1,300 alerts/s); the input topic keeps its last 6 GB per partition, so the broker's
 log stays bounded (a real alert is ~75 KB). ``--rate 0`` produces the whole night first and then
 drains it, as after an outage: the consumer flat out, and ~75 GB of broker log for a million.
+
+``--kill-at 0.5`` kills the consumer with SIGKILL halfway through the night and starts it again
+(a static group member, as deploy/k8s runs it): the checks then say whether a crash lost or
+doubled anything in Redis (the output topic may hold the batches in hand again: at least once).
 
 Sampled every 5 s from outside: alerts produced and committed (the group's offsets), the
 consumer's RSS and CPU time, Redis's used memory. Printed per tenth of the night: the rate, the
@@ -139,54 +143,75 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int, tries: in
 
 
 def high_watermarks(bootstrap: str, topic: str) -> int:
+    """Records in a topic, summed over its partitions (0 for a topic nobody created)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"night-hw-{uuid.uuid4().hex[:6]}"})
     try:
-        meta = c.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta)
+        meta = c.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return 0
+        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions)
     finally:
         c.close()
 
 
 def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, partitions: int,
-              r: redis.Redis, backlog: bool) -> tuple[dict[str, Any], list[dict[str, float]]]:  # fmt: skip
-    """The producer and `consumer run` (until caught up); samples meanwhile, every SAMPLE_S."""
+              r: redis.Redis, backlog: bool, kill_at: float | None) -> tuple[list[dict[str, float]], dict[str, float] | None]:  # fmt: skip
+    """The producer and `consumer run` (until caught up), sampled every SAMPLE_S; with
+    ``kill_at``, the consumer is killed with SIGKILL once that fraction of the night is committed
+    and started again, as a crash and its restart would (returns when that was)."""
     bootstrap, topic, n = producer.bootstrap, producer.topic, producer.n
     if backlog:  # the whole night first, as after an outage
         producer.run()
-    stats_path = work / "night-stats.json"
-    with open(work / "night-consumer.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer.cli", "run", "--config", str(cfg_path), "--idle-exit", "20",
-             "--stats-json", str(stats_path)],
-            cwd=ROOT, env=dict(os.environ) | {"PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        if not backlog:
-            producer.start()
-        samples: list[dict[str, float]] = []
-        ps = psutil.Process(proc.pid)
-        bar = tqdm(total=n, desc="consumer run", unit="alert")
-        while proc.poll() is None:
-            if producer.error is not None:
-                proc.terminate()
-                raise RuntimeError("the producer failed") from producer.error
-            done = committed(bootstrap, group, topic, partitions)
-            try:
-                rss, cpu = ps.memory_info().rss / 2**20, ps.cpu_times()
-            except psutil.Error:
-                break
-            if done is not None:
-                samples.append({"t": time.time(), "produced": producer.produced, "committed": done, "rss_mb": rss,
-                                "cpu_s": cpu.user + cpu.system, "redis_mb": int(r.info("memory")["used_memory"]) / 2**20})  # fmt: skip
-                bar.update(done - bar.n)
-            time.sleep(SAMPLE_S)
-        bar.close()
-        if proc.wait() != 0:
-            raise RuntimeError(f"consumer exited {proc.returncode}; see {work / 'night-consumer.log'}")
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        with open(work / f"night-consumer-{i}.log", "w") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "consumer.cli", "run", "--config", str(cfg_path), "--idle-exit", "20",
+                 "--stats-json", str(work / f"night-stats-{i}.json")],
+                cwd=ROOT, env=dict(os.environ) | {"PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    proc = start(0)
+    if not backlog:
+        producer.start()
+    samples: list[dict[str, float]] = []
+    killed: dict[str, float] | None = None
+    cpu_before = 0.0  # CPU seconds of the killed process, at its last sample
+    ps = psutil.Process(proc.pid)
+    bar = tqdm(total=n, desc="consumer run", unit="alert")
+    while proc.poll() is None:
+        if producer.error is not None:
+            proc.terminate()
+            raise RuntimeError("the producer failed") from producer.error
+        done = committed(bootstrap, group, topic, partitions)
+        try:
+            rss, cpu = ps.memory_info().rss / 2**20, ps.cpu_times()
+        except psutil.Error:
+            break
+        if done is not None:
+            samples.append({"t": time.time(), "produced": producer.produced, "committed": done, "rss_mb": rss,
+                            "cpu_s": cpu_before + cpu.user + cpu.system,
+                            "redis_mb": int(r.info("memory")["used_memory"]) / 2**20})  # fmt: skip
+            bar.update(done - bar.n)
+            if killed is None and kill_at is not None and done >= kill_at * n:
+                proc.kill()
+                proc.wait()
+                killed = {"t": time.time(), "committed": float(done)}
+                cpu_before = samples[-1]["cpu_s"]
+                proc = start(1)
+                ps = psutil.Process(proc.pid)
+                continue
+            if killed is not None and "resumed_after_s" not in killed and done > killed["committed"]:
+                killed["resumed_after_s"] = time.time() - killed["t"]
+        time.sleep(SAMPLE_S if killed is None or "resumed_after_s" in killed else 0.5)
+    bar.close()
+    if proc.wait() != 0:
+        raise RuntimeError(f"consumer exited {proc.returncode}; see {work}/night-consumer-*.log")
     if producer.error is not None:
         raise RuntimeError("the producer failed") from producer.error
     last = dict(samples[-1]) | {"t": time.time(), "committed": committed(bootstrap, group, topic, partitions, tries=30) or 0}
     samples.append(last | {"redis_mb": int(r.info("memory")["used_memory"]) / 2**20})
-    return json.loads(stats_path.read_text()), samples
+    return samples, killed
 
 
 def tenths(samples: list[dict[str, float]], n: int, t_start: float) -> list[dict[str, float]]:
@@ -243,13 +268,16 @@ def table(res: dict[str, Any]) -> str:
                      f"| {t['rss_mb']:.0f} | {t['redis_mb']:.0f} |")  # fmt: skip
     s, c = res["summary"], res["checks"]
     arrival = "as fast as it could, before the consumer started" if not res["rate"] else f"at {res['rate']:,} alerts/s"
+    k = res["killed"]
+    killed = "" if k is None else (f" The consumer was killed (SIGKILL) after {k['committed']:,.0f} alerts and started again; "
+                                   f"commits resumed {k.get('resumed_after_s', float('nan')):.1f} s later.")  # fmt: skip
     lines += [
         "",
         f"{res['n']:,} distinct alerts ({res['gb_sent']:.0f} GB) of {res['source']}, produced {arrival}, "
-        f"consumed in {s['consume_s']:.0f} s (**{s['alerts_per_s']:,.0f} alerts/s**; the last tenth at "
+        f"all committed {s['consume_s']:.0f} s after the consumer started (**{s['alerts_per_s']:,.0f} alerts/s**; the last tenth at "
         f"{s['rate_last_over_first']:.2f}× the first's rate); consumer CPU {s['cpu_us_per_alert']:.0f} µs/alert; "
         f"peak RSS {s['peak_rss_mb']:.0f} MiB (RSS last tenth − first tenth: {s['rss_growth_mb']:+.0f} MiB); "
-        f"Redis +{s['redis_bytes_per_alert']:,.0f} B/alert.",
+        f"Redis +{s['redis_bytes_per_alert']:,.0f} B/alert.{killed}",
         f"Checks: hashes missing in Redis {c['missing_in_redis']}, output records {c['output_records']:,} "
         f"(expected {res['n']:,}), dead letters {c['dead_letters']}, committed {c['committed']:,} of {res['n']:,}.",
     ]
@@ -279,6 +307,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-stack", action="store_true", help="do not run deploy/local/stack.sh up")
     ap.add_argument("--keep", action="store_true", help="keep the run's topics and Redis keys")
+    ap.add_argument("--kill-at", type=float, default=None,
+                    help="kill the consumer with SIGKILL once this fraction of the night is committed, and start it again")
     a = ap.parse_args()
     backlog = a.rate <= 0
     state = Path(os.environ.get("STACK_STATE", ROOT / ".stack"))
@@ -300,8 +330,10 @@ def main() -> int:
     create_input_topic(a.bootstrap, topic, a.partitions, backlog)
     producer = NightProducer(a.bootstrap, topic, a.n, a.rate)
     cfg = {
+        # a static member, as deploy/k8s runs it (the pod's name): a restarted consumer takes its
+        # partitions back at once instead of after the dead member's session timeout (45 s)
         "kafka": {"bootstrap_servers": a.bootstrap, "group_id": group, "input_topics": [topic],
-                  "output_topic": topics[1], "dead_letter_topic": topics[2]},
+                  "output_topic": topics[1], "dead_letter_topic": topics[2], "group_instance_id": f"{group}-0"},
         "redis": {"url": a.redis, "key_prefix": prefix, "ttl_seconds": TTL},
         "model": {"bundle_path": a.bundle},
         "metrics": {"port": 0, "log_format": "text", "progress_interval_s": 60},
@@ -309,29 +341,31 @@ def main() -> int:
     cfg_path = work / f"night-{tag}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     redis_before = int(r.info("memory")["used_memory"])
+    t_start = time.time()
     try:
-        stats, samples = run_night(cfg_path, work, producer, group, a.partitions, r, backlog)
+        samples, killed = run_night(cfg_path, work, producer, group, a.partitions, r, backlog, a.kill_at)
         redis_after = int(r.info("memory")["used_memory"])
-        rows = tenths(samples, a.n, stats["first_message_at"])
-        consume_s = stats["last_batch_at"] - stats["first_message_at"]
+        stats = json.loads((work / f"night-stats-{0 if killed is None else 1}.json").read_text())
+        t_done = next(s["t"] for s in samples if s["committed"] >= a.n)
+        rows = tenths(samples, a.n, t_start)
         res: dict[str, Any] = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n": a.n, "rate": a.rate,
-            "source": producer.source, "gb_sent": producer.bytes / 1e9,
+            "source": producer.source, "gb_sent": producer.bytes / 1e9, "killed": killed,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
             "tenths": rows,
             "summary": {
-                "consume_s": consume_s,
-                "alerts_per_s": stats["alerts_in"] / consume_s,
+                "consume_s": t_done - t_start,
+                "alerts_per_s": a.n / (t_done - t_start),
                 "rate_last_over_first": rows[-1]["alerts_per_s"] / rows[0]["alerts_per_s"],
-                "cpu_us_per_alert": stats["cpu_s"] / stats["alerts_in"] * 1e6,
-                "peak_rss_mb": stats["peak_rss_mb"],
+                "cpu_us_per_alert": samples[-1]["cpu_s"] / a.n * 1e6,
+                "peak_rss_mb": max([stats["peak_rss_mb"], *(s["rss_mb"] for s in samples)]),
                 "rss_growth_mb": rows[-1]["rss_mb"] - rows[0]["rss_mb"],
                 "redis_bytes_per_alert": (redis_after - redis_before) / a.n,
             },
             "checks": {
                 "missing_in_redis": missing_in_redis(r, prefix, producer.candids.tolist()),
                 "output_records": high_watermarks(a.bootstrap, topics[1]),
-                "dead_letters": stats["dead_letters"],
+                "dead_letters": high_watermarks(a.bootstrap, topics[2]),
                 "committed": committed(a.bootstrap, group, topic, a.partitions, tries=30),
             },
             "consumer_stats": stats,
