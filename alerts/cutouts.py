@@ -184,8 +184,16 @@ def fits_image(raw: bytes, *, fast: bool = True) -> np.ndarray:
 
 
 def _pad_before(size: int, pos: float | None, half: float) -> int:
+    """Where a stamp narrower than 63 pixels sits on the 63-pixel canvas along one axis.
+
+    ZTF cuts a stamp short only at a CCD edge, on the edge's side; the stamp is centred on the
+    detection, which is on the CCD, so an edge-cut stamp keeps its centre pixel and the whole other
+    side: at least 32 pixels. A narrower one was not cut by an edge but around its centre, by
+    whoever wrote the alert (a re-packaged alert with small stamps), so it is centred, as a stamp
+    without a position is; placed by the edge rule it would have missed the crop (a 21x21 stamp
+    gave an all-NaN crop, a dead letter)."""
     missing = STAMP_SIZE - size
-    if pos is None or not np.isfinite(pos):
+    if pos is None or not np.isfinite(pos) or size <= STAMP_SIZE // 2:
         return missing // 2
     return missing if pos < half else 0
 

@@ -138,7 +138,7 @@ def test_edge_files_all_covered() -> None:
     [
         ((slice(None), slice(0, 42)), 3060.0, 1500.0),  # high-x CCD edge: right columns missing
         ((slice(12, None), slice(None)), 1500.0, 20.0),  # low-y CCD edge: bottom rows missing
-        ((slice(None), slice(0, 30)), 3070.0, 1500.0),  # so narrow that the crop itself is cut
+        ((slice(None), slice(0, 33)), 3070.0, 1500.0),  # so narrow that the crop itself is cut
         ((slice(None), slice(25, None)), 5.0, 1500.0),  # low-x CCD edge: left columns missing
     ],
 )
@@ -154,6 +154,26 @@ def test_small_cutout_is_padded_on_the_ccd_edge_side(cut, xpos, ypos) -> None:
     expected[cut] = part
     np.testing.assert_array_equal(stamp.pixels[0], expected[21:42, 21:42])
     np.testing.assert_array_equal(stamp.pixels[1], expected[21:42, 21:42])
+
+
+@pytest.mark.parametrize(("shape", "xpos"), [((21, 21), 1500.0), ((22, 22), 3060.0), ((21, 40), 5.0), ((5, 5), None), ((1, 1), 1500.0)])
+def test_a_stamp_narrower_than_an_edge_cut_is_centred(shape: tuple[int, int], xpos: float | None) -> None:
+    """An edge-cut ZTF stamp keeps at least 32 pixels; a narrower side was cut around the stamp's
+    centre, so the stamp is centred whatever its position (by the edge rule a 21x21 stamp missed the
+    crop: an all-NaN crop, a dead letter)."""
+    from alerts.synthetic import fits_gz
+
+    img = np.arange(shape[0] * shape[1], dtype=np.float32).reshape(shape) + 1.0
+    msg = make_alert(2_400_000_000_000_000_003, science=fits_gz(img), difference=fits_gz(img), xpos=xpos, ypos=xpos).message
+    _, stamp = decode_message(msg, SchemaCache())
+    expected = np.full((63, 63), np.nan, dtype=np.float32)
+    y0 = (63 - shape[0]) // 2 if shape[0] <= 31 else (63 - shape[0] if xpos is not None and xpos < 1540 else 0)
+    x0 = (63 - shape[1]) // 2 if shape[1] <= 31 else (63 - shape[1] if xpos is not None and xpos < 1536 else 0)
+    expected[y0 : y0 + shape[0], x0 : x0 + shape[1]] = img
+    np.testing.assert_array_equal(stamp.pixels[0], expected[21:42, 21:42])
+    assert stamp.padded
+    if max(shape) <= 31:  # the stamp's centre pixel is the crop's
+        assert stamp.pixels[0, 10, 10] == img[shape[0] // 2, shape[1] // 2]
 
 
 def test_small_cutout_without_position_is_centred() -> None:
