@@ -20,9 +20,15 @@ class DecodeLimits:
     # Avro container codecs besides null, inflated with a cap (below); null is always read.
     # deflate by default: Avro's specification requires every reader to read null and deflate
     # ("Required Codecs"), so any producer may send it, and a bomb costs one capped inflate (a
-    # 62 KB block inflates to the 16 MiB cap in ~40 ms on one core, then ``too_large``). bzip2
-    # and snappy, which no ZTF producer is known to use, only where a stream is known to.
-    allowed_codecs: tuple[str, ...] = ("deflate",)
+    # 62 KB block inflates to the 16 MiB cap in ~40 ms on one core, then ``too_large``). snappy
+    # by default too: it is Spark's default Avro codec, so alerts re-published by a Spark job
+    # (Fink's and ALeRCE's pipelines run on Spark; ../shared/ztf/edge holds such a file) arrive in
+    # it, and a bomb costs nothing: a snappy block states its inflated size first, refused past
+    # the cap before anything is inflated, and the decoder refuses a block that outgrows what it
+    # stated (20 MiB inflate in ~20 ms where allowed). bzip2, which no alert producer is known to
+    # use and which inflates ~50x slower (a capped bomb would cost ~1 s of CPU per message), only
+    # where a stream is known to.
+    allowed_codecs: tuple[str, ...] = ("deflate", "snappy")
     # One message's container blocks after inflating, all of them together: a container of many
     # small blocks that each inflate to just under a per-block cap would multiply it.
     max_block_bytes: int = 16 * 1024 * 1024

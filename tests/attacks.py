@@ -75,6 +75,49 @@ def deflate_bomb() -> bytes:
     return MAGIC + header[4:] + zigzag(1) + zigzag(len(bomb)) + bomb + framer.sync
 
 
+def _snappy_block(data: bytes, stated: int | None = None) -> bytes:
+    """An Avro snappy block: raw snappy (its preamble the inflated size, or ``stated`` instead),
+    then the big-endian CRC32 of the inflated bytes."""
+    import cramjam
+
+    raw = bytes(cramjam.snappy.compress_raw(data))
+    if stated is not None:
+        i = 0
+        while raw[i] & 0x80:  # skip the true preamble (a plain varint)
+            i += 1
+        raw = _varint(stated) + raw[i + 1 :]
+    return raw + zlib.crc32(data).to_bytes(4, "big")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def snappy_container(block: bytes) -> bytes:
+    framer = ContainerFramer(SCHEMA_JSON)
+    header = framer.header.replace(zigzag(4) + b"null", zigzag(6) + b"snappy")
+    return MAGIC + header[4:] + zigzag(1) + zigzag(len(block)) + block + framer.sync
+
+
+def snappy_bomb() -> bytes:
+    """A snappy block of ~1 MB that states and holds 20 MiB, past the 16 MiB cap: refused by its
+    stated size before anything is inflated (snappy is read by default)."""
+    return snappy_container(_snappy_block(b"\x00" * (20 * 1024 * 1024)))
+
+
+def snappy_understated(candid: int) -> bytes:
+    """A valid alert's record in a snappy block whose preamble states 100 bytes: the decoder
+    refuses a block that outgrows what it stated."""
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(ALERT_SCHEMA), record_of(candid))
+    return snappy_container(_snappy_block(body.getvalue(), stated=100))
+
+
 def deflate_blocks_past_the_cap(candid: int, blocks: int = 20) -> bytes:
     """``blocks`` deflate blocks of one valid record each, whose 1 MiB stamp of zeros makes the
     block ~1 KB: each block far under the cap, 20 MiB together (the cap counts them all)."""
@@ -254,6 +297,8 @@ def all_attacks(start: int) -> list[tuple[str, bytes, str]]:
         ("2^62 doubles in an array only fastavro reads", array_count_past_the_end(start + 11), "truncated"),
         ("bzip2 bomb block", bzip2_bomb(), "codec"),
         ("deflate bomb block", deflate_bomb(), "too_large"),
+        ("snappy bomb block", snappy_bomb(), "too_large"),
+        ("snappy block that outgrows its stated size", snappy_understated(start + 18), "truncated"),
         ("deflate blocks that each stay under the cap", deflate_blocks_past_the_cap(start + 17), "too_large"),
         ("gzip stamp bomb", gzip_stamp_bomb(start + 4), "cutout_too_large"),
         ("FITS header size bomb", fits_size_bomb(start + 5), "cutout_too_large"),

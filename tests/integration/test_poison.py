@@ -24,11 +24,12 @@ MAX_SECONDS = 240  # the whole run, joining the group included
 MAX_PEAK_RSS_MB = 1500  # the pod's memory limit
 
 
-def _as_deflate(message: bytes) -> bytes:
-    """The same alert in a deflate container (the codec Avro's specification requires readers to read)."""
+def _recoded(message: bytes, codec: str) -> bytes:
+    """The same alert in a container of another codec: deflate (the codec Avro's specification
+    requires readers to read) or snappy (Spark's default)."""
     reader = fastavro.reader(io.BytesIO(message))
     buf = io.BytesIO()
-    fastavro.writer(buf, reader.writer_schema, list(reader), codec="deflate")
+    fastavro.writer(buf, reader.writer_schema, list(reader), codec=codec)
     return buf.getvalue()
 
 
@@ -38,8 +39,8 @@ def test_every_attack_is_dead_lettered_and_every_good_alert_comes_out(
 ) -> None:
     """(decode_workers 2: the same, decoded in spawned worker processes, consumer/decoding.py.)"""
     good_msgs = corpus[:: max(1, len(corpus) // 120)][:120]
-    # every 20th good alert as a producer may also write it: in a deflate container
-    good_msgs = [_as_deflate(m) if i % 20 == 0 else m for i, m in enumerate(good_msgs)]
+    # every 20th good alert as a producer may also write it: in a deflate or a snappy container
+    good_msgs = [_recoded(m, ("deflate", "snappy")[i // 20 % 2]) if i % 20 == 0 else m for i, m in enumerate(good_msgs)]
     attacks = all_attacks(2_400_000_000_000_010_000)
     # interleave: one attack after every 12 good alerts
     values: list[bytes] = []

@@ -90,14 +90,14 @@ def test_wrong_field_types_are_refused() -> None:
         assert _reason(ContainerFramer(json.dumps(schema).encode()).frame(b"\x00")) == "schema_policy"
 
 
-def test_deflate_is_read_by_default_other_codecs_only_where_allowed_and_all_are_bounded() -> None:
+def test_deflate_and_snappy_are_read_by_default_bzip2_only_where_allowed_and_all_are_bounded() -> None:
     record = _record()
     out = {}
     for codec in ("deflate", "bzip2", "snappy"):
         buf = io.BytesIO()
         fastavro.writer(buf, fastavro.parse_schema(ALERT_SCHEMA), [record], codec=codec)
         out[codec] = buf.getvalue()
-        if codec == "deflate":  # Avro's required codec: read by the default limits
+        if codec in ("deflate", "snappy"):  # Avro's required codec, and Spark's default: read by default
             assert decode_alert(out[codec], SchemaCache()) == decode_alert_reference(out[codec])
             assert _reason(out[codec], SchemaCache(DecodeLimits(allowed_codecs=()))) == "codec"
         else:
