@@ -126,6 +126,19 @@ def test_edge_file_treatment(name: str) -> None:
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared/ztf/edge absent")
+def test_the_spark_written_alert_is_the_same_alert_as_its_official_copy(corpus: list[bytes]) -> None:
+    """A Spark job's re-publication (snappy, schema topLevelRecord) gives the consumer the same
+    stamps and features as the copy of that alert in ZTF's own schema (alerts/ztf_v3.1_000.avro)."""
+    from alerts.features import alert_features
+
+    cache = SchemaCache()
+    spark, spark_stamp = decode_message((EDGE_DIR / "spark_topLevelRecord_snappy_675208700015010000.avro").read_bytes(), cache)
+    (official, stamp), = [d for d in (decode_message(m, cache) for m in corpus) if d[0].candid == spark.candid]
+    np.testing.assert_array_equal(spark_stamp.pixels, stamp.pixels)
+    np.testing.assert_array_equal(alert_features(spark), alert_features(official))
+
+
+@pytest.mark.skipif(not HAVE_SHARED, reason="../shared/ztf/edge absent")
 def test_edge_files_all_covered() -> None:
     present = {p.name for p in EDGE_DIR.iterdir() if p.name != "README.txt"}
     assert present == set(EDGE_EXPECTED)
