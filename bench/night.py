@@ -1,6 +1,6 @@
 """A night of ZTF through the real broker and both sinks: one million distinct alerts by default.
 
-    python bench/night.py [--n 1000000] [--rate 2000] [--kill-at 0.5] [--partitions 2] [--no-stack] [--keep]
+    python bench/night.py [--n 1000000] [--rate 2000] [--kill-at 0.5] [--redis-outage 0.5:30] [--no-stack] [--keep]
 
 Why: the throughput benchmark repeats the 2,134 real alerts, so its Redis holds 2,134 keys
 whatever it replays, and its runs last seconds. A broker runs the consumer for whole nights of a
@@ -18,6 +18,8 @@ drains it, as after an outage: the consumer flat out, and ~75 GB of broker log f
 ``--kill-at 0.5`` kills the consumer with SIGKILL halfway through the night and starts it again
 (a static group member, as deploy/k8s runs it): the checks then say whether a crash lost or
 doubled anything in Redis (the output topic may hold the batches in hand again: at least once).
+``--redis-outage 0.5:30`` stops the local stack's Redis for 30 s halfway and starts it again on
+its data: the consumer must pause, hold no more than its batches in hand, and catch up.
 
 Sampled every 5 s from outside: alerts produced and committed (the group's offsets), the
 consumer's RSS and CPU time, Redis's used memory. Printed per tenth of the night: the rate, the
@@ -155,10 +157,13 @@ def high_watermarks(bootstrap: str, topic: str) -> int:
 
 
 def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, partitions: int,
-              r: redis.Redis, backlog: bool, kill_at: float | None) -> tuple[list[dict[str, float]], dict[str, float] | None]:  # fmt: skip
+              r: redis.Redis, backlog: bool, kill_at: float | None,
+              outage: tuple[float, float] | None) -> tuple[list[dict[str, float]], dict[str, float] | None, dict[str, float] | None]:  # fmt: skip
     """The producer and `consumer run` (until caught up), sampled every SAMPLE_S; with
     ``kill_at``, the consumer is killed with SIGKILL once that fraction of the night is committed
-    and started again, as a crash and its restart would (returns when that was)."""
+    and started again, as a crash and its restart would (returns when that was); with ``outage``
+    (fraction, seconds), Redis is stopped for that long once that fraction is committed (returns
+    when it stopped and came back)."""
     bootstrap, topic, n = producer.bootstrap, producer.topic, producer.n
     if backlog:  # the whole night first, as after an outage
         producer.run()
@@ -176,6 +181,7 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
         producer.start()
     samples: list[dict[str, float]] = []
     killed: dict[str, float] | None = None
+    redis_outage = None if outage is None else RedisOutage(outage[1])
     cpu_before = 0.0  # CPU seconds of the killed process, at its last sample
     ps = psutil.Process(proc.pid)
     bar = tqdm(total=n, desc="consumer run", unit="alert")
@@ -191,7 +197,7 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
         if done is not None:
             samples.append({"t": time.time(), "produced": producer.produced, "committed": done, "rss_mb": rss,
                             "cpu_s": cpu_before + cpu.user + cpu.system,
-                            "redis_mb": int(r.info("memory")["used_memory"]) / 2**20})  # fmt: skip
+                            "redis_mb": redis_mb(r)})  # fmt: skip
             bar.update(done - bar.n)
             if killed is None and kill_at is not None and done >= kill_at * n:
                 proc.kill()
@@ -201,6 +207,9 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
                 proc = start(1)
                 ps = psutil.Process(proc.pid)
                 continue
+            if redis_outage is not None and outage is not None and not redis_outage.is_alive() \
+                    and not redis_outage.times and done >= outage[0] * n:
+                redis_outage.start()
             if killed is not None and "resumed_after_s" not in killed and done > killed["committed"]:
                 killed["resumed_after_s"] = time.time() - killed["t"]
         time.sleep(SAMPLE_S if killed is None or "resumed_after_s" in killed else 0.5)
@@ -210,8 +219,47 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
     if producer.error is not None:
         raise RuntimeError("the producer failed") from producer.error
     last = dict(samples[-1]) | {"t": time.time(), "committed": committed(bootstrap, group, topic, partitions, tries=30) or 0}
-    samples.append(last | {"redis_mb": int(r.info("memory")["used_memory"]) / 2**20})
-    return samples, killed
+    samples.append(last | {"redis_mb": redis_mb(r)})
+    if redis_outage is not None:
+        redis_outage.join()
+    return samples, killed, None if redis_outage is None else redis_outage.times
+
+
+def redis_mb(r: redis.Redis) -> float:
+    """Redis's used memory, NaN while it is down (the outage of --redis-outage)."""
+    try:
+        return int(r.info("memory")["used_memory"]) / 2**20
+    except redis.RedisError:
+        return float("nan")
+
+
+class RedisOutage(threading.Thread):
+    """Stops the local stack's Redis for ``seconds`` and starts it again on its data (its
+    append-only file), as `deploy/local/stack.sh stop|start redis` does in the fault tests."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.seconds = seconds
+        self.times: dict[str, float] = {}
+
+    def run(self) -> None:
+        stack = str(ROOT / "deploy" / "local" / "stack.sh")
+        self.times["stopped"] = time.time()
+        subprocess.run([stack, "stop", "redis"], check=True, capture_output=True)
+        time.sleep(self.seconds)
+        subprocess.run([stack, "start", "redis"], check=True, capture_output=True)
+        self.times["back"] = time.time()
+
+
+def outage_effect(samples: list[dict[str, float]], down: dict[str, float]) -> dict[str, float]:
+    """The largest lag after Redis stopped, and how long after it came back the lag was down to
+    what it was before the outage."""
+    before = [s["produced"] - s["committed"] for s in samples if s["t"] < down["stopped"]]
+    usual = max(before[-6:]) if before else 0.0
+    after = [s for s in samples if s["t"] >= down["stopped"]]
+    caught = next((s["t"] for s in after if s["t"] >= down.get("back", float("inf")) and s["produced"] - s["committed"] <= usual), float("nan"))
+    return {"max_lag": max((s["produced"] - s["committed"] for s in after), default=0.0),
+            "caught_up_after_s": caught - down.get("back", float("nan"))}  # fmt: skip
 
 
 def tenths(samples: list[dict[str, float]], n: int, t_start: float) -> list[dict[str, float]]:
@@ -271,6 +319,11 @@ def table(res: dict[str, Any]) -> str:
     k = res["killed"]
     killed = "" if k is None else (f" The consumer was killed (SIGKILL) after {k['committed']:,.0f} alerts and started again; "
                                    f"commits resumed {k.get('resumed_after_s', float('nan')):.1f} s later.")  # fmt: skip
+    o = res.get("redis_outage")
+    if o:
+        killed += (f" Redis was stopped for {o['back'] - o['stopped']:.0f} s (back on its data after a restart); the lag "
+                   f"peaked at {o['max_lag']:,.0f} alerts and was back to its usual level {o['caught_up_after_s']:.0f} s "
+                   f"after Redis returned.")  # fmt: skip
     lines += [
         "",
         f"{res['n']:,} distinct alerts ({res['gb_sent']:.0f} GB) of {res['source']}, produced {arrival}, "
@@ -307,6 +360,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--no-stack", action="store_true", help="do not run deploy/local/stack.sh up")
     ap.add_argument("--keep", action="store_true", help="keep the run's topics and Redis keys")
+    ap.add_argument("--redis-outage", default=None, metavar="FRACTION:SECONDS",
+                    help="stop the local stack's Redis for SECONDS once FRACTION of the night is committed")
     ap.add_argument("--kill-at", type=float, default=None,
                     help="kill the consumer with SIGKILL once this fraction of the night is committed, and start it again")
     a = ap.parse_args()
@@ -343,7 +398,9 @@ def main() -> int:
     redis_before = int(r.info("memory")["used_memory"])
     t_start = time.time()
     try:
-        samples, killed = run_night(cfg_path, work, producer, group, a.partitions, r, backlog, a.kill_at)
+        outage = None if a.redis_outage is None else tuple(float(v) for v in a.redis_outage.split(":"))
+        samples, killed, down = run_night(cfg_path, work, producer, group, a.partitions, r, backlog, a.kill_at,
+                                          outage)  # type: ignore[arg-type]  # fmt: skip
         redis_after = int(r.info("memory")["used_memory"])
         stats = json.loads((work / f"night-stats-{0 if killed is None else 1}.json").read_text())
         t_done = next(s["t"] for s in samples if s["committed"] >= a.n)
@@ -351,6 +408,7 @@ def main() -> int:
         res: dict[str, Any] = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n": a.n, "rate": a.rate,
             "source": producer.source, "gb_sent": producer.bytes / 1e9, "killed": killed,
+            "redis_outage": None if down is None else down | outage_effect(samples, down),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
             "tenths": rows,
             "summary": {
