@@ -80,22 +80,16 @@ def _snappy_block(data: bytes, stated: int | None = None) -> bytes:
     then the big-endian CRC32 of the inflated bytes."""
     import cramjam
 
-    raw = bytes(cramjam.snappy.compress_raw(data))
-    if stated is not None:
+    def split(raw: bytes) -> tuple[bytes, bytes]:  # snappy's preamble (a plain varint), the rest
         i = 0
-        while raw[i] & 0x80:  # skip the true preamble (a plain varint)
+        while raw[i] & 0x80:
             i += 1
-        raw = _varint(stated) + raw[i + 1 :]
+        return raw[: i + 1], raw[i + 1 :]
+
+    raw = bytes(cramjam.snappy.compress_raw(data))
+    if stated is not None:  # the preamble of `stated` bytes, before this data's blocks
+        raw = split(bytes(cramjam.snappy.compress_raw(bytes(stated))))[0] + split(raw)[1]
     return raw + zlib.crc32(data).to_bytes(4, "big")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def snappy_container(block: bytes) -> bytes:
