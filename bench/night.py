@@ -158,12 +158,12 @@ def high_watermarks(bootstrap: str, topic: str) -> int:
 
 def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, partitions: int,
               r: redis.Redis, backlog: bool, kill_at: float | None,
-              outage: tuple[float, float] | None) -> tuple[list[dict[str, float]], dict[str, float] | None, dict[str, float] | None]:  # fmt: skip
-    """The producer and `consumer run` (until caught up), sampled every SAMPLE_S; with
-    ``kill_at``, the consumer is killed with SIGKILL once that fraction of the night is committed
-    and started again, as a crash and its restart would (returns when that was); with ``outage``
-    (fraction, seconds), Redis is stopped for that long once that fraction is committed (returns
-    when it stopped and came back)."""
+              outage: tuple[float, float] | None) -> tuple[float, list[dict[str, float]], dict[str, float] | None, dict[str, float] | None]:  # fmt: skip
+    """The producer and `consumer run` (until caught up), sampled every SAMPLE_S. With ``kill_at``
+    the consumer is killed with SIGKILL once that fraction of the night is committed and started
+    again, as a crash and its restart would; with ``outage`` (fraction, seconds) Redis is stopped
+    for that long once that fraction is committed. Returns when the consumer started, the
+    samples, when it was killed (and when commits resumed) and when Redis stopped and came back."""
     bootstrap, topic, n = producer.bootstrap, producer.topic, producer.n
     if backlog:  # the whole night first, as after an outage
         producer.run()
@@ -176,6 +176,7 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
                 cwd=ROOT, env=dict(os.environ) | {"PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
+    started = time.time()
     proc = start(0)
     if not backlog:
         producer.start()
@@ -222,7 +223,7 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
     samples.append(last | {"redis_mb": redis_mb(r)})
     if redis_outage is not None:
         redis_outage.join()
-    return samples, killed, None if redis_outage is None else redis_outage.times
+    return started, samples, killed, None if redis_outage is None else redis_outage.times
 
 
 def redis_mb(r: redis.Redis) -> float:
@@ -326,7 +327,7 @@ def table(res: dict[str, Any]) -> str:
                    f"after Redis returned.")  # fmt: skip
     lines += [
         "",
-        f"{res['n']:,} distinct alerts ({res['gb_sent']:.0f} GB) of {res['source']}, produced {arrival}, "
+        f"{res['n']:,} distinct alerts ({res['gb_sent']:.1f} GB) of {res['source']}, produced {arrival}, "
         f"all committed {s['consume_s']:.0f} s after the consumer started (**{s['alerts_per_s']:,.0f} alerts/s**; the last tenth at "
         f"{s['rate_last_over_first']:.2f}× the first's rate); consumer CPU {s['cpu_us_per_alert']:.0f} µs/alert; "
         f"peak RSS {s['peak_rss_mb']:.0f} MiB (RSS last tenth − first tenth: {s['rss_growth_mb']:+.0f} MiB); "
@@ -396,10 +397,9 @@ def main() -> int:
     cfg_path = work / f"night-{tag}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     redis_before = int(r.info("memory")["used_memory"])
-    t_start = time.time()
     try:
         outage = None if a.redis_outage is None else tuple(float(v) for v in a.redis_outage.split(":"))
-        samples, killed, down = run_night(cfg_path, work, producer, group, a.partitions, r, backlog, a.kill_at,
+        t_start, samples, killed, down = run_night(cfg_path, work, producer, group, a.partitions, r, backlog, a.kill_at,
                                           outage)  # type: ignore[arg-type]  # fmt: skip
         redis_after = int(r.info("memory")["used_memory"])
         stats = json.loads((work / f"night-stats-{0 if killed is None else 1}.json").read_text())
