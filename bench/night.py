@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import platform
@@ -46,7 +45,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import fastavro
 import numpy as np
 import psutil
 import redis
@@ -56,6 +54,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from corpus import corpus_messages  # noqa: E402
 from tqdm import tqdm
 
+from alerts.decoder import SchemaCache, decode_alert  # noqa: E402
 from alerts.synthetic import relabelled  # noqa: E402
 from consumer.clients import produce  # noqa: E402
 from consumer.redis_keys import candid_key  # noqa: E402
@@ -81,11 +80,9 @@ def ids(template: int, copy: int, candid: int, object_id: str, n_templates: int)
 
 def templates_with_ids() -> tuple[list[bytes], list[tuple[int, str]], str]:
     messages, source = corpus_messages()
-    olds = []
-    for m in messages:
-        rec = next(fastavro.reader(io.BytesIO(m)))
-        olds.append((int(rec["candid"]), str(rec["objectId"])))  # type: ignore[call-overload,index]
-    return messages, olds, source
+    cache = SchemaCache()
+    alerts = [decode_alert(m, cache) for m in messages]
+    return messages, [(a.candid, a.object_id) for a in alerts], source
 
 
 class NightProducer(threading.Thread):
@@ -95,7 +92,13 @@ class NightProducer(threading.Thread):
         super().__init__(daemon=True)
         self.bootstrap, self.topic, self.n, self.rate = bootstrap, topic, n, rate
         self.messages, self.olds, self.source = templates_with_ids()
-        self.produced, self.bytes, self.candids = 0, 0, np.zeros(n, dtype=np.int64)
+        k = len(self.messages)
+        # every copy's candid (ids()), known before the night starts, and checked distinct
+        i = np.arange(n)
+        self.candids = np.array([c for c, _ in self.olds], dtype=np.int64)[i % k] + (i // k) * STEP
+        if len(np.unique(self.candids)) != n:
+            raise RuntimeError("two copies would share a candid: choose another STEP")
+        self.produced, self.bytes = 0, 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -106,7 +109,6 @@ class NightProducer(threading.Thread):
 
     def _run(self) -> None:
         p = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 20, "batch.size": 1_000_000})
-        seen: set[int] = set()
         k = len(self.messages)
         t0 = time.monotonic()
         for i in range(self.n):
@@ -116,12 +118,8 @@ class NightProducer(threading.Thread):
                     time.sleep(ahead)
             t, copy = i % k, i // k
             new = ids(t, copy, self.olds[t][0], self.olds[t][1], k)
-            if new[0] in seen:
-                raise RuntimeError(f"candid {new[0]} twice: choose another STEP")
-            seen.add(new[0])
             value = relabelled(self.messages[t], self.olds[t], new)
             produce(p, self.topic, value, key=new[1].encode())
-            self.candids[i] = new[0]
             self.bytes += len(value)
             self.produced = i + 1
         if p.flush(300) != 0:
@@ -158,12 +156,12 @@ def high_watermarks(bootstrap: str, topic: str) -> int:
 
 def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, partitions: int,
               r: redis.Redis, backlog: bool, kill_at: float | None,
-              outage: tuple[float, float] | None) -> tuple[float, list[dict[str, float]], dict[str, float] | None, dict[str, float] | None]:  # fmt: skip
+              redis_outage: RedisOutage | None) -> tuple[float, list[dict[str, float]], dict[str, float] | None]:  # fmt: skip
     """The producer and `consumer run` (until caught up), sampled every SAMPLE_S. With ``kill_at``
     the consumer is killed with SIGKILL once that fraction of the night is committed and started
-    again, as a crash and its restart would; with ``outage`` (fraction, seconds) Redis is stopped
-    for that long once that fraction is committed. Returns when the consumer started, the
-    samples, when it was killed (and when commits resumed) and when Redis stopped and came back."""
+    again, as a crash and its restart would; ``redis_outage`` is started once its fraction of the
+    night is committed. Returns when the consumer started, the samples, and when the consumer was
+    killed (and when commits resumed)."""
     bootstrap, topic, n = producer.bootstrap, producer.topic, producer.n
     if backlog:  # the whole night first, as after an outage
         producer.run()
@@ -182,7 +180,6 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
         producer.start()
     samples: list[dict[str, float]] = []
     killed: dict[str, float] | None = None
-    redis_outage = None if outage is None else RedisOutage(outage[1])
     cpu_before = 0.0  # CPU seconds of the killed process, at its last sample
     ps = psutil.Process(proc.pid)
     bar = tqdm(total=n, desc="consumer run", unit="alert")
@@ -208,8 +205,7 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
                 proc = start(1)
                 ps = psutil.Process(proc.pid)
                 continue
-            if redis_outage is not None and outage is not None and not redis_outage.is_alive() \
-                    and not redis_outage.times and done >= outage[0] * n:
+            if redis_outage is not None and redis_outage.ident is None and done >= redis_outage.at * n:
                 redis_outage.start()
             if killed is not None and "resumed_after_s" not in killed and done > killed["committed"]:
                 killed["resumed_after_s"] = time.time() - killed["t"]
@@ -221,9 +217,9 @@ def run_night(cfg_path: Path, work: Path, producer: NightProducer, group: str, p
         raise RuntimeError("the producer failed") from producer.error
     last = dict(samples[-1]) | {"t": time.time(), "committed": committed(bootstrap, group, topic, partitions, tries=30) or 0}
     samples.append(last | {"redis_mb": redis_mb(r)})
-    if redis_outage is not None:
+    if redis_outage is not None and redis_outage.ident is not None:
         redis_outage.join()
-    return started, samples, killed, None if redis_outage is None else redis_outage.times
+    return started, samples, killed
 
 
 def redis_mb(r: redis.Redis) -> float:
@@ -236,11 +232,12 @@ def redis_mb(r: redis.Redis) -> float:
 
 class RedisOutage(threading.Thread):
     """Stops the local stack's Redis for ``seconds`` and starts it again on its data (its
-    append-only file), as `deploy/local/stack.sh stop|start redis` does in the fault tests."""
+    append-only file), as `deploy/local/stack.sh stop|start redis` does in the fault tests; the
+    night starts it once the fraction ``at`` of its alerts is committed."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, at: float, seconds: float) -> None:
         super().__init__(daemon=True)
-        self.seconds = seconds
+        self.at, self.seconds = at, seconds
         self.times: dict[str, float] = {}
 
     def run(self) -> None:
@@ -398,9 +395,10 @@ def main() -> int:
     cfg_path.write_text(yaml.safe_dump(cfg))
     redis_before = int(r.info("memory")["used_memory"])
     try:
-        outage = None if a.redis_outage is None else tuple(float(v) for v in a.redis_outage.split(":"))
-        t_start, samples, killed, down = run_night(cfg_path, work, producer, group, a.partitions, r, backlog, a.kill_at,
-                                          outage)  # type: ignore[arg-type]  # fmt: skip
+        at, _, seconds = (a.redis_outage or "").partition(":")
+        outage = RedisOutage(float(at), float(seconds)) if a.redis_outage else None
+        t_start, samples, killed = run_night(cfg_path, work, producer, group, a.partitions, r, backlog, a.kill_at, outage)
+        down = None if outage is None else outage.times
         redis_after = int(r.info("memory")["used_memory"])
         stats = json.loads((work / f"night-stats-{0 if killed is None else 1}.json").read_text())
         t_done = next(s["t"] for s in samples if s["committed"] >= a.n)
