@@ -446,14 +446,24 @@ class StreamProcessor:
         return now - max(last_message, self._assigned_at)
 
     def _caught_up(self) -> bool:
-        """Every assigned partition read to its high watermark (asked of the broker)."""
+        """Every assigned partition read to its high watermark (asked of the broker). Where this
+        run has read nothing yet (no position), the group's committed offset says how far it is:
+        a run started on a topic its group had already drained (a restart after the last batch, a
+        backfill run again) is caught up at once, where it used to wait for messages that never
+        come (found by bench/night.py --kill-at)."""
         try:
             assignment = self.consumer.assignment()
             if not assignment:
                 return False
-            for tp in self.consumer.position(assignment):
+            positions = self.consumer.position(assignment)
+            unread = [tp for tp in positions if tp.offset < 0]
+            if unread:
+                done = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(unread, timeout=5.0)}
+                positions = [tp if tp.offset >= 0 else TopicPartition(tp.topic, tp.partition, done[(tp.topic, tp.partition)])
+                             for tp in positions]  # fmt: skip
+            for tp in positions:
                 lo, hi = self.consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
-                if hi > lo and tp.offset < hi:  # a negative position: nothing read here yet
+                if hi > lo and tp.offset < hi:  # a negative offset: neither read nor committed yet
                     return False
             return True
         except KafkaException as e:

@@ -113,6 +113,9 @@ def test_replay_cli_and_peek(stack: Stack, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "replayed 6 alerts" in res.stdout
     assert run_consumer(cfg_path, "--idle-exit", "5") == 0
+    # run again in the same group on the drained topic: nothing to read, caught up by the committed
+    # offsets (it used to wait for messages that never came)
+    assert run_consumer(cfg_path, "--idle-exit", "3", timeout=90) == 0
     res = subprocess.run([sys.executable, "-m", "consumer.cli", "peek", "--config", str(cfg_path), "-n", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr

@@ -90,6 +90,9 @@ class FakeConsumer:
     def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
         return parts
 
+    def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return parts
+
     def get_watermark_offsets(self, tp: TopicPartition, timeout: float, cached: bool) -> tuple[int, int]:
         return 0, 0
 
@@ -335,6 +338,23 @@ def test_idle_exit_waits_for_the_high_watermarks_and_a_run_never_assigned_fails(
     lonely.proc.JOIN_TIMEOUT_S = 0.05
     with pytest.raises(NeverAssigned):
         lonely.proc.run(idle_exit_s=0.01)
+
+
+def test_idle_exit_on_a_topic_the_group_had_already_drained() -> None:
+    """A run that reads nothing (its group committed every offset before it started: a restart
+    after the last batch, a backfill run again) has no position; the committed offsets say it is
+    caught up. It waits while they are behind the high watermark."""
+    h = harness([])
+    calls = [0]
+
+    def committed(parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        calls[0] += 1
+        return [TopicPartition(tp.topic, tp.partition, 50 if calls[0] <= 3 else 100) for tp in parts]
+
+    h.consumer.get_watermark_offsets = lambda tp, timeout, cached: (0, 100)  # type: ignore[method-assign,assignment]
+    h.consumer.committed = committed  # type: ignore[method-assign]
+    stats = h.proc.run(idle_exit_s=0.01)
+    assert calls[0] == 4 and stats.alerts_in == 0
 
 
 def test_second_stop_during_an_outage_aborts_without_commit(alerts: list[bytes]) -> None:
